@@ -1,0 +1,1 @@
+"""fleetrl rollout service."""
