@@ -1,0 +1,83 @@
+"""Groups of samples -> padded training tensors. Pure functions, no Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt, as the fleet returned it, plus its reward once scored."""
+
+    prompt_index: int  # position in the prompt stream (unique per prompt this run)
+    prompt_text: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]  # sampler's logprob of each completion token
+    finish_reason: str
+    weight_version: int
+    completion_text: str = ""
+    reward: float | None = None
+    reward_parts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    """All samples of one prompt; GRPO compares them with each other."""
+
+    prompt_index: int
+    row: Any  # the data row (its extra columns go to reward functions)
+    samples: list[Sample]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples]  # type: ignore[misc]
+
+    @property
+    def is_scored(self) -> bool:
+        return all(s.reward is not None for s in self.samples)
+
+
+def pad_samples(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion tensors aligned for the learner.
+
+    ``input_ids[b, t]`` is token t; ``loss_mask`` is 1 where t is a completion token;
+    ``old_logprobs[b, t]`` is the sampler's logprob of token t (0 elsewhere).
+    """
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+    T = max(lengths)
+    B = len(samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.float32)
+    old_logprobs = torch.zeros((B, T), dtype=torch.float32)
+    for b, s in enumerate(samples):
+        if len(s.logprobs) != len(s.completion_ids):
+            raise ValueError(
+                f"sample of prompt {s.prompt_index}: {len(s.completion_ids)} tokens but "
+                f"{len(s.logprobs)} logprobs from the sampler"
+            )
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        input_ids[b, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
+        attention_mask[b, : p + c] = 1
+        loss_mask[b, p : p + c] = 1.0
+        old_logprobs[b, p : p + c] = torch.tensor(s.logprobs, dtype=torch.float32)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "old_logprobs": old_logprobs,
+    }
+
+
+def completion_stats(samples: list[Sample]) -> dict[str, float]:
+    lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float32)
+    truncated = sum(s.finish_reason == "length" for s in samples)
+    return {
+        "response_length/mean": lengths.mean().item(),
+        "response_length/max": lengths.max().item(),
+        "response_length/clip_ratio": truncated / len(samples),
+    }

@@ -1,0 +1,216 @@
+"""The run config: one tree composed of each service's own pydantic model.
+
+Loaded from YAML, then dotted command-line overrides (``learner.lr=1e-6``) are applied, then
+the whole tree is validated. Unknown keys and bad values are errors that name the key, where it
+came from (the file or the override) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from common.strict import StrictModel
+from learner.config import LearnerConfig
+from orchestrator.data import DataConfig
+from reward.config import RewardConfig
+from rollout.config import RolloutConfig
+
+# Online RL: samples come from the rollout fleet and are scored by the reward service.
+ONLINE_ALGORITHMS = ("grpo", "drgrpo", "rloo")
+# Known algorithms whose trainers are not in this version yet: naming one is a clear error.
+PLANNED_ALGORITHMS = ("reinforce_pp", "reinforce_pp_baseline", "ppo", "sft", "rm", "dpo", "ipo", "kto", "orpo")
+ALGORITHMS = ONLINE_ALGORITHMS + PLANNED_ALGORITHMS
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says where and what to change."""
+
+
+class ModelConfig(StrictModel):
+    # "tiny" builds (once, cached) the project's own random-init tiny model; else an HF dir or hub id.
+    path: str = "tiny"
+    tokenizer: str | None = None  # default: the model's own
+
+
+class RunSection(StrictModel):
+    output_dir: str = "runs"
+    name: str | None = None  # default: <algorithm>-<timestamp>
+    seed: int = 0
+    steps: int = Field(100, ge=1, description="training iterations (rollout batch -> update -> weight sync)")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
+    resume: bool = False  # continue the run in output_dir/name from its last checkpoint
+    log_every: int = Field(1, ge=1)
+
+
+class RLConfig(StrictModel):
+    """Online RL (GRPO family): how prompts become groups, groups become advantages and updates."""
+
+    group_size: int = Field(8, ge=1, description="samples per prompt")
+    prompts_per_step: int = Field(32, ge=1)
+    # Sequences per optimizer step; None = the whole rollout batch in one step.
+    mini_batch_size: int | None = Field(None, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    # Std scaling of group-relative advantages; None = the algorithm's own (grpo: group, drgrpo: none).
+    advantage_std: Literal["group", "batch", "none"] | None = None
+    max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted")
+    prompts_per_request: int = Field(4, ge=1, description="prompts per generate call sent to one worker")
+    # Drop groups whose rewards are all equal (their advantages are 0): fewer wasted updates.
+    skip_constant_groups: bool = False
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.group_size * self.prompts_per_step
+
+
+class RayConfig(StrictModel):
+    address: str | None = None  # None: start a local Ray (or join RAY_ADDRESS when set)
+    num_cpus: int | None = None  # logical CPUs of a local Ray
+    namespace: str = "fleetrl"
+
+
+class RunConfig(StrictModel):
+    algorithm: Literal[ALGORITHMS]  # type: ignore[valid-type]
+    run: RunSection = RunSection()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    eval_data: DataConfig | None = None
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    learner: LearnerConfig = LearnerConfig()
+    rl: RLConfig = RLConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _batch_shapes(self) -> "RunConfig":
+        if self.algorithm in ONLINE_ALGORITHMS:
+            n = self.rl.samples_per_step
+            mini = self.rl.mini_batch_size or n
+            if n % mini:
+                raise ValueError(
+                    f"rl.mini_batch_size={mini} must divide the samples per step "
+                    f"(rl.group_size * rl.prompts_per_step = {n})"
+                )
+            per_rank, rem = divmod(mini, self.learner.num_ranks)
+            if rem or per_rank % self.learner.micro_batch_size:
+                raise ValueError(
+                    f"each optimizer step's {mini} sequences split over learner.num_ranks="
+                    f"{self.learner.num_ranks} must be a multiple of learner.micro_batch_size="
+                    f"{self.learner.micro_batch_size} per rank"
+                )
+            if self.algorithm == "rloo" and self.rl.group_size < 2:
+                raise ValueError("rloo needs rl.group_size >= 2 (the baseline leaves one sample out)")
+        return self
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.rl.mini_batch_size or self.rl.samples_per_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, so 1e-6, true, [1,2] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. learner.lr=1e-6)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
+    # YAML reads 1e-6 as a string (no dot); accept what a user means.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"{origin}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _model_at(loc: tuple) -> type | None:
+    """The pydantic model class found by walking ``loc`` from RunConfig (None if not a model)."""
+    cls: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cls, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        cls = _unwrap_model(fields[part].annotation)
+    return cls
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    """Optional[Model] / list[Model] / Model -> Model; anything else unchanged."""
+    for arg in typing.get_args(annotation) or ():
+        if isinstance(arg, type) and hasattr(arg, "model_fields"):
+            return arg
+        inner = _unwrap_model(arg)
+        if inner is not arg:
+            return inner
+    return annotation
+
+
+def _describe(err: dict, overrides: dict[str, str], source: str) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    origin = overrides.get(dotted, source)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent is not None else "?"
+        return f"{origin}: unknown key '{dotted}'. Allowed keys here: {allowed}"
+    if err["type"] == "missing":
+        return f"{origin}: '{dotted}' is required"
+    got = err.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{origin}: '{dotted}': {err['msg']}{got_text}"
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read YAML at ``path``, apply ``overrides``, validate. Raises ConfigError with every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (algorithm, model, data, ...)")
+    return config_from_dict(tree, overrides, source=str(path))
+
+
+def config_from_dict(tree: dict, overrides=(), source: str = "<config>") -> RunConfig:
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
+    origins: dict[str, str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value, f"override {text!r}")
+        origins[".".join(keys)] = f"override {text!r}"
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = [_describe(err, origins, source) for err in e.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,50 @@
+"""metrics.jsonl (one JSON object per step, always with ``step``) and the console progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+class MetricsWriter:
+    def __init__(self, path: Path, append: bool = False):
+        self._f = open(path, "a" if append else "w", buffering=1)
+
+    def write(self, row: dict) -> None:
+        if "step" not in row:
+            raise ValueError("every metrics row needs a 'step'")
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._f.write(json.dumps(clean) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class Progress:
+    """One line per step: step/total, reward, loss, step time, ETA."""
+
+    def __init__(self, total: int, start: int = 0, stream=sys.stdout):
+        self.total = total
+        self.start_step = start
+        self.t0 = time.perf_counter()
+        self.stream = stream
+
+    def update(self, step: int, row: dict) -> None:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        parts = [f"step {step}/{self.total}"]
+        for key, label in (("reward/mean", "reward"), ("train/policy_loss", "loss"), ("train/kl", "kl"),
+                           ("response_length/mean", "len"), ("time/step", "step_s")):
+            if isinstance(row.get(key), (int, float)):
+                parts.append(f"{label} {row[key]:.4g}")
+        parts.append(f"eta {_fmt_s(eta)}")
+        print("fleetrl: " + " | ".join(parts), file=self.stream, flush=True)
+
+
+def _fmt_s(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

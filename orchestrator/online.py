@@ -1,0 +1,341 @@
+"""Online RL (GRPO, Dr.GRPO, RLOO): stream prompts to the fleet, score groups, train, sync weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from learner.group import LearnerGroup
+from learner.losses import kl_estimate
+from orchestrator.advantages import grpo_advantages, rloo_advantages
+from orchestrator.batch import Group, Sample, completion_stats, pad_samples
+from orchestrator.config import RunConfig
+from orchestrator.data import PromptStream, load_rows, render_prompt
+from orchestrator.metrics import MetricsWriter, Progress
+from orchestrator.runtime import RunDir, connect_ray, pick_backend, resolve_model, load_tokenizer
+from reward.scorer import make_reward_actors
+from rollout.fleet import RolloutFleet
+
+log = logging.getLogger("fleetrl")
+
+
+@dataclass
+class RolloutStats:
+    """What happened while one step's groups were collected; lands in the metrics."""
+
+    generate_s: float = 0.0  # from the first request to the last completion back
+    reward_wait_s: float = 0.0  # from the last completion back to the last score back
+    generated_tokens: int = 0
+    prompts_skipped_too_long: int = 0
+    groups_skipped_constant: int = 0
+    reward_errors: int = 0
+    reward_error_examples: list[str] = field(default_factory=list)
+    per_function: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+
+class GroupCollector:
+    """Keeps the fleet busy from the prompt stream and hands back fully scored groups.
+
+    Each generate call carries a few prompts with n = group_size, so a prompt's group is complete
+    when its call returns; it goes to the reward service at once (no barrier on the slowest call).
+    """
+
+    def __init__(self, cfg: RunConfig, fleet: RolloutFleet, reward_actors, stream: PromptStream, tokenizer):
+        self.cfg = cfg
+        self.fleet = fleet
+        self.reward_actors = reward_actors
+        self.stream = stream
+        self.tokenizer = tokenizer
+        self.sampling = cfg.rollout.sampling.model_dump()
+        self._gen_refs: dict[Any, list[tuple[int, Any, str, list[int]]]] = {}
+        self._reward_refs: dict[Any, list[Group]] = {}
+        self._next_reward_actor = 0
+        self._carry: list[Group] = []  # scored groups beyond what a step needed: used next step
+        self._prompts_submitted = 0
+
+    def _next_prompts(self, k: int, stats: RolloutStats) -> list[tuple[int, Any, str, list[int]]]:
+        out = []
+        while len(out) < k:
+            epoch, index, row = next(self.stream)
+            text = render_prompt(row, self.tokenizer)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.cfg.rl.max_prompt_tokens:
+                stats.prompts_skipped_too_long += 1
+                continue
+            out.append((self._prompts_submitted, row, text, ids))
+            self._prompts_submitted += 1
+        return out
+
+    def _submit_generation(self, stats: RolloutStats) -> None:
+        batch = self._next_prompts(self.cfg.rl.prompts_per_request, stats)
+        ref = self.fleet.submit(
+            [ids for _, _, _, ids in batch],
+            n=self.cfg.rl.group_size,
+            sampling=self.sampling,
+            request_ids=[i for i, _, _, _ in batch],
+        )
+        self._gen_refs[ref] = batch
+
+    def _on_generated(self, ref, stats: RolloutStats) -> None:
+        self.fleet.on_done(ref)
+        batch = self._gen_refs.pop(ref)
+        completions = ray.get(ref)
+        by_request: dict[int, list] = defaultdict(list)
+        for c in completions:
+            by_request[c.request_id].append(c)
+        groups = []
+        for prompt_index, row, text, ids in batch:
+            samples = []
+            for c in sorted(by_request[prompt_index], key=lambda c: c.sample_index):
+                samples.append(
+                    Sample(
+                        prompt_index=prompt_index,
+                        prompt_text=text,
+                        prompt_ids=list(ids),
+                        completion_ids=list(c.token_ids),
+                        logprobs=list(c.logprobs),
+                        finish_reason=c.finish_reason,
+                        weight_version=c.weight_version,
+                        completion_text=c.text,
+                    )
+                )
+                stats.generated_tokens += len(c.token_ids)
+            groups.append(Group(prompt_index, row, samples))
+        self._score(groups)
+
+    def _score(self, groups: list[Group]) -> None:
+        samples = [(g, s) for g in groups for s in g.samples]
+        columns: dict[str, list] = defaultdict(list)
+        for g, _ in samples:
+            for k, v in g.row.extra.items():
+                columns[k].append(v)
+        # Every row of a call must carry the same extra columns; pad missing ones with None.
+        for k in columns:
+            if len(columns[k]) != len(samples):
+                columns[k] = [g.row.extra.get(k) for g, _ in samples]
+        actor = self.reward_actors[self._next_reward_actor % len(self.reward_actors)]
+        self._next_reward_actor += 1
+        ref = actor.score.remote(
+            [s.prompt_text for _, s in samples], [s.completion_text for _, s in samples], dict(columns)
+        )
+        self._reward_refs[ref] = groups
+
+    def _on_scored(self, ref, stats: RolloutStats) -> list[Group]:
+        groups = self._reward_refs.pop(ref)
+        result = ray.get(ref)  # a RewardError (on_error: fail) surfaces here with its message
+        samples = [s for g in groups for s in g.samples]
+        for i, s in enumerate(samples):
+            s.reward = float(result.rewards[i])
+            s.reward_parts = {name: float(vals[i]) for name, vals in result.per_function.items()}
+        for name, vals in result.per_function.items():
+            stats.per_function[name].extend(float(v) for v in vals)
+        stats.reward_errors += len(result.errors)
+        for e in result.errors[:3]:
+            stats.reward_error_examples.append(f"{e.function}: {e.message}")
+        if not self.cfg.rl.skip_constant_groups:
+            return groups
+        kept = [g for g in groups if len(set(g.rewards)) > 1]
+        stats.groups_skipped_constant += len(groups) - len(kept)
+        return kept
+
+    def collect(self, num_groups: int) -> tuple[list[Group], RolloutStats]:
+        stats = RolloutStats()
+        done: list[Group] = self._carry[:num_groups]
+        self._carry = self._carry[num_groups:]
+        start = time.perf_counter()
+        last_generated = start
+
+        def groups_pending() -> int:
+            return sum(len(b) for b in self._gen_refs.values()) + sum(len(g) for g in self._reward_refs.values())
+
+        while len(done) < num_groups:
+            # Keep the fleet busy, but never ask for more prompts than the step still needs.
+            while self.fleet.idle_capacity() > 0 and len(done) + groups_pending() < num_groups:
+                self._submit_generation(stats)
+            pending = list(self._gen_refs) + list(self._reward_refs)
+            ready, _ = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                if ref in self._gen_refs:
+                    self._on_generated(ref, stats)
+                    last_generated = time.perf_counter()
+                else:
+                    done.extend(self._on_scored(ref, stats))
+        # Whole calls may bring more groups than needed: keep the rest for the next step.
+        self._carry.extend(done[num_groups:])
+        stats.generate_s = last_generated - start
+        stats.reward_wait_s = time.perf_counter() - last_generated
+        return done[:num_groups], stats
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict(), "prompts_submitted": self._prompts_submitted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self._prompts_submitted = state["prompts_submitted"]
+
+
+def compute_advantages(cfg: RunConfig, groups: list[Group]) -> torch.Tensor:
+    """One advantage per sample, groups contiguous in the order of ``groups``."""
+    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
+    if cfg.algorithm == "rloo":
+        return rloo_advantages(rewards, cfg.rl.group_size)
+    scale = cfg.rl.advantage_std or ("none" if cfg.algorithm == "drgrpo" else "group")
+    return grpo_advantages(rewards, cfg.rl.group_size, scale=scale)
+
+
+class WeightSync:
+    """Learner rank 0 -> every vLLM worker, over a side group; bumps the fleet's weight version."""
+
+    def __init__(self, learner: LearnerGroup, fleet: RolloutFleet, backend: str):
+        self.learner = learner
+        self.fleet = fleet
+        host, port = learner.side_group_address()
+        world = 1 + fleet.num_receiver_ranks
+        refs = learner.init_weight_sync(host, port, world, backend)
+        refs += fleet.init_weight_group(host, port, world, backend)
+        ray.get(refs)
+        self.version = 0
+        self._plan = None
+
+    def push(self, version: int) -> float:
+        start = time.perf_counter()
+        if self._plan is None:
+            self._plan = self.learner.weight_plan(version)
+        plan = type(self._plan)(version=version, buckets=self._plan.buckets)
+        ray.get(self.learner.send_weights(plan) + self.fleet.receive_weights(plan))
+        self.version = version
+        return time.perf_counter() - start
+
+
+def run_online(cfg: RunConfig, run_dir: RunDir) -> Path:
+    connect_ray(cfg.ray)
+    model_path = resolve_model(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
+    rows = load_rows(cfg.data, kind="prompt")
+    stream = PromptStream(rows, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    backend = pick_backend(cfg.learner.backend)
+    prefix = run_dir.actor_prefix
+
+    print(f"fleetrl: starting {cfg.rollout.num_workers} rollout worker(s), {cfg.reward.num_workers} reward "
+          f"worker(s), {cfg.learner.num_ranks} learner rank(s) [{backend}] on {model_path}", flush=True)
+    t0 = time.perf_counter()
+    fleet = RolloutFleet(cfg.rollout, model_path, name_prefix=prefix)
+    reward_actors = make_reward_actors(cfg.reward, base_dir=str(run_dir.config_dir), name_prefix=prefix)
+    learner = LearnerGroup(
+        cfg.learner, model_path, total_steps=cfg.run.steps * cfg.rl.epochs * (cfg.rl.samples_per_step // cfg.mini_batch_size),
+        mini_batch_size=cfg.mini_batch_size, name_prefix=prefix,
+    )
+    fleet.wait_ready()
+    sync = WeightSync(learner, fleet, backend)
+    collector = GroupCollector(cfg, fleet, reward_actors, stream, tokenizer)
+
+    start_step = 0
+    if cfg.run.resume and (ckpt := run_dir.latest_checkpoint()) is not None:
+        state = learner.load_checkpoint(str(ckpt))
+        collector.load_state_dict(state["collector"])
+        start_step = state["step"]
+        sync.push(state["weight_version"])
+        print(f"fleetrl: resumed from {ckpt} at step {start_step}", flush=True)
+    print(f"fleetrl: services ready in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    metrics = MetricsWriter(run_dir.metrics_path, append=start_step > 0)
+    progress = Progress(total=cfg.run.steps, start=start_step)
+    use_ref = cfg.learner.reference and cfg.learner.loss.kl_coef > 0
+    temperature = cfg.rollout.sampling.temperature
+    optimizer_steps = start_step * cfg.rl.epochs * (cfg.rl.samples_per_step // cfg.mini_batch_size)
+
+    for step in range(start_step, cfg.run.steps):
+        step_start = time.perf_counter()
+        groups, rstats = collector.collect(cfg.rl.prompts_per_step)
+        samples = [s for g in groups for s in g.samples]
+        batch = pad_samples(samples, pad_id=tokenizer.pad_token_id)
+        raw_rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+
+        t = time.perf_counter()
+        kl_metrics: dict[str, float] = {}
+        if use_ref:
+            batch["ref_logprobs"] = learner.compute_logprobs(batch, which="reference", temperature=temperature)
+            if cfg.learner.loss.kl_in == "reward":
+                # KL of the sampled sequence against the reference, subtracted from its reward.
+                kl_tok = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], cfg.learner.loss.kl_estimator)
+                kl_seq = (kl_tok * batch["loss_mask"]).sum(-1)
+                for s, k in zip(samples, kl_seq.tolist()):
+                    s.reward = s.reward - cfg.learner.loss.kl_coef * k
+                kl_metrics["kl/reward_penalty_mean"] = (cfg.learner.loss.kl_coef * kl_seq).mean().item()
+        ref_s = time.perf_counter() - t
+
+        advantages = compute_advantages(cfg, groups)
+        batch["advantages"] = advantages
+
+        t = time.perf_counter()
+        train_stats = learner.train(batch, mini_batch_size=cfg.mini_batch_size, epochs=cfg.rl.epochs,
+                                    temperature=temperature)
+        train_s = time.perf_counter() - t
+        optimizer_steps += len(train_stats)
+
+        sync_s = sync.push(step + 1)
+        step_s = time.perf_counter() - step_start
+
+        versions = [s.weight_version for s in samples]
+        row = {
+            "step": step + 1,
+            "optimizer_steps": optimizer_steps,
+            "reward/mean": raw_rewards.mean().item(),
+            "reward/std": raw_rewards.std().item() if len(raw_rewards) > 1 else 0.0,
+            **{f"reward/{name}": sum(v) / len(v) for name, v in rstats.per_function.items() if v},
+            "reward/errors": rstats.reward_errors,
+            **completion_stats(samples),
+            "advantage/mean": advantages.mean().item(),
+            "advantage/std": advantages.std().item() if len(advantages) > 1 else 0.0,
+            **_mean_stats(train_stats),
+            **kl_metrics,
+            "tokens_per_s": rstats.generated_tokens / max(rstats.generate_s, 1e-9),
+            "weight_version": sync.version,
+            "staleness/max": sync.version - 1 - min(versions),
+            "prompts/skipped_too_long": rstats.prompts_skipped_too_long,
+            "groups/skipped_constant": rstats.groups_skipped_constant,
+            "time/generate": rstats.generate_s,
+            "time/reward_wait": rstats.reward_wait_s,
+            "time/reference": ref_s,
+            "time/train": train_s,
+            "time/weight_sync": sync_s,
+            "time/step": step_s,
+        }
+        metrics.write(row)
+        for example in rstats.reward_error_examples:
+            log.warning("reward error (scored 0): %s", example)
+        progress.update(step + 1, row)
+
+        last = step + 1 == cfg.run.steps
+        if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last:
+            ckpt = run_dir.checkpoint_dir(step + 1)
+            learner.save_checkpoint(str(ckpt), {"step": step + 1, "weight_version": sync.version,
+                                                "collector": collector.state_dict()})
+    final = run_dir.path / "final_model"
+    learner.save_hf(str(final))
+    metrics.close()
+    print(f"fleetrl: final model (Hugging Face format) in {final}", flush=True)
+    return run_dir.path
+
+
+def _mean_stats(stats: list[dict]) -> dict[str, float]:
+    """Average the learner's per-optimizer-step stats over this step's optimizer steps."""
+    if not stats:
+        return {}
+    keys = stats[0].keys()
+    out = {}
+    for k in keys:
+        vals = [float(s[k]) for s in stats if k in s and s[k] is not None]
+        if vals:
+            out[f"train/{k}"] = sum(vals) / len(vals)
+    if "grad_norm" in keys and any(not math.isfinite(float(s["grad_norm"])) for s in stats):
+        log.warning("non-finite grad norm in this step's optimizer steps")
+    return out

@@ -1,0 +1,78 @@
+"""Run directories, Ray connection and the choices every trainer makes the same way."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from orchestrator.config import RayConfig, RunConfig, dump_config
+
+
+class RunDir:
+    """``run.output_dir/run.name``: config.yaml, metrics.jsonl, checkpoints/, final_model/."""
+
+    def __init__(self, cfg: RunConfig, config_path: str | Path | None = None):
+        name = cfg.run.name or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.path = Path(cfg.run.output_dir) / name
+        self.config_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
+        if self.path.exists() and not cfg.run.resume and any(self.path.iterdir()):
+            raise FileExistsError(
+                f"run directory {self.path} already holds a run; set run.resume=true to continue it, "
+                f"or choose another run.name"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(dump_config(cfg))
+        # Actor names are global in a Ray namespace: prefix them so two runs can share a cluster.
+        self.actor_prefix = re.sub(r"[^A-Za-z0-9_.-]", "-", name) + "/"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.path / "checkpoints" / f"step-{step:06d}"
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.path / "checkpoints"
+        done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").exists()) if root.exists() else []
+        return done[-1] if done else None
+
+
+def connect_ray(cfg: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=cfg.namespace)
+        return
+    # A local Ray: keep it on loopback (Ray 2.60 otherwise binds the machine's public address).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False)
+
+
+def pick_backend(backend: str) -> str:
+    """gloo on CPU, nccl on GPU, unless the config names one."""
+    if backend != "auto":
+        return backend
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def resolve_model(path: str) -> str:
+    from orchestrator.tiny import resolve_model_path
+
+    return str(resolve_model_path(path))
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
