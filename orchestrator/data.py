@@ -638,6 +638,8 @@ def render_completion(
         raise ValueError(
             "preference rows have 'chosen' and 'rejected'; pass which='chosen' or which='rejected'"
         )
+    if not hasattr(row, which):
+        raise ValueError(f"{type(row).__name__} has no field {which!r}")
     completion: Content = getattr(row, which)
     use_template = apply_chat_template and has_chat_template(tokenizer)
     if not use_template:

@@ -528,6 +528,8 @@ def test_render_completion_templated_and_plain():
     assert render_completion(pref, None, which="chosen") == "yes"
     with pytest.raises(ValueError, match="which='chosen'"):
         render_completion(pref, tok)
+    with pytest.raises(ValueError, match="SFTRow has no field 'chosen'"):
+        render_completion(sft, tok, which="chosen")
     with pytest.raises(DataError, match="field 'completion' is a message list"):
         render_completion(sft, PlainTokenizer())
 
