@@ -195,7 +195,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (algorithm, model, data, ...)")
+    _resolve_relative_paths(tree, path.resolve().parent)
     return config_from_dict(tree, overrides, source=str(path))
+
+
+def _resolve_relative_paths(tree: dict, base: Path) -> None:
+    """Data paths written in a config file are relative to that file (overrides: to the CWD)."""
+    for section in ("data", "eval_data"):
+        node = tree.get(section)
+        if not isinstance(node, dict):
+            continue
+        for key in ("path", "eval_path"):
+            value = node.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                node[key] = str(base / value)
+    model = tree.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str) and (base / model["path"]).exists():
+        model["path"] = str(base / model["path"])
 
 
 def config_from_dict(tree: dict, overrides=(), source: str = "<config>") -> RunConfig:

@@ -21,7 +21,7 @@ from orchestrator.config import RunConfig
 from orchestrator.data import PromptStream, load_rows, render_prompt
 from orchestrator.metrics import MetricsWriter, Progress
 from orchestrator.runtime import RunDir, connect_ray, pick_backend, resolve_model, load_tokenizer
-from reward.scorer import make_reward_actors
+from reward.actor import make_reward_actors
 from rollout.fleet import RolloutFleet
 
 log = logging.getLogger("fleetrl")
@@ -319,6 +319,7 @@ def run_online(cfg: RunConfig, run_dir: RunDir) -> Path:
             ckpt = run_dir.checkpoint_dir(step + 1)
             learner.save_checkpoint(str(ckpt), {"step": step + 1, "weight_version": sync.version,
                                                 "collector": collector.state_dict()})
+            (ckpt / "COMPLETE").write_text(f"step {step + 1}\n")  # resume trusts only finished checkpoints
     final = run_dir.path / "final_model"
     learner.save_hf(str(final))
     metrics.close()

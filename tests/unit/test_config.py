@@ -1,0 +1,103 @@
+"""Config loading: YAML + dotted overrides, and error messages that say where and what."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, config_from_dict, dump_config, load_config, parse_override
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+MINIMAL = "algorithm: grpo\ndata:\n  path: prompts.jsonl\n"
+
+
+def test_example_loads_and_data_path_is_relative_to_the_file():
+    cfg = load_config(EXAMPLE)
+    assert cfg.algorithm == "grpo"
+    assert Path(cfg.data.path) == EXAMPLE.parent / "data" / "letters_train.jsonl"
+    assert Path(cfg.data.path).is_file()
+
+
+def test_overrides_are_applied_and_parsed_as_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["learner.lr=1e-6", "rollout.num_workers=4", "run.resume=true"])
+    assert cfg.learner.lr == pytest.approx(1e-6)
+    assert cfg.rollout.num_workers == 4
+    assert cfg.run.resume is True
+
+
+def test_unknown_key_in_file_names_file_key_and_allowed_keys(tmp_path):
+    p = write(tmp_path, MINIMAL + "learner:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "learner.lrr" in msg and "unknown key" in msg
+    assert "lr" in msg.split("Allowed keys here:")[1]
+
+
+def test_unknown_override_names_the_override(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, MINIMAL), ["rollout.num_wrkers=2"])
+    assert "override 'rollout.num_wrkers=2'" in str(e.value)
+    assert "num_workers" in str(e.value)
+
+
+def test_bad_value_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, MINIMAL), ["learner.zero_stage=7"])
+    assert "learner.zero_stage" in str(e.value) and "7" in str(e.value)
+
+
+def test_unknown_algorithm_lists_allowed(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, MINIMAL.replace("grpo", "grpoo")))
+    assert "algorithm" in str(e.value) and "'grpo'" in str(e.value) and "'dpo'" in str(e.value)
+
+
+def test_missing_required_section(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "algorithm: grpo\n"))
+    assert "'data' is required" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["learner.lr", "=3", "a.b=[1,"])
+def test_malformed_override(text):
+    with pytest.raises(ConfigError) as e:
+        parse_override(text)
+    assert repr(text) in str(e.value)
+
+
+def test_override_into_a_value_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="learner.lr is a value, not a section"):
+        load_config(write(tmp_path, MINIMAL), ["learner.lr.x=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "algorithm: [grpo\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_batch_shape_rules_explain_themselves():
+    base = {"algorithm": "grpo", "data": {"path": "x.jsonl"}}
+    with pytest.raises(ConfigError, match="must divide the samples per step"):
+        config_from_dict({**base, "rl": {"group_size": 4, "prompts_per_step": 3, "mini_batch_size": 5}})
+    with pytest.raises(ConfigError, match="multiple of learner.micro_batch_size"):
+        config_from_dict({**base, "rl": {"group_size": 4, "prompts_per_step": 2}, "learner": {"micro_batch_size": 3}})
+    with pytest.raises(ConfigError, match="rloo needs rl.group_size >= 2"):
+        config_from_dict({**base, "algorithm": "rloo", "rl": {"group_size": 1}, "learner": {"micro_batch_size": 1}})
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(EXAMPLE, ["run.steps=3"])
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
