@@ -65,7 +65,7 @@ class BuiltinFunctionConfig(_FunctionBase):
 
     kind: Literal["builtin"]
     builtin: Literal["exact_match", "numeric_answer", "format_regex", "letter_fraction"]
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("kwargs")
     @classmethod
