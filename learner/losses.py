@@ -11,7 +11,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +37,7 @@ def _check_logits(logits: torch.Tensor, input_ids: torch.Tensor | None = None) -
         )
 
 
-def token_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0. fp32, [B, T].
 
     ``logits[:, t]`` is the model output at position t (it predicts token t+1), as a causal LM
@@ -358,7 +356,9 @@ def kto_loss(
     if desirable.dtype != torch.bool:
         raise ValueError(f"desirable must be a bool tensor (True = desirable), got dtype {desirable.dtype}")
     if desirable.shape != policy_logps.shape:
-        raise ValueError(f"desirable shape {tuple(desirable.shape)} != policy_logps {tuple(policy_logps.shape)}")
+        raise ValueError(
+            f"desirable shape {tuple(desirable.shape)} != policy_logps {tuple(policy_logps.shape)}"
+        )
     r = policy_logps - ref_logps
     z0 = torch.as_tensor(z0, dtype=r.dtype, device=r.device).detach()
     good = desirable_weight * (1.0 - torch.sigmoid(beta * (r - z0)))

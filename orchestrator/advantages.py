@@ -11,8 +11,8 @@ Conventions
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 
@@ -62,9 +62,7 @@ def _unbiased_std(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return x.std(correction=1) if dim is None else x.std(dim=dim, keepdim=True, correction=1)
 
 
-def _discounted_reverse_scan(
-    x: torch.Tensor, valid: torch.Tensor, discount: float
-) -> torch.Tensor:
+def _discounted_reverse_scan(x: torch.Tensor, valid: torch.Tensor, discount: float) -> torch.Tensor:
     """out[t] = x[t] + discount * out[next valid t] over each row, restarting at padding."""
     out = torch.zeros_like(x)
     carry = torch.zeros_like(x[:, 0])
@@ -157,9 +155,7 @@ def gae(
 
 
 @torch.no_grad()
-def reinforce_pp_returns(
-    token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
-) -> torch.Tensor:
+def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """Discounted return-to-go G_t = r_t + gamma * G_{t+1} over valid tokens; 0 at padding."""
     valid = _check_token_shapes(mask, token_rewards=token_rewards)
     r = torch.where(valid, token_rewards.float(), torch.zeros((), device=token_rewards.device))

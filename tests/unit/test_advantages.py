@@ -24,7 +24,9 @@ T = torch.tensor
 
 
 def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual.float(), torch.as_tensor(expected, dtype=torch.float32), atol=atol, rtol=0)
+    torch.testing.assert_close(
+        actual.float(), torch.as_tensor(expected, dtype=torch.float32), atol=atol, rtol=0
+    )
 
 
 # --------------------------------------------------------------------------------------------- GRPO
@@ -159,7 +161,10 @@ def test_masked_whiten_by_hand():
     s = math.sqrt(5 / 3 + 1e-8)
     w = [(v - 2.5) / s for v in (1, 2, 3, 4)]
     close(masked_whiten(x, mask), [[w[0], w[1], w[2], 0], [0, w[3], 0, 0]])
-    close(masked_whiten(x, mask, shift_mean=False), [[w[0] + 2.5, w[1] + 2.5, w[2] + 2.5, 0], [0, w[3] + 2.5, 0, 0]])
+    close(
+        masked_whiten(x, mask, shift_mean=False),
+        [[w[0] + 2.5, w[1] + 2.5, w[2] + 2.5, 0], [0, w[3] + 2.5, 0, 0]],
+    )
 
 
 def test_token_rewards_with_kl_by_hand():

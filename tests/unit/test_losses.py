@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from learner.losses import (
     aggregate,
@@ -232,9 +231,9 @@ def test_policy_loss_padding_garbage_changes_nothing():
         base, base_stats = policy_loss(leaf, old, adv, mask, agg=agg, dual_clip=3.0)
         base.backward()
         g_base = leaf.grad.clone()
-        leaf2 = logp.masked_fill(pad, 500.0).requires_grad_(True)
+        leaf2 = logp.masked_fill(pad, NAN).requires_grad_(True)
         junk, junk_stats = policy_loss(
-            leaf2, old.masked_fill(pad, -500.0), adv.masked_fill(pad, NAN), mask, agg=agg, dual_clip=3.0
+            leaf2, old.masked_fill(pad, -INF), adv.masked_fill(pad, NAN), mask, agg=agg, dual_clip=3.0
         )
         junk.backward()
         close(junk, base)
@@ -307,7 +306,9 @@ def test_dpo_by_hand():
 
 
 def test_dpo_gradient_signs():
-    _, (gc, gr, _, _) = _grads(lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.1), [-1.0], [-3.0], [-2.0], [-2.0])
+    _, (gc, gr, _, _) = _grads(
+        lambda a, b, c, d: dpo_loss(a, b, c, d, beta=0.1), [-1.0], [-3.0], [-2.0], [-2.0]
+    )
     assert gc.item() < 0 and gr.item() > 0
 
 
@@ -317,6 +318,8 @@ def test_ipo_by_hand_and_gradient_signs():
         lambda a, b, c, d: ipo_loss(a, b, c, d, beta=0.5), [-2.0], [-2.0], [-2.0], [-2.0]
     )
     close(losses, [1.0])  # (0 - 1)^2
+    close(cr, [0.0])  # beta * (pc - rc) = 0.5 * 0
+    close(rr, [0.0])
     assert gc.item() == pytest.approx(-2.0) and gr.item() == pytest.approx(2.0)
     # margin 2 overshoots the target: (2 - 1)^2 = 1 and the gradient reverses
     (losses, _, _), (gc, gr, _, _) = _grads(
@@ -339,7 +342,7 @@ def test_kto_reference_point_and_clamp():
 
 def test_kto_loss_by_hand():
     # r = -1 - (-2) = 1, z0 = 0.5, beta 2: desirable 1 - sigmoid(2*0.5) ; undesirable 2*(1 - sigmoid(-1))
-    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    sig = lambda x: 1 / (1 + math.exp(-x))
     losses, rewards = kto_loss(
         T([-1.0, -1.0]), T([-2.0, -2.0]), T([True, False]), 0.5, beta=2.0, undesirable_weight=2.0
     )
@@ -350,7 +353,9 @@ def test_kto_loss_by_hand():
 
 
 def test_kto_gradient_signs():
-    _, (g, _) = _grads(lambda p, r: kto_loss(p, r, T([True, False]), 0.3, beta=0.1), [-1.0, -1.0], [-1.5, -1.5])
+    _, (g, _) = _grads(
+        lambda p, r: kto_loss(p, r, T([True, False]), 0.3, beta=0.1), [-1.0, -1.0], [-1.5, -1.5]
+    )
     assert g[0].item() < 0  # desirable: raise its log-prob
     assert g[1].item() > 0  # undesirable: lower it
 
