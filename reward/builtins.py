@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 RewardFn = Callable[..., list[float]]
 
@@ -55,7 +55,7 @@ def extract_final_answer(completion: str, require_marker: bool = True) -> float 
 
     Without a marker: None if `require_marker`, else the completion's last number.
     """
-    head, marker, tail = completion.rpartition(GSM8K_MARKER)
+    _, marker, tail = completion.rpartition(GSM8K_MARKER)
     if marker:
         return first_number(tail)
     return None if require_marker else last_number(completion)
@@ -64,11 +64,11 @@ def extract_final_answer(completion: str, require_marker: bool = True) -> float 
 def parse_reference_number(value: Any) -> float:
     """The number in an answer column value: a number, numeric text, or a GSM8K solution with `####`."""
     if isinstance(value, bool):
-        raise ValueError(f"answer {value!r} is a boolean, expected a number")
+        raise TypeError(f"answer {value!r} is a boolean, expected a number")
     if isinstance(value, (int, float)):
         return float(value)
     if not isinstance(value, str):
-        raise ValueError(f"answer {value!r} is a {type(value).__name__}, expected a number or text")
+        raise TypeError(f"answer {value!r} is a {type(value).__name__}, expected a number or text")
     _, marker, tail = value.rpartition(GSM8K_MARKER)
     number = first_number(tail if marker else value)
     if number is None:
@@ -86,8 +86,8 @@ def _column(columns: dict[str, list], key: str, builtin: str, option: str) -> li
 
 
 class _Builtin:
-    name: str
-    options: dict[str, Any]  # option -> default; a default of ... marks a required option
+    name: ClassVar[str]
+    options: ClassVar[dict[str, Any]]  # option -> default; a default of ... marks a required option
 
     def __init__(self, **kwargs: Any):
         unknown = sorted(set(kwargs) - set(self.options))
@@ -99,19 +99,22 @@ class _Builtin:
             if default is ... and key not in kwargs:
                 raise ValueError(f"builtin {self.name} needs kwargs.{key}")
             setattr(self, key, kwargs.get(key, default))
-        self._check()
+        try:
+            self._check()
+        except TypeError as e:  # pydantic reports only ValueErrors as validation errors
+            raise ValueError(str(e)) from None
 
     def _check(self) -> None:
         pass
 
     def _check_key(self, option: str) -> None:
         if not isinstance(getattr(self, option), str) or not getattr(self, option):
-            raise ValueError(f"builtin {self.name}: kwargs.{option} must be a column name (text)")
+            raise TypeError(f"builtin {self.name}: kwargs.{option} must be a column name (text)")
 
 
 class ExactMatch(_Builtin):
     name = "exact_match"
-    options = {"answer_key": "answer"}
+    options: ClassVar[dict[str, Any]] = {"answer_key": "answer"}
 
     def _check(self) -> None:
         self._check_key("answer_key")
@@ -127,12 +130,12 @@ class ExactMatch(_Builtin):
 
 class NumericAnswer(_Builtin):
     name = "numeric_answer"
-    options = {"answer_key": "answer", "require_marker": True, "tolerance": 1e-6}
+    options: ClassVar[dict[str, Any]] = {"answer_key": "answer", "require_marker": True, "tolerance": 1e-6}
 
     def _check(self) -> None:
         self._check_key("answer_key")
         if not isinstance(self.require_marker, bool):
-            raise ValueError(f"builtin {self.name}: kwargs.require_marker must be true or false")
+            raise TypeError(f"builtin {self.name}: kwargs.require_marker must be true or false")
         if not isinstance(self.tolerance, (int, float)) or not self.tolerance >= 0:
             raise ValueError(f"builtin {self.name}: kwargs.tolerance must be a number >= 0")
 
@@ -149,11 +152,11 @@ class NumericAnswer(_Builtin):
 
 class FormatRegex(_Builtin):
     name = "format_regex"
-    options = {"pattern": ..., "fullmatch": False}
+    options: ClassVar[dict[str, Any]] = {"pattern": ..., "fullmatch": False}
 
     def _check(self) -> None:
         if not isinstance(self.pattern, str):
-            raise ValueError(f"builtin {self.name}: kwargs.pattern must be text (a regular expression)")
+            raise TypeError(f"builtin {self.name}: kwargs.pattern must be text (a regular expression)")
         try:
             self._regex = re.compile(self.pattern)
         except re.error as e:
@@ -161,7 +164,7 @@ class FormatRegex(_Builtin):
                 f"builtin {self.name}: kwargs.pattern {self.pattern!r} is not a valid regular expression: {e}"
             ) from None
         if not isinstance(self.fullmatch, bool):
-            raise ValueError(f"builtin {self.name}: kwargs.fullmatch must be true or false")
+            raise TypeError(f"builtin {self.name}: kwargs.fullmatch must be true or false")
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: list) -> list[float]:
         match = self._regex.fullmatch if self.fullmatch else self._regex.search
@@ -170,7 +173,7 @@ class FormatRegex(_Builtin):
 
 class LetterFraction(_Builtin):
     name = "letter_fraction"
-    options = {"letter_key": "letter"}
+    options: ClassVar[dict[str, Any]] = {"letter_key": "letter"}
 
     def _check(self) -> None:
         self._check_key("letter_key")

@@ -18,14 +18,13 @@ Each kind has its own model (`kind` picks it), so a field of another kind is an 
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from common.strict import StrictModel
-
-BUILTIN_NAMES = ("exact_match", "numeric_answer", "format_regex", "letter_fraction")
 
 
 class _FunctionBase(StrictModel):
@@ -35,7 +34,7 @@ class _FunctionBase(StrictModel):
     @field_validator("weight")
     @classmethod
     def _finite_weight(cls, v: float) -> float:
-        if v != v or v in (float("inf"), float("-inf")):
+        if not math.isfinite(v):
             raise ValueError("weight must be a finite number")
         return v
 
@@ -116,7 +115,7 @@ class HttpFunctionConfig(_FunctionBase):
 
 
 RewardFunctionConfig = Annotated[
-    Union[RuleFunctionConfig, BuiltinFunctionConfig, ModelFunctionConfig, HttpFunctionConfig],
+    RuleFunctionConfig | BuiltinFunctionConfig | ModelFunctionConfig | HttpFunctionConfig,
     Field(discriminator="kind"),
 ]
 
@@ -137,7 +136,7 @@ class RewardConfig(StrictModel):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved by each reward actor.")
 
     @model_validator(mode="after")
-    def _check(self) -> "RewardConfig":
+    def _check(self) -> RewardConfig:
         seen: set[str] = set()
         for i, f in enumerate(self.functions):
             if f.name in seen:

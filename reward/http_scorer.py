@@ -11,7 +11,6 @@ length fail at once with the URL, status and the start of the body in the messag
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -66,7 +65,7 @@ class HttpScorer:
                 time.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
             try:
                 status, body = self._post_once(data)
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 reason = getattr(e, "reason", e)
                 failures.append(f"try {attempt + 1}: {type(reason).__name__}: {reason}")
                 continue

@@ -189,7 +189,7 @@ class RewardScorer:
         n = len(completions)
         try:
             raw = func.fn(prompts, completions, **columns)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - user code may raise anything; policy decides
             if func.isolatable and n > 1:
                 return self._run_one_by_one(func, prompts, completions, columns)
             message = f"raised {_describe_exception(e)}"
