@@ -102,6 +102,11 @@ class RunConfig(StrictModel):
                     f"{self.learner.num_ranks} must be a multiple of learner.micro_batch_size="
                     f"{self.learner.micro_batch_size} per rank"
                 )
+            if not self.reward.functions:
+                raise ValueError(
+                    f"{self.algorithm} scores its samples: add at least one entry to reward.functions "
+                    "(kind: rule | builtin | model | http)"
+                )
             if self.algorithm == "rloo" and self.rl.group_size < 2:
                 raise ValueError("rloo needs rl.group_size >= 2 (the baseline leaves one sample out)")
         return self

@@ -104,7 +104,8 @@ class GroupCollector:
                         logprobs=list(c.logprobs),
                         finish_reason=c.finish_reason,
                         weight_version=c.weight_version,
-                        completion_text=c.text,
+                        # The fleet returns token ids only; reward functions read text.
+                        completion_text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                     )
                 )
                 stats.generated_tokens += len(c.token_ids)

@@ -15,7 +15,10 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-MINIMAL = "algorithm: grpo\ndata:\n  path: prompts.jsonl\n"
+MINIMAL = (
+    "algorithm: grpo\ndata:\n  path: prompts.jsonl\n"
+    "reward:\n  functions:\n    - {name: l, kind: builtin, builtin: letter_fraction}\n"
+)
 
 
 def test_example_loads_and_data_path_is_relative_to_the_file():
@@ -88,7 +91,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_batch_shape_rules_explain_themselves():
-    base = {"algorithm": "grpo", "data": {"path": "x.jsonl"}}
+    base = {"algorithm": "grpo", "data": {"path": "x.jsonl"},
+            "reward": {"functions": [{"name": "l", "kind": "builtin", "builtin": "letter_fraction"}]}}
+    with pytest.raises(ConfigError, match="add at least one entry to reward.functions"):
+        config_from_dict({**base, "reward": {}})
     with pytest.raises(ConfigError, match="must divide the samples per step"):
         config_from_dict({**base, "rl": {"group_size": 4, "prompts_per_step": 3, "mini_batch_size": 5}})
     with pytest.raises(ConfigError, match="multiple of learner.micro_batch_size"):
