@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 LETTERS = ("a", "b", "c", "d", "e")
 

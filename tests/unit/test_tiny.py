@@ -3,7 +3,7 @@
 import hashlib
 import json
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -207,20 +207,10 @@ def test_ensure_tiny_model_loses_race_gracefully(tmp_path, monkeypatch):
 
 
 def test_ensure_tiny_model_concurrent_threads(tmp_path):
-    results, errors = [], []
-
-    def work():
-        try:
-            results.append(tiny.ensure_tiny_model("reward", cache_dir=tmp_path))
-        except Exception as e:  # surfaced by the assert below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(set(results)) == 1
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(tiny.ensure_tiny_model, "reward", tmp_path) for _ in range(3)]
+        results = [f.result() for f in futures]  # re-raises any worker's error
+    assert len(set(results)) == 1
     assert len(list((tmp_path / "tiny-models").iterdir())) == 1
 
 
