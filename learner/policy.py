@@ -40,6 +40,7 @@ from learner.deepspeed_utils import (
 from learner.losses import aggregate, entropy_from_logits, kl_estimate, policy_loss, token_logprobs
 
 TRAIN_KEYS = ("input_ids", "attention_mask", "loss_mask", "old_logprobs", "advantages")
+_CLIENT_KEY = "fleetrl_client_state"
 # Stats averaged over valid completion tokens (the rest: see _optimizer_step).
 _TOKEN_STATS = ("kl", "entropy", "clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean")
 
@@ -170,6 +171,19 @@ class PolicyLearner:
         self._side_device = torch.device("cpu")
 
     # ------------------------------------------------------------------ helpers
+
+    def info(self) -> dict[str, Any]:
+        """Where and how this rank runs (for logs; also the group's readiness probe)."""
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "dtype": self.dtype_name,
+            "backend": self.backend,
+            "zero_stage": self.cfg.zero_stage,
+            "grad_accum_steps": self.grad_accum,
+            "pid": os.getpid(),
+        }
 
     @property
     def global_step(self) -> int:
@@ -446,7 +460,8 @@ class PolicyLearner:
     def save_checkpoint(self, ckpt_dir: str | os.PathLike, client_state: dict | None = None,
                         tag: str | None = None) -> None:
         """DeepSpeed checkpoint (weights, optimizer, LR schedule) for resuming; every rank calls it."""
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state or {}))
+        # Under one key: DeepSpeed hands back its own bookkeeping mixed into the client state.
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={_CLIENT_KEY: dict(client_state or {})})
 
     def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
         """Restore a save_checkpoint; returns its client_state."""
@@ -456,4 +471,4 @@ class PolicyLearner:
                 f"no DeepSpeed checkpoint in {ckpt_dir} (no 'latest' file or tag {tag!r}): "
                 "point resume at a directory written by save_checkpoint"
             )
-        return client_state or {}
+        return dict((client_state or {}).get(_CLIENT_KEY, {}))
