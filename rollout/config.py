@@ -20,7 +20,7 @@ class SamplingConfig(StrictModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = -1  # -1 (or 0): all tokens
     max_tokens: int = Field(1024, ge=1)
-    stop: list[str] = []
+    stop: list[str] = Field(default_factory=list)
 
     @field_validator("top_k")
     @classmethod
@@ -52,13 +52,13 @@ class RolloutConfig(StrictModel):
     seed: int = 0
     distributed_executor_backend: Literal["mp", "ray"] | None = None
     # Extra environment variables for each worker actor (e.g. VLLM_CPU_OMP_THREADS_BIND).
-    env_vars: dict[str, str] = {}
+    env_vars: dict[str, str] = Field(default_factory=dict)
     # Anything else for vllm.LLM(...), passed through unchanged.
-    engine_kwargs: dict[str, Any] = {}
-    sampling: SamplingConfig = SamplingConfig()
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     @model_validator(mode="after")
-    def _engine_kwargs_do_not_shadow(self) -> "RolloutConfig":
+    def _engine_kwargs_do_not_shadow(self) -> RolloutConfig:
         owned = {
             "model", "tensor_parallel_size", "max_model_len", "dtype", "gpu_memory_utilization",
             "enforce_eager", "seed", "distributed_executor_backend", "worker_extension_cls",

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 from common.weight_wire import WeightPlan
 from rollout.config import RolloutConfig, gpus_per_worker, resolve_device, worker_env

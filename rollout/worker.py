@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from common.weight_wire import WeightPlan
 from rollout.config import RolloutConfig, resolve_device, worker_env

@@ -11,13 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-CFG = dict(
-    device="cpu",
-    max_model_len=256,
-    enforce_eager=True,
-    dtype="float32",
-    cpu_kvcache_space_gb=1,
-)
+CFG = {"device": "cpu", "max_model_len": 256, "enforce_eager": True, "dtype": "float32", "cpu_kvcache_space_gb": 1}
 
 
 def _free_port() -> int:
@@ -32,7 +26,7 @@ def _run_in_thread(fn, *args):
     def target():
         try:
             box["result"] = fn(*args)
-        except BaseException as e:  # surfaced by _join
+        except Exception as e:  # noqa: BLE001 - re-raised by _join in the test thread
             box["error"] = e
 
     t = threading.Thread(target=target, daemon=True)
@@ -126,7 +120,7 @@ def test_weight_sync_matches_transformers(worker, models, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common.weight_wire import init_side_group, pack_bucket, plan_buckets, broadcast
+    from common.weight_wire import broadcast, init_side_group, pack_bucket, plan_buckets
 
     model_b = AutoModelForCausalLM.from_pretrained(models[1], dtype=torch.float32).eval()
     prompt = tokenizer.encode("the quick brown fox")
@@ -170,3 +164,53 @@ def test_weight_sync_matches_transformers(worker, models, tokenizer):
         raw = _hf_logprobs(model_b, prompt, c.token_ids, temperature=1.0)
         assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-3
         assert max(abs(a - b) for a, b in zip(c.logprobs, raw)) > 1e-3
+
+
+def test_fleet_on_ray(ray_local, models):
+    """The same worker as a Ray actor behind RolloutFleet: generate, weight sync, removal."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.weight_wire import broadcast, init_side_group, pack_bucket, plan_buckets
+    from rollout.config import RolloutConfig
+    from rollout.fleet import RolloutFleet, WorkerBusy
+
+    ray = ray_local
+    fleet = RolloutFleet(RolloutConfig(**CFG, max_inflight_per_worker=2), str(models[0]), name_prefix="test-")
+    try:
+        (info,) = fleet.wait_ready(timeout_s=300)
+        assert info["device"] == "cpu" and info["weight_version"] == 0
+        refs = [fleet.submit([[5, 6, 7]], 2, {"max_tokens": 6}, [f"r{i}"]) for i in range(2)]
+        assert fleet.idle_capacity() == 0
+        for ref in refs:
+            out = ray.get(ref)
+            assert fleet.on_done(ref).request_ids == [out[0].request_id]
+            assert [c.sample_index for c in out] == [0, 1] and all(len(c.logprobs) == len(c.token_ids) for c in out)
+
+        # Weight sync through the actor: this process is the learner (rank 0).
+        model_b = AutoModelForCausalLM.from_pretrained(models[1], dtype=torch.float32)
+        port = _free_port()
+        joins = fleet.init_weight_group("127.0.0.1", port, "gloo")
+        group = init_side_group("127.0.0.1", port, 0, fleet.weight_group_world_size(), "gloo")
+        assert ray.get(joins, timeout=120) == [[1]]
+        params = dict(model_b.named_parameters())
+        plan = plan_buckets(((n, p.shape, p.dtype) for n, p in params.items()), version=5, bucket_bytes=300_000)
+        receipts = fleet.receive_weights(plan)
+        for bucket in plan.buckets:
+            broadcast(group, pack_bucket(bucket, params))
+        assert [r["weight_version"] for r in ray.get(receipts, timeout=120)] == [5]
+        assert fleet.versions(timeout_s=60) == {0: 5}
+        prompt, completion = [5, 6, 7, 8], [9, 10, 11, 12]
+        scored = ray.get(fleet.book.handle(0).score.remote(prompt, completion))
+        assert max(abs(a - b) for a, b in zip(scored, _hf_logprobs(model_b, prompt, completion))) < 1e-3
+
+        # A busy worker is not removed unless asked to wait; then nothing is lost.
+        ref = fleet.submit([[5, 6, 7]], 1, {"max_tokens": 6}, ["last"])
+        with pytest.raises(WorkerBusy):
+            fleet.remove_worker(0)
+        assert fleet.remove_worker(0, wait=True, timeout_s=120) == []
+        assert fleet.num_workers == 0
+        assert fleet.on_done(ref).request_ids == ["last"]
+        assert ray.get(ref)[0].weight_version == 5
+    finally:
+        fleet.shutdown()
