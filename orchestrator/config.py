@@ -115,6 +115,10 @@ class RunConfig(StrictModel):
     def mini_batch_size(self) -> int:
         return self.rl.mini_batch_size or self.rl.samples_per_step
 
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        return self.rl.epochs * (self.rl.samples_per_step // self.mini_batch_size)
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading, overrides, error messages

@@ -199,9 +199,9 @@ class WeightSync:
         self.learner = learner
         self.fleet = fleet
         host, port = learner.side_group_address()
-        world = 1 + fleet.num_receiver_ranks
+        world = fleet.weight_group_world_size()
         refs = learner.init_weight_sync(host, port, world, backend)
-        refs += fleet.init_weight_group(host, port, world, backend)
+        refs += fleet.init_weight_group(host, port, backend)
         ray.get(refs)
         self.version = 0
         self._plan = None
@@ -216,6 +216,50 @@ class WeightSync:
         return time.perf_counter() - start
 
 
+@dataclass
+class Services:
+    """The Ray actors of one online run; ``shutdown`` frees them (and their names) on any exit."""
+
+    fleet: RolloutFleet
+    reward_actors: list
+    learner: LearnerGroup
+
+    def shutdown(self) -> None:
+        for stop in (self.fleet.shutdown, self.learner.shutdown,
+                     lambda: [ray.kill(a) for a in self.reward_actors]):
+            try:
+                stop()
+            except Exception as e:  # keep freeing the others; the run's own error matters more
+                log.warning("while shutting down: %s", e)
+
+
+def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: str) -> Services:
+    print(f"fleetrl: starting {cfg.rollout.num_workers} rollout worker(s), {cfg.reward.num_workers} reward "
+          f"worker(s), {cfg.learner.num_ranks} learner rank(s) [{backend}] on {model_path}", flush=True)
+    prefix = run_dir.actor_prefix
+    # Actor creation is asynchronous: the three services start side by side.
+    fleet = RolloutFleet(cfg.rollout, model_path, name_prefix=prefix)
+    try:
+        learner = LearnerGroup(cfg.learner, model_path, total_steps=cfg.run.steps * cfg.optimizer_steps_per_step,
+                               mini_batch_size=cfg.mini_batch_size, name_prefix=prefix)
+    except BaseException:
+        fleet.shutdown()
+        raise
+    try:
+        reward_actors = make_reward_actors(cfg.reward, base_dir=str(run_dir.config_dir), name_prefix=prefix)
+    except BaseException:
+        fleet.shutdown()
+        learner.shutdown()
+        raise
+    services = Services(fleet, reward_actors, learner)
+    try:
+        fleet.wait_ready()
+    except BaseException:
+        services.shutdown()
+        raise
+    return services
+
+
 def run_online(cfg: RunConfig, run_dir: RunDir) -> Path:
     connect_ray(cfg.ray)
     model_path = resolve_model(cfg.model.path)
@@ -223,20 +267,19 @@ def run_online(cfg: RunConfig, run_dir: RunDir) -> Path:
     rows = load_rows(cfg.data, kind="prompt")
     stream = PromptStream(rows, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     backend = pick_backend(cfg.learner.backend)
-    prefix = run_dir.actor_prefix
-
-    print(f"fleetrl: starting {cfg.rollout.num_workers} rollout worker(s), {cfg.reward.num_workers} reward "
-          f"worker(s), {cfg.learner.num_ranks} learner rank(s) [{backend}] on {model_path}", flush=True)
     t0 = time.perf_counter()
-    fleet = RolloutFleet(cfg.rollout, model_path, name_prefix=prefix)
-    reward_actors = make_reward_actors(cfg.reward, base_dir=str(run_dir.config_dir), name_prefix=prefix)
-    learner = LearnerGroup(
-        cfg.learner, model_path, total_steps=cfg.run.steps * cfg.rl.epochs * (cfg.rl.samples_per_step // cfg.mini_batch_size),
-        mini_batch_size=cfg.mini_batch_size, name_prefix=prefix,
-    )
-    fleet.wait_ready()
+    services = start_services(cfg, run_dir, model_path, backend)
+    try:
+        return _train(cfg, run_dir, services, tokenizer, stream, backend, t0)
+    finally:
+        services.shutdown()
+
+
+def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, stream: PromptStream,
+           backend: str, t0: float) -> Path:
+    fleet, learner = services.fleet, services.learner
     sync = WeightSync(learner, fleet, backend)
-    collector = GroupCollector(cfg, fleet, reward_actors, stream, tokenizer)
+    collector = GroupCollector(cfg, fleet, services.reward_actors, stream, tokenizer)
 
     start_step = 0
     if cfg.run.resume and (ckpt := run_dir.latest_checkpoint()) is not None:
@@ -251,7 +294,7 @@ def run_online(cfg: RunConfig, run_dir: RunDir) -> Path:
     progress = Progress(total=cfg.run.steps, start=start_step)
     use_ref = cfg.learner.reference and cfg.learner.loss.kl_coef > 0
     temperature = cfg.rollout.sampling.temperature
-    optimizer_steps = start_step * cfg.rl.epochs * (cfg.rl.samples_per_step // cfg.mini_batch_size)
+    optimizer_steps = start_step * cfg.optimizer_steps_per_step
 
     for step in range(start_step, cfg.run.steps):
         step_start = time.perf_counter()

@@ -78,7 +78,7 @@ def test_malformed_override(text):
 
 def test_override_into_a_value_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="learner.lr is a value, not a section"):
-        load_config(write(tmp_path, MINIMAL), ["learner.lr.x=1"])
+        load_config(write(tmp_path, MINIMAL), ["learner.lr=0.1", "learner.lr.x=1"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
