@@ -33,7 +33,7 @@ class PolicyLossConfig(StrictModel):
     entropy_coef: float = 0.0
 
     @model_validator(mode="after")
-    def _check_dual_clip(self) -> "PolicyLossConfig":
+    def _check_dual_clip(self) -> PolicyLossConfig:
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(
                 f"learner.loss.dual_clip must be > 1 (e.g. 3.0) or null to disable it, got {self.dual_clip}"
@@ -73,9 +73,7 @@ class LearnerConfig(StrictModel):
     loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "LearnerConfig":
-        if self.zero_stage not in (0, 1, 2, 3):  # pydantic bounds say so too; keep the message explicit
-            raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+    def _check(self) -> LearnerConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError(
                 "learner.offload_optimizer needs ZeRO: set learner.zero_stage to 1, 2 or 3 "

@@ -10,7 +10,8 @@ import copy
 import math
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from learner.config import LearnerConfig
 

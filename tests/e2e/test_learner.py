@@ -8,6 +8,7 @@ Reference values come from plain transformers on the same checkpoint.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,7 +271,7 @@ def test_ray_group_zero3_two_ranks(ray_local, model_path, tmp_path):
         assert set(received) == {n for n in exported if n != "lm_head.weight"}  # lm_head is tied
         for name, value in received.items():
             torch.testing.assert_close(value, exported[name], atol=0, rtol=0)
-        initial = load_file(str(next(p for p in __import__("pathlib").Path(model_path).glob("*.safetensors"))))
+        initial = load_file(str(Path(model_path) / "model.safetensors"))
         assert not torch.equal(received["model.layers.0.mlp.up_proj.weight"],
                                initial["model.layers.0.mlp.up_proj.weight"])
 
