@@ -47,9 +47,19 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _quiet_ray_packaging() -> None:
+    """Ray logs every ignore file it reads, and warns that .git/.venv are excluded (we exclude them)."""
+    import logging
+
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from deploy import jobs
 
+    _quiet_ray_packaging()
     job_id = None
     try:
         env_vars = jobs.parse_env_pairs(args.env or [])
