@@ -219,7 +219,7 @@ def upload_blocker(path: str | Path, working_dir: str | Path, excludes: Sequence
 
 def default_job_id(config_path: str | Path | None) -> str:
     stem = re.sub(r"[^a-z0-9]+", "-", Path(config_path).stem.lower()).strip("-") if config_path else "job"
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     return f"fleetrl-{stem or 'job'}-{stamp}-{secrets.token_hex(2)}"
 
 
@@ -321,7 +321,7 @@ class _Cluster:
             yield
         except DeployError:
             raise
-        except Exception as e:  # noqa: BLE001 - translated or re-raised as is
+        except Exception as e:  # translated when we know what to say, else re-raised as is
             mapped = _translate(e, getattr(self, "url", "?"), job_id)
             if mapped is None:
                 raise
@@ -435,7 +435,7 @@ def logs(job_id: str, address: str | None = None, follow: bool = False, *, out: 
     with cluster.call(job_id):
         try:
             asyncio.run(asyncio.wait_for(tail(), timeout_s))
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise _still_running(job_id, "RUNNING", timeout_s) from None
     return "".join(seen)
 

@@ -12,7 +12,7 @@ them on each node's metrics export port (``ray start --metrics-export-port=PORT`
 Call it from a process connected to Ray (the driver after ``ray.init``; a Ray job's driver is).
 Smoke-test the path to Prometheus without training::
 
-    RAY_ADDRESS=auto python -m orchestrator.ray_metrics --run smoke reward/mean=0.5 tokens_per_s=1200
+    python -m orchestrator.ray_metrics --run smoke reward/mean=0.5 tokens_per_s=1200   # on the head
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m orchestrator.ray_metrics",
         description="Export one row of fleetrl metrics to Ray, to check the path to the dashboard's "
-        "Prometheus endpoint without training. Connects to RAY_ADDRESS (or --address); the values "
+        "Prometheus endpoint without training. Connects to --address, else RAY_ADDRESS, else the Ray "
+        "running on this machine (never starts one); the values "
         "show up as ray_fleetrl_<key>{run=RUN} on the node's metrics export port ~10 s later.",
     )
     p.add_argument("pairs", nargs="+", metavar="KEY=NUMBER", help="metrics-row entries, e.g. reward/mean=0.5")
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(address=args.address or "auto", logging_level=logging.WARNING)
+    # Never start a new local Ray: the point is to reach the running cluster's metrics agent.
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", logging_level=logging.WARNING)
     exporter = RayMetricsExporter(args.run)
     n = exporter.export(row)
     for key, name in sorted(exporter.names.items()):

@@ -472,3 +472,16 @@ def test_grafana_dashboard_queries_only_metrics_fleetrl_exports():
     for name in ("ray_fleetrl_reward_mean", "ray_fleetrl_tokens_per_s", "ray_fleetrl_time_weight_sync",
                  "ray_fleetrl_weight_version", "ray_fleetrl_prompts_in_flight"):
         assert name in used
+
+
+def test_cluster_doc_lists_every_documented_metric():
+    from orchestrator.ray_metrics import COUNTED, DOCUMENTED, metric_name
+
+    doc = (REPO / "docs/cluster.md").read_text()
+    for key in DOCUMENTED:
+        assert f"`ray_{metric_name(key)}`" in doc, key
+    for key in COUNTED:
+        assert f"`ray_{metric_name(key)}_total`" in doc, key
+    for rel in ("deploy/cluster.yaml", "deploy/kuberay/raycluster.yaml", "deploy/kuberay/rayjob.yaml",
+                "deploy/kuberay/monitoring.yaml", "deploy/grafana/fleetrl.json", "deploy/Dockerfile"):
+        assert rel in doc and (REPO / rel).is_file(), rel
