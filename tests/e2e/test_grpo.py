@@ -17,9 +17,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def test_grpo_tiny_learns_and_writes_a_run(tmp_path, ray_local):
-    steps = 12
+    steps = 24
     cfg = load_config(EXAMPLE, [f"run.output_dir={tmp_path}", "run.name=grpo", f"run.steps={steps}",
-                                "run.save_every=6"])
+                                "run.save_every=12", "learner.lr=1e-2"])
     run_dir = train(cfg, config_path=EXAMPLE)
 
     rows = read_metrics(run_dir)
@@ -37,5 +37,5 @@ def test_grpo_tiny_learns_and_writes_a_run(tmp_path, ray_local):
     assert last > first + 0.05 and last > 1.5 * first, (first, last, [r["reward/mean"] for r in rows])
 
     assert (run_dir / "config.yaml").is_file()
-    assert (run_dir / "checkpoints" / "step-000006" / "COMPLETE").is_file()
+    assert (run_dir / "checkpoints" / "step-000012" / "COMPLETE").is_file()
     assert (run_dir / "final_model" / "config.json").is_file()
