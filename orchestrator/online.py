@@ -33,6 +33,7 @@ class RolloutStats:
 
     generate_s: float = 0.0  # from the first request to the last completion back
     reward_wait_s: float = 0.0  # from the last completion back to the last score back
+    reward_s: float = 0.0  # scoring time summed over reward actors (overlaps generation)
     generated_tokens: int = 0
     prompts_skipped_too_long: int = 0
     groups_skipped_constant: int = 0
@@ -138,6 +139,7 @@ class GroupCollector:
             s.reward_parts = {name: float(vals[i]) for name, vals in result.per_function.items()}
         for name, vals in result.per_function.items():
             stats.per_function[name].extend(float(v) for v in vals)
+        stats.reward_s += sum(result.seconds.values())
         stats.reward_errors += len(result.errors)
         for e in result.errors[:3]:
             stats.reward_error_examples.append(f"{e.function}: {e.message}")
@@ -347,6 +349,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
             "prompts/skipped_too_long": rstats.prompts_skipped_too_long,
             "groups/skipped_constant": rstats.groups_skipped_constant,
             "time/generate": rstats.generate_s,
+            "time/reward": rstats.reward_s,
             "time/reward_wait": rstats.reward_wait_s,
             "time/reference": ref_s,
             "time/train": train_s,
