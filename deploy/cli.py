@@ -47,19 +47,31 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _quiet_ray_packaging() -> None:
-    """Ray logs every ignore file it reads, and warns that .git/.venv are excluded (we exclude them)."""
+def _quiet_ray() -> None:
+    """Ray's job SDK logs every ignore file it reads, each upload and each closed log stream at
+    INFO, and warns that .git/.venv are excluded (fleetrl excludes them itself). Its modules set
+    their loggers' levels on import, so import them first."""
+    import importlib
     import logging
 
-    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
-    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
-    logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
+    importlib.import_module("ray.dashboard.modules.dashboard_sdk")
+    importlib.import_module("ray.dashboard.modules.job.sdk")
+    for name, level in (("ray._private.runtime_env.packaging", logging.WARNING),
+                        ("ray._private.runtime_env.working_dir", logging.ERROR),
+                        ("ray.dashboard.modules.dashboard_sdk", logging.WARNING),
+                        ("ray.dashboard.modules.job.sdk", logging.WARNING)):
+        logging.getLogger(name).setLevel(level)
+
+
+def _short(message: str) -> str:
+    """Ray appends the job's last logs to a failed job's message; they were just shown."""
+    return message.split(", last available logs", 1)[0].strip()
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from deploy import jobs
 
-    _quiet_ray_packaging()
+    _quiet_ray()
     job_id = None
     try:
         env_vars = jobs.parse_env_pairs(args.env or [])
@@ -83,7 +95,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"\nfleetrl: stopped following; job {job_id} keeps running on the cluster "
                   f"(`fleetrl stop {job_id}` ends it)", file=sys.stderr)
         return 130
-    print(f"fleetrl: job {job_id} {state.status}" + (f": {state.message}" if state.message else ""))
+    print(f"fleetrl: job {job_id} {state.status}" + (f": {_short(state.message)}" if state.message else ""))
     return _job_exit(state.status)
 
 
@@ -97,7 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"job:        {state.job_id}")
     print(f"status:     {state.status}")
     if state.message:
-        print(f"message:    {state.message}")
+        print(f"message:    {_short(state.message)}")
     print(f"entrypoint: {state.entrypoint}")
     print(f"started:    {_fmt_time(state.start_time)}")
     print(f"ended:      {_fmt_time(state.end_time)}")
@@ -112,6 +124,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     try:
         if args.follow:
+            _quiet_ray()
             jobs.logs(args.job_id, address=args.address, follow=True, out=sys.stdout)
             return _job_exit(jobs.status(args.job_id, address=args.address).status)
         sys.stdout.write(jobs.logs(args.job_id, address=args.address))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from deploy import jobs
 from orchestrator.ray_metrics import COUNTED, metric_name
@@ -235,6 +236,23 @@ def test_submitted_job_succeeds_and_its_metrics_reach_prometheus(head):
     assert r.returncode == 0 and RUN in r.stdout, r.stdout + r.stderr
     r = _cli(head, "jobs")
     assert r.returncode == 0 and job_id in r.stdout, r.stdout + r.stderr
+    r = _cli(head, "logs", job_id, "--follow")  # an ended job: the whole log, then the stream closes
+    assert r.returncode == 0 and RUN in r.stdout, r.stdout + r.stderr
+
+
+def test_cli_submit_wait_streams_a_failing_training_job_and_exits_1(head, tmp_path):
+    """`fleetrl submit --wait` of a config only the cluster side rejects (--no-validate): the job
+    really runs `fleetrl train` from the uploaded dir, fails, and the error comes back."""
+    cfg = yaml.safe_load(EXAMPLE.read_text())
+    cfg["rollout"]["num_wrkers"] = 2  # a typo fleetrl train must name
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    t0 = time.perf_counter()
+    r = _cli(head, "submit", str(tmp_path / "bad.yaml"), "run.steps=1", "--working-dir", str(tmp_path), "--no-validate",
+             "--wait", "--timeout", "300", "--job-id", f"bad-{RUN}")
+    print(f"\n[timing] submit --wait of a failing job {time.perf_counter() - t0:.1f} s")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"submitted job bad-{RUN}" in r.stdout
+    assert "num_wrkers" in r.stdout and "FAILED" in r.stdout, r.stdout + r.stderr
 
 
 def test_stop_ends_a_running_job(head):

@@ -159,6 +159,9 @@ def test_config_outside_the_working_dir_is_a_clear_error(tmp_path):
         jobs.relative_config(REPO / "examples/grpo_tiny.yaml", tmp_path)
     with pytest.raises(DeployError, match="not found"):
         jobs.relative_config(tmp_path / "nope.yaml", tmp_path)
+    (tmp_path / "here.yaml").write_text("algorithm: grpo\n")
+    with pytest.raises(DeployError, match=r"relative to the current directory.*did you mean"):
+        jobs.relative_config("here.yaml", tmp_path)  # the CWD is not tmp_path
 
 
 def test_default_job_id():
