@@ -40,6 +40,7 @@ DOCUMENTED: dict[str, str] = {
     "reward/std": "Standard deviation of the step's rewards.",
     "tokens_per_s": "Tokens generated per second of generation time, whole fleet.",
     "time/generate": "Seconds spent generating this step's samples.",
+    "time/reward": "Seconds the reward service spent scoring this step's samples.",
     "time/reward_wait": "Seconds waiting for rewards after generation finished.",
     "time/reference": "Seconds computing reference-model log-probs.",
     "time/train": "Seconds in optimizer updates this step.",
