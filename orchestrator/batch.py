@@ -20,6 +20,7 @@ class Sample:
     finish_reason: str
     weight_version: int
     completion_text: str = ""
+    worker_index: int = -1  # which rollout worker sampled it
     reward: float | None = None
     reward_parts: dict[str, float] = field(default_factory=dict)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 OVERRIDES_HELP = "dotted overrides applied after the file, e.g. learner.lr=1e-6 rollout.num_workers=4"
@@ -32,6 +33,16 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     kind = "reward model (sequence classification)" if args.reward_model else "causal LM"
     print(f"fleetrl: wrote a tiny {kind} with its tokenizer to {path}")
     return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from orchestrator.control import scale_run
+
+    status = scale_run(args.run, args.rollout_workers, args.address, args.namespace, wait_s=args.wait)
+    done = status.get("rollout_workers") == args.rollout_workers
+    print(f"fleetrl: run {args.run}: {status.get('rollout_workers')} rollout worker(s) "
+          f"(asked {args.rollout_workers}{'' if done else ', not applied yet'}), step {status.get('step')}")
+    return 0 if done else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward-model", action="store_true", help="write a sequence-classification reward model instead"
     )
     m.set_defaults(func=_cmd_make_tiny_model)
+
+    sc = sub.add_parser(
+        "scale",
+        help="grow or shrink a running job's rollout fleet",
+        description="Ask a running job for N rollout workers. The job applies it between steps: removed "
+        "workers finish their generate calls first (no prompt is lost), new workers load the current "
+        "weights before they take prompts. Waits until the job reports the new size.",
+    )
+    sc.add_argument("run", help="the run's name (the last part of its run directory)")
+    sc.add_argument("--rollout-workers", type=int, required=True, metavar="N", help="wanted number of workers")
+    sc.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS)")
+    sc.add_argument("--namespace", default="fleetrl", help="Ray namespace of the run (ray.namespace; default fleetrl)")
+    sc.add_argument("--wait", type=float, default=600.0, metavar="S", help="seconds to wait for it (default 600)")
+    sc.set_defaults(func=_cmd_scale)
+
+    from deploy.cli import add_deploy_commands  # submit, status, logs, stop, jobs (Ray Jobs API)
+
+    add_deploy_commands(sub)
     return p
 
 
@@ -91,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fleetrl: {e}", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
+        # Data, reward and service errors carry their own what-to-change message.
+        if os.environ.get("FLEETRL_TRACEBACK"):
+            raise
+        print(f"fleetrl: error: {type(e).__name__}: {e}\n(set FLEETRL_TRACEBACK=1 for the traceback)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fleetrl: interrupted", file=sys.stderr)
         return 130

@@ -16,15 +16,28 @@ from pydantic import Field, ValidationError, model_validator
 
 from common.strict import StrictModel
 from learner.config import LearnerConfig
+from learner.offline_config import (
+    OFFLINE_ALGORITHMS,
+    DPOConfig,
+    IPOConfig,
+    KTOConfig,
+    OfflineConfig,
+    ORPOConfig,
+    RMConfig,
+    SFTConfig,
+)
 from orchestrator.data import DataConfig
 from reward.config import RewardConfig
 from rollout.config import RolloutConfig
 
 # Online RL: samples come from the rollout fleet and are scored by the reward service.
 ONLINE_ALGORITHMS = ("grpo", "drgrpo", "rloo")
+# Offline: fixed data, no rollouts (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO); see learner/offline.py.
 # Known algorithms whose trainers are not in this version yet: naming one is a clear error.
-PLANNED_ALGORITHMS = ("reinforce_pp", "reinforce_pp_baseline", "ppo", "sft", "rm", "dpo", "ipo", "kto", "orpo")
-ALGORITHMS = ONLINE_ALGORITHMS + PLANNED_ALGORITHMS
+PLANNED_ALGORITHMS = ("reinforce_pp", "reinforce_pp_baseline", "ppo")
+ALGORITHMS = ONLINE_ALGORITHMS + OFFLINE_ALGORITHMS + PLANNED_ALGORITHMS
+# Used when an rm config names no model.path: the built-in tiny sequence-classification model.
+DEFAULT_RM_MODEL = "tiny-reward"
 
 
 class ConfigError(ValueError):
@@ -41,10 +54,13 @@ class RunSection(StrictModel):
     output_dir: str = "runs"
     name: str | None = None  # default: <algorithm>-<timestamp>
     seed: int = 0
-    steps: int = Field(100, ge=1, description="training iterations (rollout batch -> update -> weight sync)")
+    # Online: training iterations (rollout batch -> update -> weight sync), 100 when unset.
+    # Offline: optimizer steps, overriding offline.epochs when set.
+    steps: int | None = Field(None, ge=1, description="training iterations / optimizer steps")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
     resume: bool = False  # continue the run in output_dir/name from its last checkpoint
-    log_every: int = Field(1, ge=1)
+    # Write every sample (prompt, completion, reward, worker, weight version) to samples.jsonl.
+    log_samples: bool = False
 
 
 class RLConfig(StrictModel):
@@ -84,9 +100,47 @@ class RunConfig(StrictModel):
     learner: LearnerConfig = LearnerConfig()
     rl: RLConfig = RLConfig()
     ray: RayConfig = RayConfig()
+    # Offline trainers: what they share, then one section per algorithm.
+    offline: OfflineConfig = OfflineConfig()
+    sft: SFTConfig = SFTConfig()
+    rm: RMConfig = RMConfig()
+    dpo: DPOConfig = DPOConfig()
+    ipo: IPOConfig = IPOConfig()
+    kto: KTOConfig = KTOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+
+    @model_validator(mode="after")
+    def _offline_shapes(self) -> "RunConfig":
+        if self.algorithm not in OFFLINE_ALGORITHMS:
+            return self
+        oc, lc = self.offline, self.learner
+        per_step = lc.num_ranks * lc.micro_batch_size
+        if oc.batch_size % per_step:
+            raise ValueError(
+                f"offline.batch_size={oc.batch_size} must be a multiple of learner.num_ranks * "
+                f"learner.micro_batch_size = {lc.num_ranks} * {lc.micro_batch_size} = {per_step} "
+                "(every rank runs whole micro-batches)"
+            )
+        if self.algorithm == "kto" and lc.micro_batch_size < 2:
+            raise ValueError(
+                f"kto needs learner.micro_batch_size >= 2 (got {lc.micro_batch_size}): its KL reference "
+                "point pairs each prompt with the next example's completion inside a micro-batch, and with "
+                "1 an example would be paired with itself"
+            )
+        has_eval = self.eval_data is not None or self.data.eval_path is not None or self.data.eval_fraction > 0
+        if oc.eval_every and not has_eval:
+            raise ValueError(
+                f"offline.eval_every={oc.eval_every} needs held-out data: set data.eval_fraction, "
+                "data.eval_path or eval_data (or offline.eval_every: 0)"
+            )
+        if self.algorithm == "rm" and "path" not in self.model.model_fields_set:
+            self.model.path = DEFAULT_RM_MODEL
+        return self
 
     @model_validator(mode="after")
     def _batch_shapes(self) -> "RunConfig":
+        if self.algorithm in ONLINE_ALGORITHMS and self.run.steps is None:
+            self.run.steps = 100
         if self.algorithm in ONLINE_ALGORITHMS:
             n = self.rl.samples_per_step
             mini = self.rl.mini_batch_size or n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -18,8 +19,10 @@ from learner.losses import kl_estimate
 from orchestrator.advantages import grpo_advantages, rloo_advantages
 from orchestrator.batch import Group, Sample, completion_stats, pad_samples
 from orchestrator.config import RunConfig
+from orchestrator.control import start_control_actor
 from orchestrator.data import PromptStream, load_rows, render_prompt
 from orchestrator.metrics import MetricsWriter, Progress
+from orchestrator.ray_metrics import RayMetricsExporter
 from orchestrator.runtime import RunDir, connect_ray, pick_backend, resolve_model, load_tokenizer
 from reward.actor import make_reward_actors
 from rollout.fleet import RolloutFleet
@@ -60,7 +63,10 @@ class GroupCollector:
         self._reward_refs: dict[Any, list[Group]] = {}
         self._next_reward_actor = 0
         self._carry: list[Group] = []  # scored groups beyond what a step needed: used next step
+        self._retry: list[list[tuple[int, Any, str, list[int]]]] = []  # prompts of calls that were lost
         self._prompts_submitted = 0
+        self.workers_lost = 0
+        self.restore_fleet = None  # set by the loop: brings a fleet that lost every worker back
 
     def _next_prompts(self, k: int, stats: RolloutStats) -> list[tuple[int, Any, str, list[int]]]:
         out = []
@@ -76,7 +82,7 @@ class GroupCollector:
         return out
 
     def _submit_generation(self, stats: RolloutStats) -> None:
-        batch = self._next_prompts(self.cfg.rl.prompts_per_request, stats)
+        batch = self._retry.pop(0) if self._retry else self._next_prompts(self.cfg.rl.prompts_per_request, stats)
         ref = self.fleet.submit(
             [ids for _, _, _, ids in batch],
             n=self.cfg.rl.group_size,
@@ -85,10 +91,30 @@ class GroupCollector:
         )
         self._gen_refs[ref] = batch
 
+    def requeue(self, works) -> None:
+        """Calls a worker handed back unfinished: their prompts are generated again elsewhere."""
+        for work in works:
+            for ref, batch in list(self._gen_refs.items()):
+                if [i for i, _, _, _ in batch] == list(work.request_ids):
+                    self._retry.append(self._gen_refs.pop(ref))
+
     def _on_generated(self, ref, stats: RolloutStats) -> None:
-        self.fleet.on_done(ref)
+        work = self.fleet.on_done(ref)
         batch = self._gen_refs.pop(ref)
-        completions = ray.get(ref)
+        try:
+            completions = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            # A dead worker loses no prompt: its calls go to the others (each of its calls lands here).
+            self._retry.append(batch)
+            index = work.worker_index if work is not None else None
+            if index is not None and index in self.fleet.book.indices():
+                self.workers_lost += 1
+                log.warning("rollout worker %s died (%s); its prompts go to the other workers and it is "
+                            "replaced at the next step", index, type(e).__name__)
+                self.fleet.remove_worker(index, wait=True, timeout_s=0)
+            if self.fleet.num_workers == 0 and self.restore_fleet is not None:
+                self.restore_fleet()
+            return
         by_request: dict[int, list] = defaultdict(list)
         for c in completions:
             by_request[c.request_id].append(c)
@@ -107,6 +133,7 @@ class GroupCollector:
                         weight_version=c.weight_version,
                         # The fleet returns token ids only; reward functions read text.
                         completion_text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                        worker_index=c.worker_index,
                     )
                 )
                 stats.generated_tokens += len(c.token_ids)
@@ -200,22 +227,47 @@ class WeightSync:
     def __init__(self, learner: LearnerGroup, fleet: RolloutFleet, backend: str):
         self.learner = learner
         self.fleet = fleet
-        host, port = learner.side_group_address()
-        world = fleet.weight_group_world_size()
-        refs = learner.init_weight_sync(host, port, world, backend)
-        refs += fleet.init_weight_group(host, port, backend)
-        ray.get(refs)
+        self.backend = backend
         self.version = 0
         self._plan = None
+        self.connect()
+
+    def connect(self) -> None:
+        """(Re)build the side group; needed again whenever the fleet's membership changes."""
+        host, port = self.learner.side_group_address()
+        world = self.fleet.weight_group_world_size()
+        refs = self.learner.init_weight_sync(host, port, world, self.backend)
+        refs += self.fleet.init_weight_group(host, port, self.backend)
+        ray.get(refs)
+        self._members = tuple(self.fleet.book.indices())
 
     def push(self, version: int) -> float:
         start = time.perf_counter()
+        if tuple(self.fleet.book.indices()) != self._members:  # a worker died during the step
+            self.connect()
         if self._plan is None:
             self._plan = self.learner.weight_plan(version)
         plan = type(self._plan)(version=version, buckets=self._plan.buckets)
         ray.get(self.learner.send_weights(plan) + self.fleet.receive_weights(plan))
         self.version = version
         return time.perf_counter() - start
+
+
+def resize_fleet(fleet: RolloutFleet, sync: WeightSync, collector: GroupCollector, target: int) -> None:
+    """Grow or shrink the fleet between steps. Removed workers finish their calls first (nothing is
+    lost); new workers load the current weights before they take a prompt."""
+    if target == fleet.num_workers:
+        return
+    before = fleet.num_workers
+    while fleet.num_workers > target:
+        collector.requeue(fleet.remove_worker(max(fleet.book.indices()), wait=True))
+    while fleet.num_workers < target:
+        fleet.add_worker()
+    fleet.wait_ready()
+    sync.connect()
+    sync.push(sync.version)
+    print(f"fleetrl: rollout fleet {before} -> {fleet.num_workers} worker(s), weights at version {sync.version}",
+          flush=True)
 
 
 @dataclass
@@ -225,10 +277,11 @@ class Services:
     fleet: RolloutFleet
     reward_actors: list
     learner: LearnerGroup
+    control: Any = None  # the run's named RunControl actor (fleetrl scale talks to it)
 
     def shutdown(self) -> None:
         for stop in (self.fleet.shutdown, self.learner.shutdown,
-                     lambda: [ray.kill(a) for a in self.reward_actors]):
+                     lambda: [ray.kill(a) for a in self.reward_actors + [self.control] if a is not None]):
             try:
                 stop()
             except Exception as e:  # keep freeing the others; the run's own error matters more
@@ -253,7 +306,7 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
         fleet.shutdown()
         learner.shutdown()
         raise
-    services = Services(fleet, reward_actors, learner)
+    services = Services(fleet, reward_actors, learner, start_control_actor(prefix, cfg.rollout.num_workers))
     try:
         fleet.wait_ready()
     except BaseException:
@@ -282,6 +335,8 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     fleet, learner = services.fleet, services.learner
     sync = WeightSync(learner, fleet, backend)
     collector = GroupCollector(cfg, fleet, services.reward_actors, stream, tokenizer)
+    control = services.control
+    collector.restore_fleet = lambda: resize_fleet(fleet, sync, collector, max(1, cfg.rollout.num_workers))
 
     start_step = 0
     if cfg.run.resume and (ckpt := run_dir.latest_checkpoint()) is not None:
@@ -293,12 +348,22 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     print(f"fleetrl: services ready in {time.perf_counter() - t0:.1f}s", flush=True)
 
     metrics = MetricsWriter(run_dir.metrics_path, append=start_step > 0)
+    ray_metrics = RayMetricsExporter(run_dir.path.name)  # the same numbers, on the Ray dashboard
     progress = Progress(total=cfg.run.steps, start=start_step)
     use_ref = cfg.learner.reference and cfg.learner.loss.kl_coef > 0
     temperature = cfg.rollout.sampling.temperature
     optimizer_steps = start_step * cfg.optimizer_steps_per_step
+    steps_done = start_step
 
+    samples_log = open(run_dir.path / "samples.jsonl", "a") if cfg.run.log_samples else None
     for step in range(start_step, cfg.run.steps):
+        # Between steps: apply `fleetrl scale` requests, replace workers that died, honour a stop.
+        target, stop = ray.get(control.poll.remote())
+        if stop and step > start_step:
+            print(f"fleetrl: stop requested; ending after step {step}", flush=True)
+            break
+        resize_fleet(fleet, sync, collector, target)
+        control.report.remote(step=step, rollout_workers=fleet.num_workers, weight_version=sync.version)
         step_start = time.perf_counter()
         groups, rstats = collector.collect(cfg.rl.prompts_per_step)
         samples = [s for g in groups for s in g.samples]
@@ -345,6 +410,8 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
             **kl_metrics,
             "tokens_per_s": rstats.generated_tokens / max(rstats.generate_s, 1e-9),
             "weight_version": sync.version,
+            "rollout/workers": fleet.num_workers,
+            "rollout/workers_lost": collector.workers_lost,
             "staleness/max": sync.version - 1 - min(versions),
             "prompts/skipped_too_long": rstats.prompts_skipped_too_long,
             "groups/skipped_constant": rstats.groups_skipped_constant,
@@ -357,21 +424,38 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
             "time/step": step_s,
         }
         metrics.write(row)
+        ray_metrics.export(row)
+        if samples_log is not None:
+            for smp in samples:
+                samples_log.write(json.dumps({
+                    "step": step + 1, "prompt_index": smp.prompt_index, "worker": smp.worker_index,
+                    "weight_version": smp.weight_version, "reward": smp.reward, "prompt": smp.prompt_text,
+                    "completion": smp.completion_text, "finish_reason": smp.finish_reason}) + "\n")
+            samples_log.flush()
         for example in rstats.reward_error_examples:
             log.warning("reward error (scored 0): %s", example)
         progress.update(step + 1, row)
 
-        last = step + 1 == cfg.run.steps
-        if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or last:
-            ckpt = run_dir.checkpoint_dir(step + 1)
-            learner.save_checkpoint(str(ckpt), {"step": step + 1, "weight_version": sync.version,
-                                                "collector": collector.state_dict()})
-            (ckpt / "COMPLETE").write_text(f"step {step + 1}\n")  # resume trusts only finished checkpoints
+        steps_done = step + 1
+        if cfg.run.save_every and steps_done % cfg.run.save_every == 0:
+            save_checkpoint(learner, run_dir, steps_done, sync.version, collector)
+    if run_dir.latest_checkpoint() != run_dir.checkpoint_dir(steps_done):
+        save_checkpoint(learner, run_dir, steps_done, sync.version, collector)
     final = run_dir.path / "final_model"
     learner.save_hf(str(final))
     metrics.close()
+    if samples_log is not None:
+        samples_log.close()
     print(f"fleetrl: final model (Hugging Face format) in {final}", flush=True)
     return run_dir.path
+
+
+def save_checkpoint(learner: LearnerGroup, run_dir: RunDir, step: int, version: int,
+                    collector: GroupCollector) -> None:
+    ckpt = run_dir.checkpoint_dir(step)
+    learner.save_checkpoint(str(ckpt), {"step": step, "weight_version": version,
+                                        "collector": collector.state_dict()})
+    (ckpt / "COMPLETE").write_text(f"step {step}\n")  # resume trusts only finished checkpoints
 
 
 def _mean_stats(stats: list[dict]) -> dict[str, float]:
