@@ -61,6 +61,9 @@ class RunSection(StrictModel):
     resume: bool = False  # continue the run in output_dir/name from its last checkpoint
     # Write every sample (prompt, completion, reward, worker, weight version) to samples.jsonl.
     log_samples: bool = False
+    tensorboard: bool = True  # event files in <run dir>/tensorboard
+    # Weights & Biases: keyword arguments of wandb.init (project, entity, ...); needs fleetrl[wandb].
+    wandb: dict | None = None
 
 
 class RLConfig(StrictModel):

@@ -10,17 +10,46 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, path: Path, append: bool = False):
+    """Each step's metrics to metrics.jsonl, and optionally TensorBoard and Weights & Biases."""
+
+    def __init__(self, path: Path, append: bool = False, tensorboard_dir: Path | None = None,
+                 wandb: dict | None = None):
         self._f = open(path, "a" if append else "w", buffering=1)
+        self._tb = None
+        if tensorboard_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(tensorboard_dir))
+        self._wandb = None
+        if wandb is not None:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                raise RuntimeError(
+                    "run.wandb is set but the wandb package is not installed: pip install 'fleetrl[wandb]' "
+                    "(or remove run.wandb)"
+                ) from None
+            self._wandb = wandb_lib.init(**wandb)
 
     def write(self, row: dict) -> None:
         if "step" not in row:
             raise ValueError("every metrics row needs a 'step'")
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._f.write(json.dumps(clean) + "\n")
+        numbers = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for k, v in numbers.items():
+                if k != "step":
+                    self._tb.add_scalar(k, v, row["step"])
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=row["step"])
 
     def close(self) -> None:
         self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 class Progress:

@@ -21,7 +21,7 @@ from orchestrator.batch import Group, Sample, completion_stats, pad_samples
 from orchestrator.config import RunConfig
 from orchestrator.control import start_control_actor
 from orchestrator.data import PromptStream, load_rows, render_prompt
-from orchestrator.metrics import MetricsWriter, Progress
+from orchestrator.metrics import Progress
 from orchestrator.ray_metrics import RayMetricsExporter
 from orchestrator.runtime import RunDir, connect_ray, pick_backend, resolve_model, load_tokenizer
 from reward.actor import make_reward_actors
@@ -347,7 +347,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         print(f"fleetrl: resumed from {ckpt} at step {start_step}", flush=True)
     print(f"fleetrl: services ready in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    metrics = MetricsWriter(run_dir.metrics_path, append=start_step > 0)
+    metrics = run_dir.metrics_writer(cfg, append=start_step > 0)
     ray_metrics = RayMetricsExporter(run_dir.path.name)  # the same numbers, on the Ray dashboard
     progress = Progress(total=cfg.run.steps, start=start_step)
     use_ref = cfg.learner.reference and cfg.learner.loss.kl_coef > 0

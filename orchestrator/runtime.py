@@ -31,6 +31,15 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    def metrics_writer(self, cfg: RunConfig, append: bool):
+        from orchestrator.metrics import MetricsWriter
+
+        wandb = None if cfg.run.wandb is None else {"name": self.path.name, **cfg.run.wandb,
+                                                     "config": cfg.model_dump(mode="json")}
+        return MetricsWriter(self.metrics_path, append=append,
+                             tensorboard_dir=self.path / "tensorboard" if cfg.run.tensorboard else None,
+                             wandb=wandb)
+
     def checkpoint_dir(self, step: int) -> Path:
         return self.path / "checkpoints" / f"step-{step:06d}"
 

@@ -44,7 +44,8 @@ def make_reward_actors(
         for i in range(cfg.num_workers):
             name = reward_actor_name(i, name_prefix)
             try:
-                options = RewardActor.options(name=name, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+                options = RewardActor.options(name=name, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                              resources=dict(cfg.resources) or None)
                 actors.append(options.remote(cfg, base))
             except ValueError as e:
                 raise ValueError(

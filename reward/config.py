@@ -134,6 +134,9 @@ class RewardConfig(StrictModel):
     num_workers: int = Field(default=1, ge=1, description="Number of reward actors (reward-0, reward-1, ...).")
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved by each reward actor.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved by each reward actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per reward actor (pins it to marked nodes)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:

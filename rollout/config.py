@@ -36,6 +36,9 @@ class RolloutConfig(StrictModel):
     num_workers: int = Field(1, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     num_cpus_per_worker: float = Field(1, ge=0)
+    # Custom Ray resources per worker, e.g. {fleetrl_rollout: 1} to pin workers to rollout nodes
+    # (deploy/ marks those nodes with it; see docs/cluster.md).
+    resources: dict[str, float] = Field(default_factory=dict)
     # None: tensor_parallel_size GPUs on CUDA (0 when vLLM's own "ray" executor places
     # the GPU workers), 0 on CPU.
     num_gpus_per_worker: float | None = Field(None, ge=0)

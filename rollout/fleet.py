@@ -245,6 +245,7 @@ class RolloutFleet:
                 name=f"{self.name_prefix}rollout-{index}",
                 num_cpus=self.cfg.num_cpus_per_worker,
                 num_gpus=gpus_per_worker(self.cfg, self.device),
+                resources=dict(self.cfg.resources) or None,
                 max_restarts=0,
                 runtime_env={"env_vars": worker_env(self.cfg, self.device)},
             )
