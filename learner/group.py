@@ -54,11 +54,15 @@ class LearnerGroup:
         mini_batch_size: int | None = None,
         name_prefix: str = "",
         ready_timeout_s: float = 900.0,
+        learner_cls: type | None = None,
+        learner_kwargs: dict[str, Any] | None = None,
     ):
         """Start `cfg.num_ranks` actors named `{name_prefix}learner-rank-{i}` and wait until all are built.
 
         `mini_batch_size` (global sequences per optimizer step) and `total_steps` (optimizer
-        steps of the run) are fixed here; see PolicyLearner.
+        steps of the run) are fixed here; see PolicyLearner. `learner_cls` (default
+        PolicyLearner, or a subclass of it) is what each rank runs; `learner_kwargs` go to its
+        constructor after PolicyLearner's own arguments.
         """
         import ray
         from ray.util.placement_group import placement_group
@@ -94,7 +98,7 @@ class LearnerGroup:
         self._node_address = ray.remote(num_cpus=0)(_node_address)
         master_addr, master_port = self._address_of_rank0()
 
-        remote_cls = ray.remote(PolicyLearner)
+        remote_cls = ray.remote(learner_cls or PolicyLearner)
         env = learner_env(cfg, gpus)
         self.actors = [
             remote_cls.options(
@@ -104,7 +108,7 @@ class LearnerGroup:
                 scheduling_strategy=self._in_bundle(i),
                 runtime_env={"env_vars": env},
             ).remote(cfg, str(model_path), i, self.num_ranks, master_addr, master_port,
-                     total_steps, self.mini_batch_size)
+                     total_steps, self.mini_batch_size, **(learner_kwargs or {}))
             for i in range(self.num_ranks)
         ]
         try:

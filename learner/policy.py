@@ -80,7 +80,6 @@ class PolicyLearner:
         """
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-        from transformers import AutoModelForCausalLM
 
         self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
         cfg = self.cfg
@@ -121,7 +120,7 @@ class PolicyLearner:
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
 
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
+        model = self._load_model(self.model_path)
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -154,7 +153,7 @@ class PolicyLearner:
         self.ref_engine = None
         self.ref_module = None
         if cfg.reference:
-            ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
+            ref = self._load_model(self.model_path)
             ref.config.use_cache = False
             ref.requires_grad_(False)
             ref.eval()
@@ -172,6 +171,21 @@ class PolicyLearner:
         self._side_device = torch.device("cpu")
 
     # ------------------------------------------------------------------ helpers
+
+    def _load_model(self, path: str) -> torch.nn.Module:
+        """The trained model (and its reference copy) from `path`: a causal LM. Subclasses may
+        load another head; called by __init__ after dtype/device are known."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+
+    def release_reference(self) -> None:
+        """Drop the frozen reference (e.g. once its log-probs are precomputed) to free its memory."""
+        import gc
+
+        self.ref_engine = None
+        self.ref_module = None
+        gc.collect()
 
     def info(self) -> dict[str, Any]:
         """Where and how this rank runs (for logs; also the group's readiness probe)."""
@@ -224,11 +238,14 @@ class PolicyLearner:
         attn: torch.Tensor,
         temperature: float,
         entropy: str = "no",
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Aligned log-probs [b, T] (and entropy if asked: "no" | "detached" | "grad") of one micro-batch.
 
         Columns that are padding in every row are cut before the forward and restored as 0 after.
         A token's value is 0 unless it and the token before it are real (it has context).
+        `position_ids` (packed rows: positions restart at 0 for each packed sequence) are passed
+        with no 2-D attention mask, so transformers builds a block-diagonal causal mask from them.
         """
         b, T = ids.shape
         cols = attn.bool().any(0).nonzero().flatten()
@@ -238,8 +255,12 @@ class PolicyLearner:
         lo, hi = int(cols[0]), int(cols[-1]) + 1
         ids_t = ids[:, lo:hi].to(self.device)
         attn_t = attn[:, lo:hi].to(self.device).long()
-        positions = (attn_t.cumsum(-1) - 1).clamp(min=0)
-        logits = fn(input_ids=ids_t, attention_mask=attn_t, position_ids=positions, use_cache=False).logits
+        if position_ids is None:
+            positions = (attn_t.cumsum(-1) - 1).clamp(min=0)
+            logits = fn(input_ids=ids_t, attention_mask=attn_t, position_ids=positions, use_cache=False).logits
+        else:
+            positions = position_ids[:, lo:hi].to(self.device).long()
+            logits = fn(input_ids=ids_t, attention_mask=None, position_ids=positions, use_cache=False).logits
         has_ctx = attn_t.bool() & F.pad(attn_t.bool(), (1, 0))[:, :-1]
         zero = torch.zeros((), device=logits.device)
         logp = torch.where(has_ctx, token_logprobs(logits, ids_t, temperature), zero)
@@ -367,11 +388,8 @@ class PolicyLearner:
                 loss = loss - lc.entropy_coef * ent_agg
             units = _agg_units(m, lc.agg)
             weight = float(units) / units_total * scale if units_total > 0 else 0.0
-            self.engine.backward(loss * weight)
-            if self._own_grad_norm and i + mb >= self.mini_per_rank:
-                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                own_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            self.engine.step()  # a no-op until the last micro-batch of the mini-batch
+            norm = self._backward_step(loss * weight, last=i + mb >= self.mini_per_rank)
+            own_norm = norm if norm is not None else own_norm
 
             tok = m.sum().double().cpu()
             u = units.double().cpu()
@@ -384,18 +402,35 @@ class PolicyLearner:
 
         sums = self._all_reduce(sums)
         ratio_max = self._all_reduce(ratio_max, op="max")
-        grad_norm = own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        grad_norm = self._grad_norm(own_norm)
         u_div, t_div = max(units_total, 1e-12), max(tokens_total, 1e-12)
         out = {
             "loss": float(sums[0]) / u_div,
             "policy_loss": float(sums[1]) / u_div,
             **{key: float(sums[2 + j]) / t_div for j, key in enumerate(_TOKEN_STATS)},
             "ratio_max": float(ratio_max[0]),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": grad_norm,
             "lr": lr,
             "num_tokens": tokens_total,
         }
         return out
+
+    def _backward_step(self, loss: torch.Tensor, last: bool) -> float | None:
+        """Backward of one micro-batch's (already weighted) loss, then DeepSpeed's step, which only
+        updates at the last micro-batch of the mini-batch. Returns our own grad norm there when
+        DeepSpeed does not record one (ZeRO-0 in fp32), else None."""
+        self.engine.backward(loss)
+        own = None
+        if self._own_grad_norm and last:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            own = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self.engine.step()  # a no-op until the last micro-batch of the mini-batch
+        return own
+
+    def _grad_norm(self, own_norm: float | None) -> float:
+        """Gradient norm of the last optimizer step (before clipping)."""
+        norm = own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
 
     # ------------------------------------------------------------------ weight sync
 

@@ -42,11 +42,11 @@ def test_config_error_is_one_clear_line_and_exit_2(capsys):
 
 
 def test_algorithm_not_built_yet_says_so(capsys, tmp_path):
-    cfg = tmp_path / "dpo.yaml"
-    cfg.write_text(f"algorithm: dpo\ndata:\n  path: {ROOT / 'examples/data/letters_train.jsonl'}\n")
+    cfg = tmp_path / "ppo.yaml"
+    cfg.write_text(f"algorithm: ppo\ndata:\n  path: {ROOT / 'examples/data/letters_train.jsonl'}\n")
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "'dpo' is not built yet" in err and "grpo" in err
+    assert "'ppo' is not built yet" in err and "grpo" in err and "dpo" in err
 
 
 def test_make_tiny_model(tmp_path, capsys):

@@ -1,0 +1,336 @@
+"""Offline trainers (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO): fixed data -> DeepSpeed learner.
+
+The driver encodes the data once, fixes the order of every optimizer step (`Schedule`), obtains
+the reference log-probs (precomputed once up front, or on the fly inside the learner), then
+runs one optimizer step per batch with held-out evaluation every `offline.eval_every` steps.
+The learner is an `OfflineLearnerGroup` (Ray actors, one per DeepSpeed rank); `OfflineRun` only
+needs its methods, so tests can also drive a single in-process `OfflineLearner`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.losses import kto_default_weights
+from learner.offline import preference_losses, reward_model_losses
+from learner.offline_config import REFERENCE_ALGORITHMS
+from orchestrator.config import RunConfig
+from orchestrator.data import DataError, PreferenceRow, load_rows, load_train_eval
+from orchestrator.metrics import MetricsWriter, Progress, _fmt_s
+from orchestrator.offline_data import (
+    EncodeStats,
+    Encoder,
+    Labeled,
+    Pair,
+    Schedule,
+    Seq,
+    collate,
+    collate_rows,
+    kto_counts,
+    pack,
+)
+from orchestrator.runtime import RunDir, connect_ray, load_tokenizer, resolve_model
+
+log = logging.getLogger("fleetrl")
+
+
+def algorithm_section(cfg: RunConfig) -> Any:
+    """The run config's section of its (offline) algorithm, e.g. cfg.dpo."""
+    return getattr(cfg, cfg.algorithm)
+
+
+class OfflineProgress(Progress):
+    """One console line per logged step: loss, accuracy, held-out figures, step time, ETA."""
+
+    FIELDS = (("train/loss", "loss"), ("train/rewards/accuracies", "acc"), ("train/scores/accuracies", "acc"),
+              ("train/kl", "kl"), ("eval/accuracy", "eval_acc"), ("eval/nll", "eval_nll"),
+              ("time/step", "step_s"))
+
+    def update(self, step: int, row: dict) -> None:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        parts = [f"step {step}/{self.total}"]
+        for key, label in self.FIELDS:
+            if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]):
+                parts.append(f"{label} {row[key]:.4g}")
+        parts.append(f"eta {_fmt_s(eta)}")
+        print("fleetrl: " + " | ".join(parts), file=self.stream, flush=True)
+
+
+class OfflineRun:
+    """Data, schedule and loop of one offline run; `run(learner)` trains and writes the run dir."""
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, tokenizer: Any):
+        self.cfg, self.run_dir, self.tokenizer = cfg, run_dir, tokenizer
+        self.algorithm = cfg.algorithm
+        self.section = algorithm_section(cfg)
+        self.pad_id = int(tokenizer.pad_token_id)
+        oc = cfg.offline
+        margin_key = cfg.rm.margin_key if self.algorithm == "rm" else None
+        act = cfg.data.apply_chat_template
+        encoder = Encoder(self.algorithm, tokenizer, oc.max_length, act, margin_key)
+        train_rows, eval_rows = load_train_eval(cfg.data)
+        if cfg.eval_data is not None:
+            eval_rows = load_rows(cfg.eval_data)
+        self.train, self.train_stats = encoder.encode(train_rows)
+        # KTO is evaluated on pairs when the held-out rows are pairs (implicit-reward accuracy).
+        eval_algo = "dpo" if self.algorithm == "kto" and eval_rows and isinstance(eval_rows[0], PreferenceRow) \
+            else self.algorithm
+        eval_encoder = Encoder(eval_algo, tokenizer, oc.max_length, act, margin_key)
+        self.eval, self.eval_stats = eval_encoder.encode(eval_rows) if eval_rows else ([], EncodeStats())
+        if not self.train:
+            raise DataError(f"{cfg.data.path}: no training example is left after encoding "
+                            f"({self._describe(self.train_stats)}); raise offline.max_length or check the data")
+        self.completion_only = cfg.sft.completion_only_loss if self.algorithm == "sft" else True
+        self.units: Sequence[Any] = self.train
+        if self.algorithm == "sft" and cfg.sft.packing:
+            self.units = pack(self.train, oc.max_length)
+        self.weights = self._kto_weights() if self.algorithm == "kto" else None
+        self.schedule = Schedule(len(self.units), oc.batch_size, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
+                                 epochs=oc.epochs, steps=cfg.run.steps)
+        self.precompute = self.algorithm in REFERENCE_ALGORITHMS and oc.reference_logps == "precompute"
+        self._ref: dict[str, torch.Tensor] = {}  # per training example
+        self._ref_kl: dict[int, torch.Tensor] = {}  # KTO: per optimizer step
+        self._eval_ref: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _describe(s: EncodeStats) -> str:
+        return (f"{s.rows} rows -> {s.examples} examples; {s.truncated} truncated, "
+                f"{s.skipped_too_long} skipped as too long, {s.skipped_empty} with an empty completion")
+
+    def _kto_weights(self) -> tuple[float, float]:
+        n_d, n_u = kto_counts(self.train)  # type: ignore[arg-type]
+        sec = self.section
+        if sec.desirable_weight is not None:
+            wd, wu, how = sec.desirable_weight, sec.undesirable_weight, "from the config"
+        else:
+            wd, wu = kto_default_weights(n_d, n_u)
+            how = "set from the data so that lambda_D*n_D / (lambda_U*n_U) is in [1, 1.5]"
+        if n_d == 0 or n_u == 0:
+            log.warning("kto: the training data has %d desirable and %d undesirable examples; "
+                        "KTO is meant for both kinds", n_d, n_u)
+        print(f"fleetrl: kto weights lambda_D={wd:.4g} lambda_U={wu:.4g} ({how}; {n_d} desirable, "
+              f"{n_u} undesirable examples)", flush=True)
+        return wd, wu
+
+    def learner_algo_config(self) -> dict:
+        out = self.section.model_dump()
+        if self.weights is not None:
+            out["desirable_weight"], out["undesirable_weight"] = self.weights
+        return out
+
+    def learner_kwargs(self) -> dict:
+        """What OfflineLearnerGroup / OfflineLearner need besides the learner config and model."""
+        return {"algorithm": self.algorithm, "algo_cfg": self.learner_algo_config(),
+                "pad_token_id": self.pad_id, "max_length": self.cfg.offline.max_length}
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        idx = self.schedule.batch(step)
+        out = collate([self.units[i] for i in idx], self.pad_id, self.completion_only)
+        if self.precompute:
+            if self.algorithm == "kto":
+                out["ref_logps"] = self._ref["logps"][idx]
+                out["ref_kl_logps"] = self._ref_kl[step]
+            else:
+                out["ref_chosen_logps"] = self._ref["chosen"][idx]
+                out["ref_rejected_logps"] = self._ref["rejected"][idx]
+        return out
+
+    # ------------------------------------------------------------------ scoring helpers
+
+    def _chunks(self, seqs: Sequence[Seq]):
+        bs = self.cfg.offline.eval_batch_size
+        for i in range(0, len(seqs), bs):
+            yield collate_rows(seqs[i : i + bs], self.pad_id, self.completion_only)
+
+    def _logps(self, learner, seqs: Sequence[Seq], which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        lp, n = [], []
+        for rows in self._chunks(seqs):
+            out = learner.sequence_logps(rows, which)
+            lp.append(out["logps"])
+            n.append(out["tokens"])
+        return torch.cat(lp), torch.cat(n)
+
+    def _scores(self, learner, seqs: Sequence[Seq]) -> torch.Tensor:
+        return torch.cat([learner.sequence_scores(rows) for rows in self._chunks(seqs)])
+
+    @staticmethod
+    def _seqs(examples: Sequence[Any]) -> list[Seq]:
+        """Every sequence of the examples: chosen ones then rejected ones for pairs."""
+        if examples and isinstance(examples[0], Pair):
+            return [p.chosen for p in examples] + [p.rejected for p in examples]
+        if examples and isinstance(examples[0], Labeled):
+            return [e.seq for e in examples]
+        return list(examples)
+
+    def prepare_reference(self, learner, start_step: int = 0) -> float:
+        """Reference log-probs of the eval data (always, once) and, with precompute, of every
+        training example and KTO KL row; then the reference is released. Returns the seconds spent."""
+        if self.algorithm not in REFERENCE_ALGORITHMS:
+            return 0.0
+        t = time.perf_counter()
+        if self.eval:
+            self._eval_ref = self._logps(learner, self._seqs(self.eval), "reference")[0]
+        if self.precompute:
+            lp, _ = self._logps(learner, self._seqs(self.train), "reference")
+            if self.algorithm == "kto":
+                self._ref = {"logps": lp}
+                for step in range(start_step, self.schedule.total_steps):
+                    rows = collate([self.units[i] for i in self.schedule.batch(step)], self.pad_id)
+                    self._ref_kl[step] = learner.kl_reference_logps(rows)
+            else:
+                n = len(self.train)
+                self._ref = {"chosen": lp[:n], "rejected": lp[n:]}
+            learner.release_reference()
+        seconds = time.perf_counter() - t
+        what = "precomputed and released" if self.precompute else "kept for on-the-fly scoring"
+        print(f"fleetrl: reference log-probs {what} in {seconds:.1f}s", flush=True)
+        return seconds
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, learner) -> dict[str, float]:
+        """Held-out metrics (eval/...) computed with the training losses' own formulas."""
+        if not self.eval:
+            return {}
+        t = time.perf_counter()
+        algo = self.algorithm
+        out: dict[str, float] = {}
+        first = self.eval[0]
+        if algo == "sft":
+            lp, n = self._logps(learner, self.eval, "policy")
+            nll = float(-lp.sum() / n.sum().clamp(min=1))
+            out = {"eval/nll": nll, "eval/loss": nll}
+        elif algo == "rm":
+            scores = self._scores(learner, self._seqs(self.eval))
+            k = len(self.eval)
+            margin = torch.tensor([p.margin or 0.0 for p in self.eval]) if first.margin is not None else None
+            losses, stats = reward_model_losses(scores[:k], scores[k:], margin)
+            out = {"eval/loss": losses.mean().item(), **_means("eval/", stats),
+                   "eval/accuracy": stats["scores/accuracies"].mean().item()}
+        elif isinstance(first, Pair):
+            lp, n = self._logps(learner, self._seqs(self.eval), "policy")
+            k = len(self.eval)
+            ref = self._eval_ref
+            ref_c, ref_r = (ref[:k], ref[k:]) if ref is not None else (None, None)
+            if algo == "kto":  # implicit rewards beta * (policy - reference) of both answers
+                _, stats = preference_losses("dpo", {"beta": self.section.beta}, lp[:k], lp[k:], n[:k], n[k:],
+                                             ref_c, ref_r)
+            else:
+                losses, stats = preference_losses(algo, self.section, lp[:k], lp[k:], n[:k], n[k:], ref_c, ref_r)
+                out["eval/loss"] = losses.mean().item()
+            out.update(_means("eval/", stats))
+            out["eval/accuracy"] = stats["rewards/accuracies"].mean().item()
+        else:  # KTO on unpaired held-out data
+            lp, _ = self._logps(learner, self._seqs(self.eval), "policy")
+            rewards = self.section.beta * (lp - self._eval_ref)
+            good = torch.tensor([e.desirable for e in self.eval])
+            out.update(_kto_unpaired_eval(rewards, good))
+        out["time/eval"] = time.perf_counter() - t
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, learner) -> Path:
+        cfg, run_dir = self.cfg, self.run_dir
+        sched = self.schedule
+        start_step = 0
+        if cfg.run.resume and (ckpt := run_dir.latest_checkpoint()) is not None:
+            start_step = int(learner.load_checkpoint(str(ckpt))["step"])
+            print(f"fleetrl: resumed from {ckpt} at step {start_step}", flush=True)
+        print(f"fleetrl: {self.algorithm}: {self._describe(self.train_stats)}; {len(self.units)} "
+              f"{'packed rows' if self.units is not self.train else 'training examples'}, "
+              f"{len(self.eval)} held-out; {sched.total_steps} optimizer steps of {sched.batch_size} "
+              f"({sched.steps_per_epoch} per epoch, {sched.dropped_per_epoch} left out of each epoch's shuffle)",
+              flush=True)
+        ref_s = self.prepare_reference(learner, start_step)
+
+        metrics = MetricsWriter(run_dir.metrics_path, append=start_step > 0)
+        progress = OfflineProgress(total=sched.total_steps, start=start_step)
+        constant = {}
+        if self.weights is not None:
+            constant = {"kto/desirable_weight": self.weights[0], "kto/undesirable_weight": self.weights[1]}
+        if start_step == 0:
+            row = {"step": 0, **self.evaluate(learner), **constant, "time/reference": ref_s,
+                   **self.train_stats.as_metrics("data/train"), **self.eval_stats.as_metrics("data/eval"),
+                   "data/left_out_per_epoch": sched.dropped_per_epoch}
+            metrics.write(row)
+            if self.eval:
+                progress.update(0, row)
+
+        every = cfg.offline.eval_every
+        for step in range(start_step, sched.total_steps):
+            t0 = time.perf_counter()
+            batch = self.batch(step)
+            t = time.perf_counter()
+            stats = learner.train_step(batch)
+            train_s = time.perf_counter() - t
+            done = step + 1
+            last = done == sched.total_steps
+            row = {"step": done, "epoch": sched.epoch_of(step),
+                   **{f"train/{k}": v for k, v in stats.items()}, **constant,
+                   "tokens_per_s": stats["num_tokens"] / max(train_s, 1e-9), "time/train": train_s}
+            if (every and done % every == 0) or last:
+                row.update(self.evaluate(learner))
+            if not math.isfinite(stats["loss"]):
+                log.warning("step %d: the training loss is not finite (%s)", done, stats["loss"])
+            if (cfg.run.save_every and done % cfg.run.save_every == 0) or last:
+                ckpt = run_dir.checkpoint_dir(done)
+                learner.save_checkpoint(str(ckpt), {"step": done})
+                (ckpt / "COMPLETE").write_text(f"step {done}\n")  # resume trusts only finished checkpoints
+            row["time/step"] = time.perf_counter() - t0
+            metrics.write(row)
+            progress.update(done, row)
+        final = run_dir.path / "final_model"
+        learner.save_hf(str(final))
+        metrics.close()
+        print(f"fleetrl: final model (Hugging Face format) in {final}", flush=True)
+        return run_dir.path
+
+
+def _means(prefix: str, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {prefix + k: v.float().mean().item() for k, v in stats.items()}
+
+
+def _kto_unpaired_eval(rewards: torch.Tensor, desirable: torch.Tensor) -> dict[str, float]:
+    """Mean implicit reward of each class and the chance that a desirable example outscores an
+    undesirable one (pairwise accuracy over all cross pairs; 0.5 = chance)."""
+    good, bad = rewards[desirable], rewards[~desirable]
+    out = {"eval/rewards/chosen": good.mean().item() if good.numel() else float("nan"),
+           "eval/rewards/rejected": bad.mean().item() if bad.numel() else float("nan")}
+    out["eval/rewards/margins"] = out["eval/rewards/chosen"] - out["eval/rewards/rejected"]
+    if good.numel() and bad.numel():
+        out["eval/accuracy"] = (good[:, None] > bad[None, :]).float().mean().item()
+    return out
+
+
+def run_offline(cfg: RunConfig, run_dir: RunDir) -> Path:
+    from learner.offline import OfflineLearnerGroup
+
+    model_path = resolve_model(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
+    run = OfflineRun(cfg, run_dir, tokenizer)  # data errors surface before any actor starts
+    connect_ray(cfg.ray)
+    t0 = time.perf_counter()
+    print(f"fleetrl: starting {cfg.learner.num_ranks} learner rank(s) (ZeRO-{cfg.learner.zero_stage}) "
+          f"for {cfg.algorithm} on {model_path}", flush=True)
+    kw = run.learner_kwargs()
+    learner = OfflineLearnerGroup(cfg.learner, model_path, kw["algorithm"], kw["algo_cfg"],
+                                  batch_size=cfg.offline.batch_size, total_steps=run.schedule.total_steps,
+                                  pad_token_id=kw["pad_token_id"], max_length=kw["max_length"],
+                                  name_prefix=run_dir.actor_prefix)
+    try:
+        print(f"fleetrl: learner ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        return run.run(learner)
+    finally:
+        learner.shutdown()
