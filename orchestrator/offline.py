@@ -23,10 +23,10 @@ from learner.offline import preference_losses, reward_model_losses
 from learner.offline_config import REFERENCE_ALGORITHMS
 from orchestrator.config import RunConfig
 from orchestrator.data import DataError, PreferenceRow, load_rows, load_train_eval
-from orchestrator.metrics import MetricsWriter, Progress, _fmt_s
+from orchestrator.metrics import Progress, _fmt_s
 from orchestrator.offline_data import (
-    EncodeStats,
     Encoder,
+    EncodeStats,
     Labeled,
     Pair,
     Schedule,
@@ -247,6 +247,7 @@ class OfflineRun:
         start_step = 0
         if cfg.run.resume and (ckpt := run_dir.latest_checkpoint()) is not None:
             start_step = int(learner.load_checkpoint(str(ckpt))["step"])
+            run_dir.truncate_logs(start_step)  # rows of steps after the checkpoint are redone
             print(f"fleetrl: resumed from {ckpt} at step {start_step}", flush=True)
         print(f"fleetrl: {self.algorithm}: {self._describe(self.train_stats)}; {len(self.units)} "
               f"{'packed rows' if self.units is not self.train else 'training examples'}, "
@@ -255,7 +256,7 @@ class OfflineRun:
               flush=True)
         ref_s = self.prepare_reference(learner, start_step)
 
-        metrics = MetricsWriter(run_dir.metrics_path, append=start_step > 0)
+        metrics = run_dir.metrics_writer(cfg, append=start_step > 0)
         progress = OfflineProgress(total=sched.total_steps, start=start_step)
         constant = {}
         if self.weights is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,7 +62,6 @@ class EncodeStats:
     truncated: int = 0  # completions cut to fit max_length (rm: sequences cut on the left)
     skipped_too_long: int = 0  # the prompt alone leaves no room for a completion token
     skipped_empty: int = 0  # the completion has no token
-    examples_of: dict[str, int] = field(default_factory=dict)
 
     def as_metrics(self, prefix: str) -> dict[str, int]:
         return {f"{prefix}/rows": self.rows, f"{prefix}/examples": self.examples,
@@ -123,8 +122,13 @@ class Encoder:
 
     def _encode_row(self, row: Row, stats: EncodeStats) -> list[Example]:
         algo = self.algorithm
-        prompt = lambda: render_prompt(row, self.tokenizer, self.act)  # noqa: E731
-        completion = lambda which: render_completion(row, self.tokenizer, which, self.act)  # noqa: E731
+
+        def prompt() -> str:
+            return render_prompt(row, self.tokenizer, self.act)
+
+        def completion(which: str) -> str:
+            return render_completion(row, self.tokenizer, which, self.act)
+
         if algo == "sft":
             if not isinstance(row, SFTRow):
                 raise _wrong_kind(row, algo, "sft rows (prompt + completion, or messages)")

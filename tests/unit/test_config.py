@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.config import ConfigError, config_from_dict, dump_config, load_config, parse_override
 
@@ -107,3 +108,62 @@ def test_dump_round_trips(tmp_path):
     cfg = load_config(EXAMPLE, ["run.steps=3"])
     again = load_config(write(tmp_path, dump_config(cfg)))
     assert again == cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline algorithms (sft, rm, dpo, ipo, kto, orpo)
+
+OFFLINE_EXAMPLES = ("sft", "rm", "dpo", "ipo", "kto", "orpo")
+
+
+@pytest.mark.parametrize("algo", OFFLINE_EXAMPLES)
+def test_offline_examples_load_with_their_data(algo):
+    cfg = load_config(EXAMPLE.parent / f"{algo}_tiny.yaml")
+    assert cfg.algorithm == algo
+    assert Path(cfg.data.path).is_file()
+    held_out = cfg.eval_data.path if cfg.eval_data is not None else cfg.data.eval_path
+    assert Path(held_out).is_file()
+    assert cfg.run.steps is None  # offline.epochs decides
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_run_steps_defaults_to_100_for_online_only(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL)).run.steps == 100
+    assert config_from_dict({"algorithm": "dpo", "data": {"path": "x.jsonl"}}).run.steps is None
+    assert config_from_dict({"algorithm": "dpo", "data": {"path": "x.jsonl"}, "run": {"steps": 7}}).run.steps == 7
+
+
+def test_offline_sections_reject_unknown_keys_and_bad_values(tmp_path):
+    base = "algorithm: dpo\ndata:\n  path: x.jsonl\n"
+    with pytest.raises(ConfigError, match=r"unknown key 'dpo.bta'.*beta, label_smoothing"):
+        load_config(write(tmp_path, base + "dpo:\n  bta: 0.1\n"))
+    with pytest.raises(ConfigError, match="dpo.label_smoothing"):
+        load_config(write(tmp_path, base), ["dpo.label_smoothing=0.5"])
+    with pytest.raises(ConfigError, match="offline.reference_logps"):
+        load_config(write(tmp_path, base), ["offline.reference_logps=sometimes"])
+    with pytest.raises(ConfigError, match="set both kto.desirable_weight and kto.undesirable_weight"):
+        load_config(write(tmp_path, base.replace("dpo", "kto")), ["kto.desirable_weight=2"])
+
+
+def test_offline_batch_rules_explain_themselves():
+    base = {"algorithm": "dpo", "data": {"path": "x.jsonl"}}
+    with pytest.raises(ConfigError, match=r"offline.batch_size=6 must be a multiple of .* 2 \* 2 = 4"):
+        config_from_dict({**base, "offline": {"batch_size": 6}, "learner": {"num_ranks": 2, "micro_batch_size": 2}})
+    # KTO: a micro-batch of 1 would pair an example with its own completion.
+    with pytest.raises(ConfigError, match=r"kto needs learner.micro_batch_size >= 2 \(got 1\)"):
+        config_from_dict({**base, "algorithm": "kto", "offline": {"batch_size": 4},
+                          "learner": {"micro_batch_size": 1}})
+    assert config_from_dict({**base, "algorithm": "dpo", "offline": {"batch_size": 4},
+                             "learner": {"micro_batch_size": 1}}).learner.micro_batch_size == 1
+    with pytest.raises(ConfigError, match="offline.eval_every=5 needs held-out data"):
+        config_from_dict({**base, "offline": {"eval_every": 5}})
+    ok = config_from_dict({**base, "data": {"path": "x.jsonl", "eval_fraction": 0.1}, "offline": {"eval_every": 5}})
+    assert ok.offline.eval_every == 5
+
+
+def test_rm_defaults_to_the_tiny_reward_model_unless_a_model_is_named():
+    base = {"algorithm": "rm", "data": {"path": "x.jsonl"}}
+    assert config_from_dict(base).model.path == "tiny-reward"
+    assert config_from_dict({**base, "model": {"path": "runs/sft/final_model"}}).model.path == "runs/sft/final_model"
+    assert config_from_dict({**base, "algorithm": "dpo"}).model.path == "tiny"
