@@ -343,6 +343,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         state = learner.load_checkpoint(str(ckpt))
         collector.load_state_dict(state["collector"])
         start_step = state["step"]
+        run_dir.truncate_logs(start_step)
         sync.push(state["weight_version"])
         print(f"fleetrl: resumed from {ckpt} at step {start_step}", flush=True)
     print(f"fleetrl: services ready in {time.perf_counter() - t0:.1f}s", flush=True)

@@ -31,6 +31,15 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    def truncate_logs(self, step: int) -> None:
+        """On resume: drop log rows of steps after the checkpoint, which the run will redo."""
+        import json
+
+        for path in (self.metrics_path, self.path / "samples.jsonl"):
+            if path.exists():
+                keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in keep))
+
     def metrics_writer(self, cfg: RunConfig, append: bool):
         from orchestrator.metrics import MetricsWriter
 
