@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 from pathlib import Path
 
 from orchestrator.config import (
@@ -21,10 +24,46 @@ def train(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
         )
     from orchestrator.runtime import RunDir
 
-    if cfg.algorithm in OFFLINE_ALGORITHMS:
-        from orchestrator.offline import run_offline
+    run_dir = RunDir(cfg, config_path)
+    with _log_to(run_dir.path / "train.log"):
+        if cfg.algorithm in OFFLINE_ALGORITHMS:
+            from orchestrator.offline import run_offline
 
-        return run_offline(cfg, RunDir(cfg, config_path))
-    from orchestrator.online import run_online
+            return run_offline(cfg, run_dir)
+        from orchestrator.online import run_online
 
-    return run_online(cfg, RunDir(cfg, config_path))
+        return run_online(cfg, run_dir)
+
+
+class _Tee:
+    """Console output that also lands in the run directory's train.log."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    with open(path, "a", buffering=1) as f:
+        handler = logging.StreamHandler(f)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("fleetrl")
+        logger.addHandler(handler)
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, f), _Tee(err, f)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+            logger.removeHandler(handler)

@@ -42,6 +42,7 @@ def test_grpo_tiny_learns_writes_a_run_and_resumes(tmp_path, ray_local):
     assert last > first + 0.05 and last > 1.5 * first, (first, last, [r["reward/mean"] for r in rows])
 
     assert (run_dir / "config.yaml").is_file()
+    assert f"step {steps}/{steps}" in (run_dir / "train.log").read_text()  # the console, kept
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "final_model" / "config.json").is_file()
     assert (run_dir / "checkpoints" / "step-000012" / "COMPLETE").is_file()
