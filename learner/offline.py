@@ -292,10 +292,12 @@ class OfflineLearner(PolicyLearner):
         out = fn(input_ids=ids_t, attention_mask=attn_t, position_ids=positions, use_cache=False)
         return out.logits[:, 0].float()
 
-    @staticmethod
-    def _both_sides(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _both_sides(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Chosen rows then rejected rows, as one batch (one forward for both)."""
-        return {k: torch.cat([mb[f"chosen_{k}"], mb[f"rejected_{k}"]]) for k in _ROW_KEYS}
+        sides = [{k: mb[f"{s}_{k}"] for k in _ROW_KEYS} for s in _SIDES]
+        width = max(side["input_ids"].shape[1] for side in sides)
+        c, r = (pad_to_width(side, width, self.pad_token_id) for side in sides)
+        return {k: torch.cat([c[k], r[k]]) for k in _ROW_KEYS}
 
     def _batch_rows(self, batch: dict[str, torch.Tensor]) -> int:
         key = "chosen_input_ids" if self.algorithm in PAIR_ALGORITHMS else "input_ids"
