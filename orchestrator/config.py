@@ -18,6 +18,7 @@ from common.strict import StrictModel
 from learner.config import LearnerConfig
 from learner.offline_config import (
     OFFLINE_ALGORITHMS,
+    REFERENCE_ALGORITHMS,
     DPOConfig,
     IPOConfig,
     KTOConfig,
@@ -135,6 +136,12 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"offline.eval_every={oc.eval_every} needs held-out data: set data.eval_fraction, "
                 "data.eval_path or eval_data (or offline.eval_every: 0)"
+            )
+        if self.algorithm in REFERENCE_ALGORITHMS and not lc.reference:
+            raise ValueError(
+                f"{self.algorithm} compares the policy with a frozen reference model, but learner.reference "
+                "is false: set learner.reference: true (offline.reference_logps: precompute frees it after "
+                "scoring the data once)"
             )
         if self.algorithm == "rm" and "path" not in self.model.model_fields_set:
             self.model.path = DEFAULT_RM_MODEL

@@ -156,6 +156,10 @@ def test_offline_batch_rules_explain_themselves():
                           "learner": {"micro_batch_size": 1}})
     assert config_from_dict({**base, "algorithm": "dpo", "offline": {"batch_size": 4},
                              "learner": {"micro_batch_size": 1}}).learner.micro_batch_size == 1
+    with pytest.raises(ConfigError, match="dpo compares the policy with a frozen reference model"):
+        config_from_dict({**base, "learner": {"reference": False, "loss": {"kl_coef": 0}}})
+    assert not config_from_dict({**base, "algorithm": "orpo",
+                                 "learner": {"reference": False, "loss": {"kl_coef": 0}}}).learner.reference
     with pytest.raises(ConfigError, match="offline.eval_every=5 needs held-out data"):
         config_from_dict({**base, "offline": {"eval_every": 5}})
     ok = config_from_dict({**base, "data": {"path": "x.jsonl", "eval_fraction": 0.1}, "offline": {"eval_every": 5}})
