@@ -31,6 +31,19 @@ def learner_env(cfg: LearnerConfig, num_gpus: float) -> dict[str, str]:
     return env
 
 
+def rank_resources(cfg: LearnerConfig) -> dict[str, float]:
+    """Ray resources of one rank; num_gpus_per_rank None = 1 GPU when the cluster has GPUs, else 0."""
+    import ray
+
+    gpus = cfg.num_gpus_per_rank
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    out = {"CPU": float(cfg.num_cpus_per_rank)}
+    if gpus:
+        out["GPU"] = float(gpus)
+    return out
+
+
 def _node_address() -> tuple[str, int]:
     """This node's IP and a port free on it (run inside the placement group's first bundle)."""
     import ray
@@ -56,13 +69,24 @@ class LearnerGroup:
         ready_timeout_s: float = 900.0,
         learner_cls: type | None = None,
         learner_kwargs: dict[str, Any] | None = None,
+        role: str = "learner",
+        reserve: dict[str, float] | None = None,
+        colocate_with: LearnerGroup | None = None,
+        wait: bool = True,
     ):
-        """Start `cfg.num_ranks` actors named `{name_prefix}learner-rank-{i}` and wait until all are built.
+        """Start `cfg.num_ranks` actors named `{name_prefix}{role}-rank-{i}` and wait until all are built.
 
         `mini_batch_size` (global sequences per optimizer step) and `total_steps` (optimizer
         steps of the run) are fixed here; see PolicyLearner. `learner_cls` (default
         PolicyLearner, or a subclass of it) is what each rank runs; `learner_kwargs` go to its
         constructor after PolicyLearner's own arguments.
+
+        Colocation: `reserve` adds these resources to every rank's bundle, room for the ranks of a
+        group built later with `colocate_with=this group`, which places its rank i in bundle i
+        (same node) instead of making a placement group of its own.
+
+        `wait=False` returns once the actors are created; `wait_ready()` then waits for their
+        models (so two groups can load side by side).
         """
         import ray
         from ray.util.placement_group import placement_group
@@ -76,24 +100,31 @@ class LearnerGroup:
         self.mini_batch_size = mini_batch_size or cfg.micro_batch_size * cfg.num_ranks
         # Fail here, in the driver, rather than in every actor.
         micro_steps_per_mini_batch(self.mini_batch_size, self.num_ranks, cfg.micro_batch_size)
-        gpus = cfg.num_gpus_per_rank
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        bundle = rank_resources(cfg)
+        gpus = bundle.get("GPU", 0)
         self.num_gpus_per_rank = gpus
-        bundle = {"CPU": float(cfg.num_cpus_per_rank)}
-        if gpus:
-            bundle["GPU"] = float(gpus)
+        for key, amount in (reserve or {}).items():
+            bundle[key] = bundle.get(key, 0.0) + float(amount)
         self.name_prefix = name_prefix
-        self._pg = placement_group([dict(bundle) for _ in range(self.num_ranks)], strategy="PACK",
-                                   name=f"{name_prefix}learner")
-        ready, _ = ray.wait([self._pg.ready()], timeout=ready_timeout_s)
-        if not ready:
-            ray.util.remove_placement_group(self._pg)
-            raise TimeoutError(
-                f"the learner's placement group ({self.num_ranks} x {bundle}) was not placed within "
-                f"{ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}: lower learner.num_ranks, "
-                "learner.num_cpus_per_rank or learner.num_gpus_per_rank, or add nodes"
-            )
+        self.role = role
+        if colocate_with is not None:
+            if colocate_with.num_ranks != self.num_ranks:
+                raise ValueError(
+                    f"{role} has {self.num_ranks} ranks but colocates with {colocate_with.role}'s "
+                    f"{colocate_with.num_ranks}: rank i shares bundle i, so the counts must match"
+                )
+            self._pg, self._owns_pg = colocate_with._pg, False
+        else:
+            self._pg, self._owns_pg = placement_group([dict(bundle) for _ in range(self.num_ranks)],
+                                                      strategy="PACK", name=f"{name_prefix}{role}"), True
+            ready, _ = ray.wait([self._pg.ready()], timeout=ready_timeout_s)
+            if not ready:
+                ray.util.remove_placement_group(self._pg)
+                raise TimeoutError(
+                    f"the {role}'s placement group ({self.num_ranks} x {bundle}) was not placed within "
+                    f"{ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}: lower {role}.num_ranks, "
+                    f"{role}.num_cpus_per_rank or {role}.num_gpus_per_rank, or add nodes"
+                )
         self._in_bundle = lambda i: PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
         self._node_address = ray.remote(num_cpus=0)(_node_address)
         master_addr, master_port = self._address_of_rank0()
@@ -102,7 +133,7 @@ class LearnerGroup:
         env = learner_env(cfg, gpus)
         self.actors = [
             remote_cls.options(
-                name=f"{name_prefix}learner-rank-{i}",
+                name=f"{name_prefix}{role}-rank-{i}",
                 num_cpus=cfg.num_cpus_per_rank,
                 num_gpus=gpus,
                 scheduling_strategy=self._in_bundle(i),
@@ -111,11 +142,21 @@ class LearnerGroup:
                      total_steps, self.mini_batch_size, **(learner_kwargs or {}))
             for i in range(self.num_ranks)
         ]
-        try:
-            self.rank_info = self._gather([a.info.remote() for a in self.actors], timeout_s=ready_timeout_s)
-        except BaseException:
-            self.shutdown()
-            raise
+        self._ready_timeout_s = ready_timeout_s
+        self._info_refs = [a.info.remote() for a in self.actors]
+        self.rank_info: list[dict[str, Any]] = []
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """Every rank's `info()` once its model and engine are built; a rank that fails shuts the group down."""
+        if not self.rank_info:
+            try:
+                self.rank_info = self._gather(self._info_refs, timeout_s=self._ready_timeout_s)
+            except BaseException:
+                self.shutdown()
+                raise
+        return self.rank_info
 
     # ------------------------------------------------------------------ fan-out helpers
 
@@ -166,14 +207,37 @@ class LearnerGroup:
         Rank i trains on rows [i*B/R, (i+1)*B/R); global mini-batch j is the j-th per-rank
         slice of every shard.
         """
+        return self.finish(self.start_train(batch, mini_batch_size, epochs, temperature))
+
+    def start_train(
+        self,
+        batch: dict[str, torch.Tensor],
+        mini_batch_size: int | None = None,
+        epochs: int = 1,
+        temperature: float = 1.0,
+    ) -> list:
+        """`train` without waiting: ObjectRefs to pass to `finish` (another group may train meanwhile)."""
         mini = mini_batch_size or self.mini_batch_size
         if mini != self.mini_batch_size:
             raise ValueError(f"train(mini_batch_size={mini}) but the group was built with "
                              f"mini_batch_size={self.mini_batch_size}")
-        self._check_rows(batch, mini, f"learner.train(mini_batch_size={mini})")
+        self._check_rows(batch, mini, f"{self.role}.train(mini_batch_size={mini})")
         shards = _split_rows(batch, self.num_ranks)
-        refs = [a.train.remote(s, mini, epochs, temperature) for a, s in zip(self.actors, shards)]
+        return [a.train.remote(s, mini, epochs, temperature) for a, s in zip(self.actors, shards)]
+
+    def finish(self, refs: list) -> Any:
+        """Rank 0's answer of a call started on every rank (they all answer the same)."""
         return self._gather(refs)[0]
+
+    def _padded_shards(self, batch: dict[str, torch.Tensor], keys: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
+        """One shard per rank of `keys`, rows padded (last row repeated) to a multiple of the rank
+        count: ZeRO-3 ranks gather parameters together, so they must run the same forwards."""
+        n = batch["input_ids"].shape[0]
+        pad = (-n) % self.num_ranks
+        rows = {k: batch[k] for k in keys}
+        if pad:
+            rows = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in rows.items()}
+        return _split_rows(rows, self.num_ranks)
 
     def compute_logprobs(
         self, batch: dict[str, torch.Tensor], which: str = "policy", temperature: float = 1.0
@@ -182,12 +246,7 @@ class LearnerGroup:
         n = batch["input_ids"].shape[0]
         if n == 0:
             return torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
-        pad = (-n) % self.num_ranks
-        keys = ("input_ids", "attention_mask")
-        rows = {k: batch[k] for k in keys}
-        if pad:
-            rows = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in rows.items()}
-        shards = _split_rows(rows, self.num_ranks)
+        shards = self._padded_shards(batch, ("input_ids", "attention_mask"))
         refs = [a.compute_logprobs.remote(s, which, temperature) for a, s in zip(self.actors, shards)]
         return torch.cat(self._gather(refs))[:n]
 
@@ -223,6 +282,6 @@ class LearnerGroup:
         for a in getattr(self, "actors", []):
             ray.kill(a)
         self.actors = []
-        if getattr(self, "_pg", None) is not None:
+        if getattr(self, "_pg", None) is not None and getattr(self, "_owns_pg", True):
             ray.util.remove_placement_group(self._pg)
-            self._pg = None
+        self._pg = None

@@ -231,6 +231,30 @@ class PolicyLearner:
         if self.world_size > 1:
             dist.barrier()
 
+    def _model_inputs(
+        self, ids: torch.Tensor, attn: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> tuple[int, int, dict[str, Any], torch.Tensor] | None:
+        """(lo, hi, model kwargs, attention mask) of a micro-batch with the columns that are padding in
+        every row cut ([lo, hi) kept, on the device); None when every column is padding.
+
+        Position ids count real tokens (as vLLM numbers them). Given `position_ids` (packed rows:
+        positions restart at 0 for each packed sequence) are passed with no 2-D attention mask, so
+        transformers builds a block-diagonal causal mask from them.
+        """
+        cols = attn.bool().any(0).nonzero().flatten()
+        if cols.numel() == 0:
+            return None
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        ids_t = ids[:, lo:hi].to(self.device)
+        attn_t = attn[:, lo:hi].to(self.device).long()
+        if position_ids is None:
+            kwargs = {"input_ids": ids_t, "attention_mask": attn_t,
+                      "position_ids": (attn_t.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
+        else:
+            kwargs = {"input_ids": ids_t, "attention_mask": None,
+                      "position_ids": position_ids[:, lo:hi].to(self.device).long(), "use_cache": False}
+        return lo, hi, kwargs, attn_t
+
     def _forward(
         self,
         fn: Callable[..., Any],
@@ -244,23 +268,16 @@ class PolicyLearner:
 
         Columns that are padding in every row are cut before the forward and restored as 0 after.
         A token's value is 0 unless it and the token before it are real (it has context).
-        `position_ids` (packed rows: positions restart at 0 for each packed sequence) are passed
-        with no 2-D attention mask, so transformers builds a block-diagonal causal mask from them.
+        See `_model_inputs` for `position_ids`.
         """
         b, T = ids.shape
-        cols = attn.bool().any(0).nonzero().flatten()
-        if cols.numel() == 0:
+        inputs = self._model_inputs(ids, attn, position_ids)
+        if inputs is None:
             return torch.zeros(b, T, device=self.device), (torch.zeros(b, T, device=self.device)
                                                           if entropy != "no" else None)
-        lo, hi = int(cols[0]), int(cols[-1]) + 1
-        ids_t = ids[:, lo:hi].to(self.device)
-        attn_t = attn[:, lo:hi].to(self.device).long()
-        if position_ids is None:
-            positions = (attn_t.cumsum(-1) - 1).clamp(min=0)
-            logits = fn(input_ids=ids_t, attention_mask=attn_t, position_ids=positions, use_cache=False).logits
-        else:
-            positions = position_ids[:, lo:hi].to(self.device).long()
-            logits = fn(input_ids=ids_t, attention_mask=None, position_ids=positions, use_cache=False).logits
+        lo, hi, kwargs, attn_t = inputs
+        ids_t = kwargs["input_ids"]
+        logits = fn(**kwargs).logits
         has_ctx = attn_t.bool() & F.pad(attn_t.bool(), (1, 0))[:, :-1]
         zero = torch.zeros((), device=logits.device)
         logp = torch.where(has_ctx, token_logprobs(logits, ids_t, temperature), zero)
@@ -323,19 +340,24 @@ class PolicyLearner:
         `mini_batch_size` is global (all ranks); it must equal the one the learner was built with.
         Returns one stats dict per optimizer step, identical on every rank.
         """
-        if mini_batch_size != self.mini_batch_size:
-            raise ValueError(
-                f"train(mini_batch_size={mini_batch_size}) but this learner was built for "
-                f"mini_batch_size={self.mini_batch_size} (it fixes DeepSpeed's gradient accumulation): "
-                "build the learner with the mini-batch size you train with"
-            )
-        self._check_batch(batch, TRAIN_KEYS)
+        self._check_train_batch(batch, mini_batch_size, TRAIN_KEYS)
         lc = self.cfg.loss
         if lc.kl_in == "loss" and lc.kl_coef > 0 and "ref_logprobs" not in batch:
             raise KeyError(
                 f"learner.loss.kl_coef={lc.kl_coef} with kl_in='loss' needs batch['ref_logprobs']: "
                 "compute them with compute_logprobs(batch, 'reference'), or set kl_coef: 0"
             )
+        return self._mini_batch_steps(batch, epochs, lambda mini: self._optimizer_step(mini, temperature))
+
+    def _check_train_batch(self, batch: dict[str, torch.Tensor], mini_batch_size: int,
+                           keys: tuple[str, ...]) -> None:
+        if mini_batch_size != self.mini_batch_size:
+            raise ValueError(
+                f"train(mini_batch_size={mini_batch_size}) but this learner was built for "
+                f"mini_batch_size={self.mini_batch_size} (it fixes DeepSpeed's gradient accumulation): "
+                "build the learner with the mini-batch size you train with"
+            )
+        self._check_batch(batch, keys)
         n = batch["input_ids"].shape[0]
         if n == 0 or n % self.mini_per_rank:
             raise ValueError(
@@ -343,12 +365,16 @@ class PolicyLearner:
                 f"{self.mini_per_rank} (= mini_batch_size {self.mini_batch_size} / {self.world_size} ranks): "
                 "make the train batch a multiple of mini_batch_size"
             )
+
+    def _mini_batch_steps(self, batch: dict[str, torch.Tensor], epochs: int,
+                          step: Callable[[dict[str, torch.Tensor]], dict[str, float]]) -> list[dict[str, float]]:
+        """`step` (one optimizer step) on each per-rank mini-batch of `batch`, `epochs` times over."""
+        n = batch["input_ids"].shape[0]
         self.engine.train()
         stats = []
         for _ in range(epochs):
             for start in range(0, n, self.mini_per_rank):
-                mini = {k: v[start : start + self.mini_per_rank] for k, v in batch.items()}
-                stats.append(self._optimizer_step(mini, temperature))
+                stats.append(step({k: v[start : start + self.mini_per_rank] for k, v in batch.items()}))
         return stats
 
     def _optimizer_step(self, mini: dict[str, torch.Tensor], temperature: float) -> dict[str, float]:

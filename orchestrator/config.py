@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from common.strict import StrictModel
 from learner.config import LearnerConfig
+from learner.critic_config import CriticConfig
 from learner.offline_config import (
     OFFLINE_ALGORITHMS,
     REFERENCE_ALGORITHMS,
@@ -32,10 +33,14 @@ from reward.config import RewardConfig
 from rollout.config import RolloutConfig
 
 # Online RL: samples come from the rollout fleet and are scored by the reward service.
-ONLINE_ALGORITHMS = ("grpo", "drgrpo", "rloo")
+# Sequence-level advantages (one per sample, from the group's rewards):
+GROUP_ALGORITHMS = ("grpo", "drgrpo", "rloo")
+# Per-token advantages from the score at the last token plus a per-token KL penalty (orchestrator/token_rl.py):
+TOKEN_ALGORITHMS = ("ppo", "reinforce_pp", "reinforce_pp_baseline")
+ONLINE_ALGORITHMS = GROUP_ALGORITHMS + TOKEN_ALGORITHMS
 # Offline: fixed data, no rollouts (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO); see learner/offline.py.
 # Known algorithms whose trainers are not in this version yet: naming one is a clear error.
-PLANNED_ALGORITHMS = ("reinforce_pp", "reinforce_pp_baseline", "ppo")
+PLANNED_ALGORITHMS: tuple[str, ...] = ()
 ALGORITHMS = ONLINE_ALGORITHMS + OFFLINE_ALGORITHMS + PLANNED_ALGORITHMS
 # Used when an rm config names no model.path: the built-in tiny sequence-classification model.
 DEFAULT_RM_MODEL = "tiny-reward"
@@ -81,10 +86,47 @@ class RLConfig(StrictModel):
     prompts_per_request: int = Field(4, ge=1, description="prompts per generate call sent to one worker")
     # Drop groups whose rewards are all equal (their advantages are 0): fewer wasted updates.
     skip_constant_groups: bool = False
+    # Held-out prompts (eval_data, data.eval_path or data.eval_fraction) are generated and scored
+    # before the first step and after the last; eval_every N > 0 also every N steps.
+    eval_every: int = Field(0, ge=0)
+    eval_temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    eval_max_prompts: int | None = Field(None, ge=1, description="use at most this many held-out prompts")
 
     @property
     def samples_per_step(self) -> int:
         return self.group_size * self.prompts_per_step
+
+
+class TokenRewardConfig(StrictModel):
+    """Per-token rewards (ppo, reinforce_pp*): the sequence's score at its last token, and minus
+    kl_coef * KL(policy || reference) on every token when learner.loss.kl_in is 'reward'.
+
+    The KL coefficient starts at learner.loss.kl_coef, its estimator is learner.loss.kl_estimator.
+    """
+
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount over tokens")
+    # Clip each sequence's score to [-reward_clip, reward_clip] before the KL shaping; None = off.
+    reward_clip: float | None = Field(None, gt=0)
+    # fixed: the coefficient stays learner.loss.kl_coef. adaptive: steered towards kl_target
+    # (Ziegler et al. 2019): coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * batch / kl_horizon.
+    kl_control: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = Field(6.0, gt=0, description="nats per sequence (summed over its tokens)")
+    kl_horizon: int = Field(10000, ge=1, description="samples over which the adaptive coefficient moves")
+
+
+class PPOConfig(TokenRewardConfig):
+    """PPO with a critic (critic section): GAE advantages, values regressed on the GAE returns."""
+
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
+    whiten_advantages: bool = True  # over the valid tokens of the rollout batch
+    # The first N steps train only the critic (the policy stays put) so advantages start from
+    # a fitted value function; useful when the critic starts from the policy (a fresh head).
+    critic_warmup_steps: int = Field(0, ge=0)
+
+
+class ReinforcePPConfig(TokenRewardConfig):
+    """REINFORCE++ (reinforce_pp) and REINFORCE++ with a group-mean baseline (reinforce_pp_baseline):
+    discounted returns of the per-token rewards, whitened over the batch; no critic."""
 
 
 class RayConfig(StrictModel):
@@ -104,6 +146,10 @@ class RunConfig(StrictModel):
     learner: LearnerConfig = LearnerConfig()
     rl: RLConfig = RLConfig()
     ray: RayConfig = RayConfig()
+    # Per-token online algorithms (reinforce_pp and reinforce_pp_baseline share their section).
+    ppo: PPOConfig = PPOConfig()
+    reinforce_pp: ReinforcePPConfig = ReinforcePPConfig()
+    critic: CriticConfig = CriticConfig()
     # Offline trainers: what they share, then one section per algorithm.
     offline: OfflineConfig = OfflineConfig()
     sft: SFTConfig = SFTConfig()
@@ -173,7 +219,57 @@ class RunConfig(StrictModel):
                 )
             if self.algorithm == "rloo" and self.rl.group_size < 2:
                 raise ValueError("rloo needs rl.group_size >= 2 (the baseline leaves one sample out)")
+        if self.algorithm in TOKEN_ALGORITHMS:
+            self._check_token_algorithm()
         return self
+
+    def _check_token_algorithm(self) -> None:
+        loss = self.learner.loss
+        if "kl_in" not in loss.model_fields_set:
+            loss.kl_in = "reward"  # the classic RLHF shaping; kl_in: loss stays possible when asked for
+        if self.token_rl.kl_control == "adaptive" and loss.kl_in != "reward":
+            raise ValueError(
+                f"{self.algorithm}.kl_control is 'adaptive' but learner.loss.kl_in is 'loss': the controller "
+                "steers the KL penalty in the reward; set learner.loss.kl_in: reward or kl_control: fixed"
+            )
+        if self.token_rl.kl_control == "adaptive" and loss.kl_coef == 0:
+            raise ValueError(
+                f"{self.algorithm}.kl_control is 'adaptive' but learner.loss.kl_coef is 0, and an adaptive "
+                "coefficient moves by multiplication: start it above 0 (e.g. learner.loss.kl_coef: 0.05)"
+            )
+        if self.algorithm == "reinforce_pp_baseline" and self.rl.group_size < 2:
+            raise ValueError("reinforce_pp_baseline needs rl.group_size >= 2 (the baseline is the group's mean score)")
+        if self.algorithm != "ppo":
+            return
+        critic = self.critic.learner_config(self.learner)  # raises on a bad colocation
+        mini = self.mini_batch_size
+        per_rank, rem = divmod(mini, critic.num_ranks)
+        if rem or per_rank % critic.micro_batch_size:
+            raise ValueError(
+                f"each optimizer step's {mini} sequences split over critic.num_ranks={critic.num_ranks} "
+                f"must be a multiple of critic.micro_batch_size={critic.micro_batch_size} per rank"
+            )
+        if self.critic.model_path is None and self.critic.init == "reward_model":
+            models = [f for f in self.reward.functions if f.kind == "model"]
+            if len(models) != 1:
+                raise ValueError(
+                    f"critic.init is 'reward_model' but reward.functions has {len(models)} reward models "
+                    "(kind: model): name the critic's starting point with critic.model_path, or use "
+                    "critic.init: policy"
+                )
+
+    @property
+    def token_rl(self) -> TokenRewardConfig:
+        """The per-token reward settings of this run's algorithm (ppo or reinforce_pp section)."""
+        return self.ppo if self.algorithm == "ppo" else self.reinforce_pp
+
+    def critic_init_path(self) -> str:
+        """Where the critic starts: critic.model_path, the reward model, or the policy (model.path)."""
+        if self.critic.model_path is not None:
+            return self.critic.model_path
+        if self.critic.init == "reward_model":
+            return next(f.model_path for f in self.reward.functions if f.kind == "model")
+        return self.model.path
 
     @property
     def mini_batch_size(self) -> int:
@@ -207,15 +303,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _set_dotted(tree: dict, keys: list[str], value: Any, origin: str) -> None:
-    node = tree
-    for i, k in enumerate(keys[:-1]):
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        elif not isinstance(nxt, dict):
-            raise ConfigError(f"{origin}: {'.'.join(keys[: i + 1])} is a value, not a section")
-        node = nxt
-    node[keys[-1]] = value
+    """Set tree[k0][k1]... = value; a key that meets a list is an index (reward.functions.0.weight)."""
+    node: Any = tree
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            k = _list_index(node, k, ".".join(keys[:i]), origin)
+        elif not last:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            elif not isinstance(nxt, (dict, list)):
+                raise ConfigError(f"{origin}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        if last:
+            node[k] = value
+        else:
+            node = node[k]
+
+
+def _list_index(items: list, key: str, where: str, origin: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(
+            f"{origin}: {where} is a list of {len(items)} entries; name one by its index "
+            f"0..{len(items) - 1} (e.g. {where}.0.<key>=...)" if items else f"{origin}: {where} is an empty list"
+        )
+    return int(key)
 
 
 def _model_at(loc: tuple) -> type | None:
@@ -285,6 +397,11 @@ def _resolve_relative_paths(tree: dict, base: Path) -> None:
     model = tree.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str) and (base / model["path"]).exists():
         model["path"] = str(base / model["path"])
+    functions = (tree.get("reward") or {}).get("functions") if isinstance(tree.get("reward"), dict) else None
+    for fn in functions if isinstance(functions, list) else []:
+        path = fn.get("model_path") if isinstance(fn, dict) else None
+        if isinstance(path, str) and path and not Path(path).is_absolute() and (base / path).exists():
+            fn["model_path"] = str(base / path)
 
 
 def config_from_dict(tree: dict, overrides=(), source: str = "<config>") -> RunConfig:

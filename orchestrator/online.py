@@ -1,4 +1,11 @@
-"""Online RL (GRPO, Dr.GRPO, RLOO): stream prompts to the fleet, score groups, train, sync weights."""
+"""Online RL: stream prompts to the fleet, score groups, compute advantages, train, sync weights.
+
+Group algorithms (GRPO, Dr.GRPO, RLOO) give each sample one advantage from its group's rewards.
+Token algorithms (PPO with a critic, REINFORCE++, REINFORCE++ with a group baseline) put each
+sample's score on its last token, a KL penalty on every token, and give every token its own
+advantage (orchestrator/token_rl.py); PPO's critic is a second DeepSpeed group (learner/critic.py)
+that gives values at sampling time and is regressed on the GAE returns.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +21,24 @@ from typing import Any
 import ray
 import torch
 
+from learner.critic import CriticGroup
 from learner.group import LearnerGroup
 from learner.losses import kl_estimate
 from orchestrator.advantages import grpo_advantages, rloo_advantages
 from orchestrator.batch import Group, Sample, completion_stats, pad_samples
-from orchestrator.config import RunConfig
+from orchestrator.config import TOKEN_ALGORITHMS, ConfigError, RunConfig
 from orchestrator.control import start_control_actor
-from orchestrator.data import PromptStream, load_rows, render_prompt
+from orchestrator.data import PromptStream, load_rows, load_train_eval, render_prompt
 from orchestrator.metrics import Progress
 from orchestrator.ray_metrics import RayMetricsExporter
-from orchestrator.runtime import RunDir, connect_ray, pick_backend, resolve_model, load_tokenizer
+from orchestrator.runtime import RunDir, connect_ray, load_tokenizer, pick_backend, resolve_model
+from orchestrator.token_rl import (
+    completion_mask,
+    critic_batch,
+    make_kl_controller,
+    token_advantages,
+    token_kl,
+)
 from reward.actor import make_reward_actors
 from rollout.fleet import RolloutFleet
 
@@ -221,6 +236,84 @@ def compute_advantages(cfg: RunConfig, groups: list[Group]) -> torch.Tensor:
     return grpo_advantages(rewards, cfg.rl.group_size, scale=scale)
 
 
+class HeldOutEval:
+    """Completions of held-out prompts (one each, at rl.eval_temperature: 0 = greedy) from the
+    fleet, scored by the reward service: the reward a policy gets on prompts it never trains on."""
+
+    def __init__(self, cfg: RunConfig, fleet: RolloutFleet, reward_actors, rows, tokenizer):
+        self.cfg, self.fleet, self.reward_actors = cfg, fleet, reward_actors
+        self.sampling = {**cfg.rollout.sampling.model_dump(), "temperature": cfg.rl.eval_temperature}
+        self.prompts: list[tuple[Any, str, list[int]]] = []
+        self.skipped_too_long = 0
+        for row in rows:
+            text = render_prompt(row, tokenizer)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > cfg.rl.max_prompt_tokens:
+                self.skipped_too_long += 1
+                continue
+            self.prompts.append((row, text, ids))
+        self.prompts = self.prompts[: cfg.rl.eval_max_prompts]
+        self.tokenizer = tokenizer
+
+    def _generate(self) -> list[Any]:
+        """One completion per prompt, in prompt order (a call lost with its worker is sent again)."""
+        size = self.cfg.rl.prompts_per_request
+        queue = [list(range(i, min(i + size, len(self.prompts)))) for i in range(0, len(self.prompts), size)]
+        pending: dict[Any, list[int]] = {}
+        out: list[Any] = [None] * len(self.prompts)
+        while queue or pending:
+            while queue and self.fleet.idle_capacity() > 0:
+                chunk = queue.pop(0)
+                ref = self.fleet.submit([self.prompts[i][2] for i in chunk], n=1, sampling=self.sampling,
+                                        request_ids=[f"eval-{i}" for i in chunk])
+                pending[ref] = chunk
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                chunk = pending.pop(ref)
+                work = self.fleet.on_done(ref)
+                try:
+                    completions = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    queue.append(chunk)
+                    if work is not None and work.worker_index in self.fleet.book.indices():
+                        self.fleet.remove_worker(work.worker_index, wait=True, timeout_s=0)
+                    if self.fleet.num_workers == 0:
+                        raise RuntimeError("every rollout worker died during evaluation") from None
+                    continue
+                for c in completions:
+                    out[int(str(c.request_id).removeprefix("eval-"))] = c
+        return out
+
+    def run(self) -> dict[str, float]:
+        start = time.perf_counter()
+        completions = self._generate()
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        prompts = [text for _, text, _ in self.prompts]
+        columns: dict[str, list] = defaultdict(list)
+        for key in {k for row, _, _ in self.prompts for k in row.extra}:
+            columns[key] = [row.extra.get(key) for row, _, _ in self.prompts]
+        # Split the scoring over the reward actors.
+        k = len(self.reward_actors)
+        bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
+        refs = [a.score.remote(prompts[lo:hi], texts[lo:hi], {c: v[lo:hi] for c, v in columns.items()})
+                for a, lo, hi in zip(self.reward_actors, bounds, bounds[1:]) if hi > lo]
+        results = ray.get(refs)
+        rewards = [r for res in results for r in res.rewards]
+        per_function: dict[str, list[float]] = defaultdict(list)
+        for res in results:
+            for name, vals in res.per_function.items():
+                per_function[name].extend(vals)
+        lengths = [len(c.token_ids) for c in completions]
+        return {
+            "eval/reward/mean": sum(rewards) / len(rewards),
+            **{f"eval/reward/{name}": sum(v) / len(v) for name, v in per_function.items()},
+            "eval/reward/errors": sum(len(res.errors) for res in results),
+            "eval/response_length/mean": sum(lengths) / len(lengths),
+            "eval/prompts": len(prompts),
+            "time/eval": time.perf_counter() - start,
+        }
+
+
 class WeightSync:
     """Learner rank 0 -> every vLLM worker, over a side group; bumps the fleet's weight version."""
 
@@ -278,9 +371,11 @@ class Services:
     reward_actors: list
     learner: LearnerGroup
     control: Any = None  # the run's named RunControl actor (fleetrl scale talks to it)
+    critic: CriticGroup | None = None  # ppo only
 
     def shutdown(self) -> None:
-        for stop in (self.fleet.shutdown, self.learner.shutdown,
+        critic = self.critic.shutdown if self.critic is not None else (lambda: None)
+        for stop in (self.fleet.shutdown, critic, self.learner.shutdown,
                      lambda: [ray.kill(a) for a in self.reward_actors + [self.control] if a is not None]):
             try:
                 stop()
@@ -288,26 +383,47 @@ class Services:
                 log.warning("while shutting down: %s", e)
 
 
-def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: str) -> Services:
+def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: str,
+                   critic_path: str | None = None) -> Services:
+    """The fleet, the policy learner, the reward actors and (ppo, from `critic_path`) the critic."""
+    with_critic = cfg.algorithm == "ppo"
+    critic_note = f", {cfg.critic.learner_config(cfg.learner).num_ranks} critic rank(s) " \
+                  f"({cfg.critic.placement}) from {critic_path}" if with_critic else ""
     print(f"fleetrl: starting {cfg.rollout.num_workers} rollout worker(s), {cfg.reward.num_workers} reward "
-          f"worker(s), {cfg.learner.num_ranks} learner rank(s) [{backend}] on {model_path}", flush=True)
+          f"worker(s), {cfg.learner.num_ranks} learner rank(s) [{backend}] on {model_path}{critic_note}", flush=True)
     prefix = run_dir.actor_prefix
-    # Actor creation is asynchronous: the three services start side by side.
+    total_steps = cfg.run.steps * cfg.optimizer_steps_per_step
+    colocate = with_critic and cfg.critic.placement == "colocate"
+    started: list[Any] = []
+
+    def stop_started() -> None:
+        for service in reversed(started):
+            service.shutdown()
+
+    # Actor creation is asynchronous: the services start side by side.
     fleet = RolloutFleet(cfg.rollout, model_path, name_prefix=prefix)
+    started.append(fleet)
     try:
-        learner = LearnerGroup(cfg.learner, model_path, total_steps=cfg.run.steps * cfg.optimizer_steps_per_step,
-                               mini_batch_size=cfg.mini_batch_size, name_prefix=prefix)
-    except BaseException:
-        fleet.shutdown()
-        raise
-    try:
+        learner = LearnerGroup(cfg.learner, model_path, total_steps=total_steps,
+                               mini_batch_size=cfg.mini_batch_size, name_prefix=prefix, wait=False,
+                               reserve=CriticGroup.reserve(cfg.critic, cfg.learner) if colocate else None)
+        started.append(learner)
+        critic = None
+        if with_critic:
+            critic = CriticGroup(cfg.critic, cfg.learner, critic_path, total_steps=total_steps,
+                                 mini_batch_size=cfg.mini_batch_size, name_prefix=prefix,
+                                 colocate_with=learner if colocate else None, wait=False)
+            started.append(critic)
         reward_actors = make_reward_actors(cfg.reward, base_dir=str(run_dir.config_dir), name_prefix=prefix)
     except BaseException:
-        fleet.shutdown()
-        learner.shutdown()
+        stop_started()
         raise
-    services = Services(fleet, reward_actors, learner, start_control_actor(prefix, cfg.rollout.num_workers))
+    services = Services(fleet, reward_actors, learner, start_control_actor(prefix, cfg.rollout.num_workers),
+                        critic=critic)
     try:
+        learner.wait_ready()
+        if critic is not None:
+            critic.wait_ready()
         fleet.wait_ready()
     except BaseException:
         services.shutdown()
@@ -315,32 +431,71 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
     return services
 
 
+def _local_path(path: str) -> str:
+    """An existing local path made absolute (actors run in other working directories); else unchanged."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def _check_critic_tokenizer(cfg: RunConfig, critic_path: str, policy_path: str, tokenizer) -> None:
+    """A critic started from a reward model reads the policy's token ids: the vocabularies must agree."""
+    if critic_path == policy_path:
+        return
+    theirs = load_tokenizer(critic_path)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"the critic starts from {critic_path} (critic.init: {cfg.critic.init}), whose tokenizer differs "
+            f"from the policy's ({policy_path}); the critic reads the policy's token ids. Use critic.init: policy "
+            "or point critic.model_path at a model with the policy's tokenizer"
+        )
+
+
 def run_online(cfg: RunConfig, run_dir: RunDir) -> Path:
     connect_ray(cfg.ray)
-    model_path = resolve_model(cfg.model.path)
+    cfg = cfg.model_copy(deep=True)
+    for fn in cfg.reward.functions:
+        if fn.kind == "model":
+            fn.model_path = _local_path(fn.model_path)
+    model_path = _local_path(resolve_model(cfg.model.path))
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
-    rows = load_rows(cfg.data, kind="prompt")
+    rows, eval_rows = load_train_eval(cfg.data, kind="prompt")
+    if cfg.eval_data is not None:
+        eval_rows = load_rows(cfg.eval_data, kind="prompt")
     stream = PromptStream(rows, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    critic_path = None
+    if cfg.algorithm == "ppo":
+        critic_path = _local_path(resolve_model(cfg.critic_init_path()))
+        _check_critic_tokenizer(cfg, critic_path, model_path, tokenizer)
     backend = pick_backend(cfg.learner.backend)
     t0 = time.perf_counter()
-    services = start_services(cfg, run_dir, model_path, backend)
+    services = start_services(cfg, run_dir, model_path, backend, critic_path)
     try:
-        return _train(cfg, run_dir, services, tokenizer, stream, backend, t0)
+        return _train(cfg, run_dir, services, tokenizer, stream, backend, t0, eval_rows)
     finally:
         services.shutdown()
 
 
 def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, stream: PromptStream,
-           backend: str, t0: float) -> Path:
-    fleet, learner = services.fleet, services.learner
+           backend: str, t0: float, eval_rows=()) -> Path:
+    fleet, learner, critic = services.fleet, services.learner, services.critic
     sync = WeightSync(learner, fleet, backend)
     collector = GroupCollector(cfg, fleet, services.reward_actors, stream, tokenizer)
     control = services.control
     collector.restore_fleet = lambda: resize_fleet(fleet, sync, collector, max(1, cfg.rollout.num_workers))
+    per_token = cfg.algorithm in TOKEN_ALGORITHMS
+    kl_ctl = make_kl_controller(cfg) if per_token else None
+    evaluator = HeldOutEval(cfg, fleet, services.reward_actors, eval_rows, tokenizer) if eval_rows else None
+    if evaluator is not None and not evaluator.prompts:
+        raise ConfigError(f"none of the {len(eval_rows)} held-out prompts fits rl.max_prompt_tokens="
+                          f"{cfg.rl.max_prompt_tokens}: raise it or check the held-out data")
 
     start_step = 0
     if cfg.run.resume and (ckpt := run_dir.latest_checkpoint()) is not None:
         state = learner.load_checkpoint(str(ckpt))
+        if critic is not None:
+            critic.load_checkpoint(str(ckpt / "critic"))
+        if kl_ctl is not None and "kl_coef" in state:
+            kl_ctl.value = float(state["kl_coef"])
         collector.load_state_dict(state["collector"])
         start_step = state["step"]
         run_dir.truncate_logs(start_step)
@@ -355,6 +510,16 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     temperature = cfg.rollout.sampling.temperature
     optimizer_steps = start_step * cfg.optimizer_steps_per_step
     steps_done = start_step
+    lc = cfg.learner.loss
+
+    def evaluate(step: int) -> dict[str, float]:
+        out = evaluator.run()
+        print(f"fleetrl: eval at step {step}: reward {out['eval/reward/mean']:.4g} on {out['eval/prompts']} "
+              f"held-out prompts ({out['time/eval']:.1f}s)", flush=True)
+        return out
+
+    if evaluator is not None and start_step == 0:
+        metrics.write({"step": 0, **evaluate(0)})  # the starting point, before any update
 
     samples_log = open(run_dir.path / "samples.jsonl", "a") if cfg.run.log_samples else None
     for step in range(start_step, cfg.run.steps):
@@ -372,24 +537,49 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         raw_rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
 
         t = time.perf_counter()
-        kl_metrics: dict[str, float] = {}
+        algo_metrics: dict[str, float] = {}
         if use_ref:
             batch["ref_logprobs"] = learner.compute_logprobs(batch, which="reference", temperature=temperature)
-            if cfg.learner.loss.kl_in == "reward":
+            if lc.kl_in == "reward" and not per_token:
                 # KL of the sampled sequence against the reference, subtracted from its reward.
-                kl_tok = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], cfg.learner.loss.kl_estimator)
+                kl_tok = kl_estimate(batch["old_logprobs"], batch["ref_logprobs"], lc.kl_estimator)
                 kl_seq = (kl_tok * batch["loss_mask"]).sum(-1)
                 for s, k in zip(samples, kl_seq.tolist()):
-                    s.reward = s.reward - cfg.learner.loss.kl_coef * k
-                kl_metrics["kl/reward_penalty_mean"] = (cfg.learner.loss.kl_coef * kl_seq).mean().item()
+                    s.reward = s.reward - lc.kl_coef * k
+                algo_metrics["kl/reward_penalty_mean"] = (lc.kl_coef * kl_seq).mean().item()
         ref_s = time.perf_counter() - t
 
-        advantages = compute_advantages(cfg, groups)
+        critic_data = None
+        if per_token:
+            t = time.perf_counter()
+            values = critic.compute_values(batch) if critic is not None else None
+            algo_metrics["time/critic_values"] = time.perf_counter() - t
+            result = token_advantages(
+                cfg.algorithm, cfg.token_rl, raw_rewards, completion_mask(batch),
+                token_kl(batch, lc.kl_estimator) if "ref_logprobs" in batch else None,
+                kl_ctl.value if lc.kl_in == "reward" else 0.0, cfg.rl.group_size, values)
+            advantages = result.advantages
+            algo_metrics.update(result.metrics)
+            if critic is not None:
+                critic_data = critic_batch(batch, values, result.returns)
+            if "kl/seq_mean" in result.metrics:
+                kl_ctl.update(result.metrics["kl/seq_mean"], n_steps=len(samples))
+        else:
+            advantages = compute_advantages(cfg, groups)
+            algo_metrics["advantage/mean"] = advantages.mean().item()
+            algo_metrics["advantage/std"] = advantages.std().item() if len(advantages) > 1 else 0.0
         batch["advantages"] = advantages
 
         t = time.perf_counter()
-        train_stats = learner.train(batch, mini_batch_size=cfg.mini_batch_size, epochs=cfg.rl.epochs,
-                                    temperature=temperature)
+        # The critic trains while the policy does (separate ranks); the policy waits out the
+        # critic's warm-up steps.
+        critic_refs = critic.start_train(critic_data, cfg.mini_batch_size, cfg.rl.epochs) \
+            if critic_data is not None else None
+        train_stats = []
+        if not (cfg.algorithm == "ppo" and step < cfg.ppo.critic_warmup_steps):
+            train_stats = learner.train(batch, mini_batch_size=cfg.mini_batch_size, epochs=cfg.rl.epochs,
+                                        temperature=temperature)
+        critic_stats = critic.finish(critic_refs) if critic_refs is not None else []
         train_s = time.perf_counter() - t
         optimizer_steps += len(train_stats)
 
@@ -405,10 +595,9 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
             **{f"reward/{name}": sum(v) / len(v) for name, v in rstats.per_function.items() if v},
             "reward/errors": rstats.reward_errors,
             **completion_stats(samples),
-            "advantage/mean": advantages.mean().item(),
-            "advantage/std": advantages.std().item() if len(advantages) > 1 else 0.0,
             **_mean_stats(train_stats),
-            **kl_metrics,
+            **_mean_stats(critic_stats, prefix="critic/"),
+            **algo_metrics,
             "tokens_per_s": rstats.generated_tokens / max(rstats.generate_s, 1e-9),
             "weight_version": sync.version,
             "rollout/workers": fleet.num_workers,
@@ -424,6 +613,9 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
             "time/weight_sync": sync_s,
             "time/step": step_s,
         }
+        if evaluator is not None and ((cfg.rl.eval_every and (step + 1) % cfg.rl.eval_every == 0)
+                                      or step + 1 == cfg.run.steps):
+            row.update(evaluate(step + 1))
         metrics.write(row)
         ray_metrics.export(row)
         if samples_log is not None:
@@ -439,11 +631,13 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
 
         steps_done = step + 1
         if cfg.run.save_every and steps_done % cfg.run.save_every == 0:
-            save_checkpoint(learner, run_dir, steps_done, sync.version, collector)
+            save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, kl_ctl)
     if run_dir.latest_checkpoint() != run_dir.checkpoint_dir(steps_done):
-        save_checkpoint(learner, run_dir, steps_done, sync.version, collector)
+        save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, kl_ctl)
     final = run_dir.path / "final_model"
     learner.save_hf(str(final))
+    if critic is not None:
+        critic.save_hf(str(run_dir.path / "final_critic"))  # critic.model_path can start a later run from it
     metrics.close()
     if samples_log is not None:
         samples_log.close()
@@ -452,14 +646,18 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
 
 
 def save_checkpoint(learner: LearnerGroup, run_dir: RunDir, step: int, version: int,
-                    collector: GroupCollector) -> None:
+                    collector: GroupCollector, critic: CriticGroup | None = None, kl_ctl=None) -> None:
     ckpt = run_dir.checkpoint_dir(step)
-    learner.save_checkpoint(str(ckpt), {"step": step, "weight_version": version,
-                                        "collector": collector.state_dict()})
+    state = {"step": step, "weight_version": version, "collector": collector.state_dict()}
+    if kl_ctl is not None:
+        state["kl_coef"] = kl_ctl.value
+    learner.save_checkpoint(str(ckpt), state)
+    if critic is not None:
+        critic.save_checkpoint(str(ckpt / "critic"))
     (ckpt / "COMPLETE").write_text(f"step {step}\n")  # resume trusts only finished checkpoints
 
 
-def _mean_stats(stats: list[dict]) -> dict[str, float]:
+def _mean_stats(stats: list[dict], prefix: str = "train/") -> dict[str, float]:
     """Average the learner's per-optimizer-step stats over this step's optimizer steps."""
     if not stats:
         return {}
@@ -468,7 +666,7 @@ def _mean_stats(stats: list[dict]) -> dict[str, float]:
     for k in keys:
         vals = [float(s[k]) for s in stats if k in s and s[k] is not None]
         if vals:
-            out[f"train/{k}"] = sum(vals) / len(vals)
+            out[f"{prefix}{k}"] = sum(vals) / len(vals)
     if "grad_norm" in keys and any(not math.isfinite(float(s["grad_norm"])) for s in stats):
         log.warning("non-finite grad norm in this step's optimizer steps")
     return out

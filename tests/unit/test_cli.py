@@ -41,12 +41,14 @@ def test_config_error_is_one_clear_line_and_exit_2(capsys):
     assert "unknown key 'learner.nope'" in err and "Traceback" not in err
 
 
-def test_algorithm_not_built_yet_says_so(capsys, tmp_path):
-    cfg = tmp_path / "ppo.yaml"
-    cfg.write_text(f"algorithm: ppo\ndata:\n  path: {ROOT / 'examples/data/letters_train.jsonl'}\n")
+def test_unknown_algorithm_lists_the_allowed_ones(capsys, tmp_path):
+    cfg = tmp_path / "a2c.yaml"
+    cfg.write_text(f"algorithm: a2c\ndata:\n  path: {ROOT / 'examples/data/letters_train.jsonl'}\n")
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "'ppo' is not built yet" in err and "grpo" in err and "dpo" in err
+    assert "'algorithm'" in err and "a2c" in err and "Traceback" not in err
+    for name in ("grpo", "ppo", "reinforce_pp_baseline", "dpo", "sft"):
+        assert f"'{name}'" in err, (name, err)
 
 
 def test_make_tiny_model(tmp_path, capsys):
