@@ -54,6 +54,9 @@ class LearnerConfig(StrictModel):
     # auto: bfloat16 on GPU, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     lr: float = Field(1e-6, gt=0)
+    # adamw (betas/eps below) or rmsprop (torch's RMSprop, smoothing 0.99, eps = adam_eps; what the
+    # DPO paper trained with). On GPU / with offload_optimizer, adamw is DeepSpeed's own Adam.
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0)
@@ -74,6 +77,11 @@ class LearnerConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> LearnerConfig:
+        if self.offload_optimizer and self.optimizer != "adamw":
+            raise ValueError(
+                f"learner.offload_optimizer runs DeepSpeed's CPU Adam, but learner.optimizer is "
+                f"'{self.optimizer}': set learner.optimizer: adamw or offload_optimizer: false"
+            )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError(
                 "learner.offload_optimizer needs ZeRO: set learner.zero_stage to 1, 2 or 3 "

@@ -61,7 +61,7 @@ def train_ds_config(
         "wall_clock_breakdown": False,
         **_precision(dtype),
     }
-    if on_gpu or cfg.offload_optimizer:
+    if cfg.optimizer == "adamw" and (on_gpu or cfg.offload_optimizer):
         # DeepSpeed's own Adam: fused on GPU, its CPU Adam when the optimizer is offloaded.
         ds["optimizer"] = {
             "type": "AdamW",
@@ -73,6 +73,15 @@ def train_ds_config(
             },
         }
     return deep_merge(ds, cfg.deepspeed_config)
+
+
+def client_optimizer(cfg: LearnerConfig, param_groups: list[dict[str, Any]]):
+    """The torch optimizer handed to DeepSpeed when its config names none (CPU AdamW, or RMSprop)."""
+    import torch
+
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(param_groups, lr=cfg.lr, alpha=0.99, eps=cfg.adam_eps)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
 
 
 def reference_ds_config(cfg: LearnerConfig, world_size: int, dtype: str) -> dict[str, Any]:

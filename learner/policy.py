@@ -32,6 +32,7 @@ from learner.config import (
     resolve_dtype,
 )
 from learner.deepspeed_utils import (
+    client_optimizer,
     lr_lambda,
     reference_ds_config,
     set_dist_env,
@@ -133,7 +134,7 @@ class PolicyLearner:
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         client_opt = None
         if "optimizer" not in self.ds_config:
-            client_opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+            client_opt = client_optimizer(cfg, groups)  # AdamW or RMSprop (learner.optimizer)
         schedule = lr_lambda(cfg, total_steps)
         sched_fn = None
         if "scheduler" not in self.ds_config:
