@@ -56,6 +56,8 @@ class RolloutStats:
     prompts_skipped_too_long: int = 0
     groups_skipped_constant: int = 0
     reward_errors: int = 0
+    max_prompts_in_flight: int = 0  # prompts at the fleet whose completions had not come back
+    max_reward_queue: int = 0  # scoring calls waiting at the reward actors
     reward_error_examples: list[str] = field(default_factory=list)
     per_function: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
@@ -205,6 +207,9 @@ class GroupCollector:
             # Keep the fleet busy, but never ask for more prompts than the step still needs.
             while self.fleet.idle_capacity() > 0 and len(done) + groups_pending() < num_groups:
                 self._submit_generation(stats)
+            stats.max_prompts_in_flight = max(stats.max_prompts_in_flight,
+                                              sum(len(b) for b in self._gen_refs.values()))
+            stats.max_reward_queue = max(stats.max_reward_queue, len(self._reward_refs))
             pending = list(self._gen_refs) + list(self._reward_refs)
             ready, _ = ray.wait(pending, num_returns=1)
             for ref in ready:
@@ -600,7 +605,9 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
             **algo_metrics,
             "tokens_per_s": rstats.generated_tokens / max(rstats.generate_s, 1e-9),
             "weight_version": sync.version,
-            "rollout/workers": fleet.num_workers,
+            "rollout/num_workers": fleet.num_workers,
+            "prompts_in_flight": rstats.max_prompts_in_flight,
+            "queue_depth/reward": rstats.max_reward_queue,
             "rollout/workers_lost": collector.workers_lost,
             "staleness/max": sync.version - 1 - min(versions),
             "prompts/skipped_too_long": rstats.prompts_skipped_too_long,

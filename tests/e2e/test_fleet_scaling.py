@@ -71,7 +71,7 @@ def test_grow_lose_and_shrink_a_running_fleet(tmp_path, ray_local):
 
     run_dir = result["run_dir"]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    workers = [r["rollout/workers"] for r in rows]
+    workers = [r["rollout/num_workers"] for r in rows]
     assert workers[0] == 1 and 2 in workers and workers[-1] == 1, workers
     assert rows[-1]["rollout/workers_lost"] >= 1
 
