@@ -48,6 +48,8 @@ class LearnerConfig(StrictModel):
     num_cpus_per_rank: float = Field(1, gt=0)
     # None: 1 GPU per rank when the cluster has GPUs, else 0 (CPU training).
     num_gpus_per_rank: float | None = Field(None, ge=0)
+    # Custom Ray resources per rank, e.g. {fleetrl_learner: 1} to keep ranks on learner nodes.
+    resources_per_rank: dict[str, float] = Field(default_factory=dict)
     # auto: nccl when the rank sees CUDA, else gloo.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     zero_stage: int = Field(2, ge=0, le=3)

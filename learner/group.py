@@ -38,7 +38,7 @@ def rank_resources(cfg: LearnerConfig) -> dict[str, float]:
     gpus = cfg.num_gpus_per_rank
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    out = {"CPU": float(cfg.num_cpus_per_rank)}
+    out = {"CPU": float(cfg.num_cpus_per_rank), **{k: float(v) for k, v in cfg.resources_per_rank.items()}}
     if gpus:
         out["GPU"] = float(gpus)
     return out
@@ -136,6 +136,7 @@ class LearnerGroup:
                 name=f"{name_prefix}{role}-rank-{i}",
                 num_cpus=cfg.num_cpus_per_rank,
                 num_gpus=gpus,
+                resources=dict(cfg.resources_per_rank) or None,
                 scheduling_strategy=self._in_bundle(i),
                 runtime_env={"env_vars": env},
             ).remote(cfg, str(model_path), i, self.num_ranks, master_addr, master_port,
