@@ -1,4 +1,4 @@
-"""Offline trainers on the DeepSpeed learner: SFT, reward model, DPO/cDPO, IPO, KTO, ORPO.
+"""Offline trainers on the DeepSpeed learner: SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO.
 
 `OfflineLearner` is a `PolicyLearner` (same engine, ZeRO stages, reference model, checkpoints,
 save_hf) with one optimizer step per call of `train_step`; `OfflineLearnerGroup` runs one per
@@ -8,7 +8,8 @@ inputs from batches and reduces their outputs exactly over micro-batches and ran
 Batch layouts (CPU tensors, rows right-padded, prompt tokens then completion tokens):
 - sft:  input_ids, attention_mask, loss_mask [B, T] (+ position_ids for packed rows)
 - kto:  input_ids, attention_mask, loss_mask [B, T], desirable [B] bool
-        (+ ref_logps, ref_kl_logps [B] when precomputed)
+        (+ ref_logps, ref_kl_logps [B] when precomputed; + weight [B], each example's loss weight)
+- offline_ppo: as kto (+ old_logprobs [B, T], the reference's token log-probs, when precomputed)
 - rm, dpo, ipo, orpo: chosen_input_ids, chosen_attention_mask, chosen_loss_mask, and the same
         three for rejected, all [B, T] with one T (+ ref_chosen_logps, ref_rejected_logps [B]
         when precomputed; + margin [B] for rm)
@@ -32,15 +33,18 @@ from learner.losses import (
     kto_reference_point,
     kto_shifted_pairs,
     masked_sum,
+    offline_binary_ppo_loss,
     orpo_loss,
     pairwise_reward_loss,
 )
 from learner.offline_config import (
     OFFLINE_ALGORITHMS,
     REFERENCE_ALGORITHMS,
+    UNPAIRED_ALGORITHMS,
     DPOConfig,
     IPOConfig,
     KTOConfig,
+    OfflinePPOConfig,
     ORPOConfig,
     RMConfig,
     SFTConfig,
@@ -51,7 +55,7 @@ PAIR_ALGORITHMS = ("rm", "dpo", "ipo", "orpo")
 _SIDES = ("chosen", "rejected")
 _ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
 _ALGO_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ipo": IPOConfig, "kto": KTOConfig,
-                 "orpo": ORPOConfig}
+                 "orpo": ORPOConfig, "offline_ppo": OfflinePPOConfig}
 
 
 def algorithm_config(algorithm: str, algo_cfg: Any) -> Any:
@@ -150,6 +154,35 @@ def preference_losses(
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),
     })
+    return losses, stats
+
+
+def offline_ppo_losses(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    desirable: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Offline PPO with binary rewards: per-example losses [B] and per-example statistics.
+
+    Token log-probs [B, T] of the policy (`logp`) and of the old policy (`old_logp`, here the
+    reference); `desirable` [B] bool becomes the reward +1 / -1, the advantage of every completion
+    token of the example (`mask`). The loss is the clipped surrogate averaged over those tokens.
+    Statistics: rewards = the summed log ratio log(policy / old) (an implicit reward with beta 1),
+    clip_frac = the share of tokens whose clipped term is the active one (no gradient).
+    """
+    if desirable.dtype != torch.bool:
+        raise ValueError(f"desirable must be a bool tensor (True = desirable), got dtype {desirable.dtype}")
+    adv = torch.where(desirable, 1.0, -1.0).to(logp.dtype)
+    losses = offline_binary_ppo_loss(logp, old_logp, adv, mask, clip=clip)
+    with torch.no_grad():
+        valid = mask.bool()
+        log_ratio = torch.where(valid, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+        ratio = log_ratio.exp()
+        clipped = torch.where(desirable.unsqueeze(-1), ratio > 1.0 + clip, ratio < 1.0 - clip) & valid
+        n = valid.float().sum(-1).clamp(min=1)
+        stats = {"rewards": log_ratio.sum(-1).float(), "clip_frac": clipped.float().sum(-1) / n}
     return losses, stats
 
 
@@ -302,7 +335,7 @@ class OfflineLearner(PolicyLearner):
     def _batch_rows(self, batch: dict[str, torch.Tensor]) -> int:
         key = "chosen_input_ids" if self.algorithm in PAIR_ALGORITHMS else "input_ids"
         needed = ([f"{s}_{k}" for s in _SIDES for k in _ROW_KEYS] if self.algorithm in PAIR_ALGORITHMS
-                  else list(_ROW_KEYS) + (["desirable"] if self.algorithm == "kto" else []))
+                  else list(_ROW_KEYS) + (["desirable"] if self.algorithm in UNPAIRED_ALGORITHMS else []))
         missing = [k for k in needed if k not in batch]
         if missing:
             raise KeyError(f"{self.algorithm} batch is missing {missing}; it has {sorted(batch)}")
@@ -377,6 +410,8 @@ class OfflineLearner(PolicyLearner):
             return loss, float(mb["attention_mask"].sum())
         if algo == "kto":
             return self._kto_micro_loss(mb, sums)
+        if algo == "offline_ppo":
+            return self._ppo_micro_loss(mb, sums)
         rows = self._both_sides(mb)
         b = mb["chosen_input_ids"].shape[0]
         if algo == "rm":
@@ -419,6 +454,8 @@ class OfflineLearner(PolicyLearner):
         wu = cfg.undesirable_weight if cfg.undesirable_weight is not None else 1.0
         losses, rewards = kto_loss(logps, ref, desirable, z0, beta=cfg.beta,
                                    desirable_weight=wd, undesirable_weight=wu)
+        if "weight" in mb:  # per-example weights of scored feedback
+            losses = losses * mb["weight"].to(self.device).to(losses.dtype)
         sums.add_examples({"loss": losses.detach()})
         sums.add("kl", float(z0), 1.0)
         d = desirable.cpu()
@@ -426,6 +463,26 @@ class OfflineLearner(PolicyLearner):
         sums.add_examples({"rewards/rejected": rewards, "logps/rejected": logps.detach()}, select=~d)
         tokens = float(mb["attention_mask"].sum() + kl_rows["attention_mask"].sum())
         return losses.mean(), tokens
+
+    def _ppo_micro_loss(self, mb: dict[str, torch.Tensor], sums: _Sums) -> tuple[torch.Tensor, float]:
+        ids, attn = mb["input_ids"], mb["attention_mask"]
+        logp, _ = self._forward(self.engine, ids, attn, 1.0)
+        mask = (mb["loss_mask"].float() * attn.float()).to(self.device)
+        if "old_logprobs" in mb:
+            old = mb["old_logprobs"].to(self.device).to(logp.dtype)
+        else:
+            with torch.no_grad():
+                old, _ = self._forward(self._ref_fn(), ids, attn, 1.0)
+        desirable = mb["desirable"].to(self.device).bool()
+        losses, stats = offline_ppo_losses(logp, old.detach(), desirable, mask, clip=self.algo_cfg.clip)
+        if "weight" in mb:
+            losses = losses * mb["weight"].to(self.device).to(losses.dtype)
+        logps = masked_sum(logp.detach(), mask, dim=-1)
+        sums.add_examples({"loss": losses.detach(), "clip_frac": stats["clip_frac"]})
+        d = desirable.cpu()
+        sums.add_examples({"rewards/chosen": stats["rewards"], "logps/chosen": logps}, select=d)
+        sums.add_examples({"rewards/rejected": stats["rewards"], "logps/rejected": logps}, select=~d)
+        return losses.mean(), float(attn.sum())
 
     # ------------------------------------------------------------------ scoring (no gradients)
 

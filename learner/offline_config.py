@@ -1,4 +1,4 @@
-"""Config of the offline trainers (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO).
+"""Config of the offline trainers (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO).
 
 Each algorithm owns a small section with its hyperparameters (the run config exposes them as
 ``sft:``, ``rm:``, ``dpo:``, ...); `OfflineConfig` holds what they share: batch size, epochs,
@@ -14,12 +14,24 @@ from pydantic import Field, model_validator
 
 from common.strict import StrictModel
 
-OFFLINE_ALGORITHMS = ("sft", "rm", "dpo", "ipo", "kto", "orpo")
-# Algorithms whose loss compares the policy with a frozen reference model.
-REFERENCE_ALGORITHMS = ("dpo", "ipo", "kto")
-# What each algorithm trains on: rows of this kind (KTO also accepts preference rows, split in two).
+OFFLINE_ALGORITHMS = ("sft", "rm", "dpo", "ipo", "kto", "orpo", "offline_ppo")
+# Algorithms whose loss compares the policy with a frozen reference model (offline PPO: the
+# reference is its "old" policy, scored once).
+REFERENCE_ALGORITHMS = ("dpo", "ipo", "kto", "offline_ppo")
+# Algorithms that learn from single completions marked desirable / undesirable (or scored).
+UNPAIRED_ALGORITHMS = ("kto", "offline_ppo")
+# What each algorithm trains on: rows of this kind (KTO and offline PPO also accept preference
+# rows, split in two, and scored rows, thresholded).
 ROW_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ipo": "preference",
-            "kto": "unpaired", "orpo": "preference"}
+            "kto": "unpaired", "orpo": "preference", "offline_ppo": "unpaired"}
+
+# Hyperparameters of the papers, used when the config leaves them unset (a value written in the
+# config always wins): KTO (Ethayarajh et al. 2024) and DPO (Rafailov et al. 2023). Keys are dotted
+# run-config paths; `fleetrl config show` prints the resolved values and which ones came from here.
+PAPER_DEFAULTS: dict[str, dict[str, object]] = {
+    "dpo": {"learner.lr": 5e-7, "learner.optimizer": "rmsprop", "offline.batch_size": 32},
+    "kto": {"learner.lr": 5e-6, "learner.optimizer": "adamw", "offline.batch_size": 32},
+}
 
 
 class OfflineConfig(StrictModel):
@@ -67,7 +79,38 @@ class IPOConfig(StrictModel):
     beta: float = Field(0.1, gt=0)
 
 
-class KTOConfig(StrictModel):
+class FeedbackConfig(StrictModel):
+    """How unpaired feedback is read (KTO and offline PPO share these)."""
+
+    # Preference rows become one desirable (chosen) and one undesirable (rejected) example each;
+    # true: exactly one of the two per prompt, picked at random (seeded by run.seed), as in the
+    # KTO paper's one-y-per-x setting. Counts are printed and logged (data/train/...).
+    one_y_per_x: bool = False
+    # Column with a numeric score / rating per completion (rows: prompt, completion, <score_key>).
+    # Set: score >= score_threshold is desirable, below it undesirable (a label column is ignored).
+    score_key: str | None = None
+    score_threshold: float | None = None
+    # Per-example weight multiplying its loss: "none" = 1; "distance" = |score - threshold|,
+    # scaled so the training examples' weights average 1 (a score at the threshold weighs 0).
+    score_weighting: Literal["none", "distance"] = "none"
+
+    @model_validator(mode="after")
+    def _score_settings(self) -> FeedbackConfig:
+        section = "kto" if isinstance(self, KTOConfig) else "offline_ppo"
+        if self.score_key is not None and self.score_threshold is None:
+            raise ValueError(
+                f"{section}.score_key is '{self.score_key}' but {section}.score_threshold is unset: set the "
+                "score at and above which a completion is desirable (e.g. 3.5 on a 1-5 rating scale)"
+            )
+        if self.score_key is None and (self.score_threshold is not None or self.score_weighting != "none"):
+            raise ValueError(
+                f"{section}.score_threshold / {section}.score_weighting need {section}.score_key (the column "
+                "holding each completion's score); set it or remove them"
+            )
+        return self
+
+
+class KTOConfig(FeedbackConfig):
     beta: float = Field(0.1, gt=0)
     # lambda_D and lambda_U. None: set from the training data so that
     # lambda_D * n_desirable / (lambda_U * n_undesirable) lies in [1, 1.5] (the KTO paper's rule).
@@ -89,4 +132,12 @@ class ORPOConfig(StrictModel):
     beta: float = Field(0.1, gt=0)
 
 
-AlgorithmConfig = SFTConfig | RMConfig | DPOConfig | IPOConfig | KTOConfig | ORPOConfig
+class OfflinePPOConfig(FeedbackConfig):
+    """PPO's clipped objective on fixed feedback: reward +1 for a desirable completion, -1 for an
+    undesirable one, on every completion token; the "old" policy is the reference (scored once),
+    so the clip keeps each token's probability ratio to the starting model in [1 - clip, 1 + clip]."""
+
+    clip: float = Field(0.2, gt=0, lt=1)
+
+
+AlgorithmConfig = SFTConfig | RMConfig | DPOConfig | IPOConfig | KTOConfig | ORPOConfig | OfflinePPOConfig

@@ -19,11 +19,13 @@ from learner.config import LearnerConfig
 from learner.critic_config import CriticConfig
 from learner.offline_config import (
     OFFLINE_ALGORITHMS,
+    PAPER_DEFAULTS,
     REFERENCE_ALGORITHMS,
     DPOConfig,
     IPOConfig,
     KTOConfig,
     OfflineConfig,
+    OfflinePPOConfig,
     ORPOConfig,
     RMConfig,
     SFTConfig,
@@ -38,7 +40,8 @@ GROUP_ALGORITHMS = ("grpo", "drgrpo", "rloo")
 # Per-token advantages from the score at the last token plus a per-token KL penalty (orchestrator/token_rl.py):
 TOKEN_ALGORITHMS = ("ppo", "reinforce_pp", "reinforce_pp_baseline")
 ONLINE_ALGORITHMS = GROUP_ALGORITHMS + TOKEN_ALGORITHMS
-# Offline: fixed data, no rollouts (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO); see learner/offline.py.
+# Offline: fixed data, no rollouts (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO with
+# binary rewards); see learner/offline.py.
 # Known algorithms whose trainers are not in this version yet: naming one is a clear error.
 PLANNED_ALGORITHMS: tuple[str, ...] = ()
 ALGORITHMS = ONLINE_ALGORITHMS + OFFLINE_ALGORITHMS + PLANNED_ALGORITHMS
@@ -158,6 +161,36 @@ class RunConfig(StrictModel):
     ipo: IPOConfig = IPOConfig()
     kto: KTOConfig = KTOConfig()
     orpo: ORPOConfig = ORPOConfig()
+    offline_ppo: OfflinePPOConfig = OfflinePPOConfig()
+
+    @property
+    def paper_defaults_applied(self) -> dict[str, Any]:
+        """{dotted key: value} of the algorithm's paper defaults that this config took (keys it left unset)."""
+        out = {}
+        for dotted, value in PAPER_DEFAULTS.get(self.algorithm, {}).items():
+            section, key = dotted.split(".")
+            if key not in getattr(self, section).model_fields_set:
+                out[dotted] = value
+        return out
+
+    @model_validator(mode="after")
+    def _apply_paper_defaults(self) -> RunConfig:
+        """The algorithm's paper hyperparameters (PAPER_DEFAULTS) for every key the config leaves
+        unset; a key written in the file or an override (even to the global default) wins."""
+        for dotted, value in PAPER_DEFAULTS.get(self.algorithm, {}).items():
+            section, key = dotted.split(".")
+            node = getattr(self, section)
+            if key not in node.model_fields_set:
+                try:
+                    setattr(node, key, value)
+                except ValidationError as e:
+                    raise ValueError(
+                        f"{dotted}={value} is the {self.algorithm} paper default (the config leaves it unset) "
+                        f"but clashes with the rest of the config: {e.errors()[0]['msg']}. Set {dotted} "
+                        "explicitly"
+                    ) from None
+                node.model_fields_set.discard(key)  # still "unset": the config did not say it
+        return self
 
     @model_validator(mode="after")
     def _offline_shapes(self) -> "RunConfig":
@@ -166,10 +199,12 @@ class RunConfig(StrictModel):
         oc, lc = self.offline, self.learner
         per_step = lc.num_ranks * lc.micro_batch_size
         if oc.batch_size % per_step:
+            origin = (f" ({oc.batch_size} is the {self.algorithm} paper default: set offline.batch_size)"
+                      if "offline.batch_size" in self.paper_defaults_applied else "")
             raise ValueError(
                 f"offline.batch_size={oc.batch_size} must be a multiple of learner.num_ranks * "
                 f"learner.micro_batch_size = {lc.num_ranks} * {lc.micro_batch_size} = {per_step} "
-                "(every rank runs whole micro-batches)"
+                f"(every rank runs whole micro-batches){origin}"
             )
         if self.algorithm == "kto" and lc.micro_batch_size < 2:
             raise ValueError(
@@ -419,4 +454,11 @@ def config_from_dict(tree: dict, overrides=(), source: str = "<config>") -> RunC
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML; a comment on top names the paper defaults it took."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    applied = cfg.paper_defaults_applied
+    if applied:
+        keys = ", ".join(f"{k}={v}" for k, v in applied.items())
+        text = (f"# {cfg.algorithm} paper defaults used (unset in the config; set a key to override): "
+                f"{keys}\n") + text
+    return text

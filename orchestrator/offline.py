@@ -1,4 +1,4 @@
-"""Offline trainers (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO): fixed data -> DeepSpeed learner.
+"""Offline trainers (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO): fixed data -> DeepSpeed learner.
 
 The driver encodes the data once, fixes the order of every optimizer step (`Schedule`), obtains
 the reference log-probs (precomputed once up front, or on the fly inside the learner), then
@@ -20,9 +20,17 @@ import torch
 
 from learner.losses import kto_default_weights
 from learner.offline import preference_losses, reward_model_losses
-from learner.offline_config import REFERENCE_ALGORITHMS
+from learner.offline_config import REFERENCE_ALGORITHMS, UNPAIRED_ALGORITHMS
 from orchestrator.config import RunConfig
-from orchestrator.data import DataError, PreferenceRow, load_rows, load_train_eval
+from orchestrator.data import (
+    DataConfig,
+    DataError,
+    PreferenceRow,
+    infer_kind,
+    load_rows,
+    load_train_eval,
+    read_records,
+)
 from orchestrator.metrics import Progress, _fmt_s
 from orchestrator.offline_data import (
     Encoder,
@@ -76,15 +84,18 @@ class OfflineRun:
         oc = cfg.offline
         margin_key = cfg.rm.margin_key if self.algorithm == "rm" else None
         act = cfg.data.apply_chat_template
-        encoder = Encoder(self.algorithm, tokenizer, oc.max_length, act, margin_key)
-        train_rows, eval_rows = load_train_eval(cfg.data)
+        self.unpaired = self.algorithm in UNPAIRED_ALGORITHMS
+        feedback = self.section if self.unpaired else None
+        encoder = Encoder(self.algorithm, tokenizer, oc.max_length, act, margin_key, feedback, cfg.run.seed)
+        scored = self.unpaired and self.section.score_key is not None
+        train_rows, eval_rows = load_train_eval(cfg.data, _scored_kind(cfg.data) if scored else None)
         if cfg.eval_data is not None:
-            eval_rows = load_rows(cfg.eval_data)
+            eval_rows = load_rows(cfg.eval_data, _scored_kind(cfg.eval_data) if scored else None)
         self.train, self.train_stats = encoder.encode(train_rows)
-        # KTO is evaluated on pairs when the held-out rows are pairs (implicit-reward accuracy).
-        eval_algo = "dpo" if self.algorithm == "kto" and eval_rows and isinstance(eval_rows[0], PreferenceRow) \
+        # KTO / offline PPO are evaluated on pairs when the held-out rows are pairs (implicit-reward accuracy).
+        eval_algo = "dpo" if self.unpaired and eval_rows and isinstance(eval_rows[0], PreferenceRow) \
             else self.algorithm
-        eval_encoder = Encoder(eval_algo, tokenizer, oc.max_length, act, margin_key)
+        eval_encoder = Encoder(eval_algo, tokenizer, oc.max_length, act, margin_key, feedback, cfg.run.seed)
         self.eval, self.eval_stats = eval_encoder.encode(eval_rows) if eval_rows else ([], EncodeStats())
         if not self.train:
             raise DataError(f"{cfg.data.path}: no training example is left after encoding "
@@ -94,11 +105,14 @@ class OfflineRun:
         if self.algorithm == "sft" and cfg.sft.packing:
             self.units = pack(self.train, oc.max_length)
         self.weights = self._kto_weights() if self.algorithm == "kto" else None
+        if self.unpaired:
+            self._print_feedback()
         self.schedule = Schedule(len(self.units), oc.batch_size, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
                                  epochs=oc.epochs, steps=cfg.run.steps)
         self.precompute = self.algorithm in REFERENCE_ALGORITHMS and oc.reference_logps == "precompute"
         self._ref: dict[str, torch.Tensor] = {}  # per training example
         self._ref_kl: dict[int, torch.Tensor] = {}  # KTO: per optimizer step
+        self._ref_tokens: list[torch.Tensor] = []  # offline PPO: completion-token log-probs per example
         self._eval_ref: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
@@ -107,6 +121,19 @@ class OfflineRun:
     def _describe(s: EncodeStats) -> str:
         return (f"{s.rows} rows -> {s.examples} examples; {s.truncated} truncated, "
                 f"{s.skipped_too_long} skipped as too long, {s.skipped_empty} with an empty completion")
+
+    def _print_feedback(self) -> None:
+        """What the unpaired data became: classes, one-y-per-x picks, score threshold and weights."""
+        st, sec = self.train_stats, self.section
+        parts = [f"{st.desirable} desirable, {st.undesirable} undesirable training examples"]
+        if st.one_y_per_x_dropped:
+            parts.append(f"one_y_per_x kept one completion of each of {st.one_y_per_x_dropped} preference rows "
+                         f"(seed {self.cfg.run.seed})")
+        if sec.score_key is not None:
+            w = [e.weight for e in self.train]
+            parts.append(f"'{sec.score_key}' >= {sec.score_threshold:g} is desirable; weights '{sec.score_weighting}'"
+                         f" (min {min(w):.3g}, max {max(w):.3g})")
+        print(f"fleetrl: {self.algorithm}: " + "; ".join(parts), flush=True)
 
     def _kto_weights(self) -> tuple[float, float]:
         n_d, n_u = kto_counts(self.train)  # type: ignore[arg-type]
@@ -123,6 +150,12 @@ class OfflineRun:
               f"{n_u} undesirable examples)", flush=True)
         return wd, wu
 
+    @property
+    def implicit_beta(self) -> float:
+        """Scale of the implicit reward beta * log(policy / reference) in metrics: the algorithm's
+        beta, 1 for offline PPO (which has none: its rewards are plain log ratios)."""
+        return getattr(self.section, "beta", 1.0)
+
     def learner_algo_config(self) -> dict:
         out = self.section.model_dump()
         if self.weights is not None:
@@ -138,7 +171,9 @@ class OfflineRun:
         idx = self.schedule.batch(step)
         out = collate([self.units[i] for i in idx], self.pad_id, self.completion_only)
         if self.precompute:
-            if self.algorithm == "kto":
+            if self.algorithm == "offline_ppo":
+                out["old_logprobs"] = place_token_values([self._ref_tokens[i] for i in idx], out["loss_mask"])
+            elif self.algorithm == "kto":
                 out["ref_logps"] = self._ref["logps"][idx]
                 out["ref_kl_logps"] = self._ref_kl[step]
             else:
@@ -161,6 +196,15 @@ class OfflineRun:
             n.append(out["tokens"])
         return torch.cat(lp), torch.cat(n)
 
+    def _token_logps(self, learner, seqs: Sequence[Seq], which: str) -> list[torch.Tensor]:
+        """Per sequence, the log-probs of its completion tokens (1-D, in order)."""
+        out = []
+        for rows in self._chunks(seqs):
+            lp = learner.compute_logprobs(rows, which)
+            mask = (rows["loss_mask"] * rows["attention_mask"]).bool()
+            out.extend(lp[i][mask[i]].float() for i in range(lp.shape[0]))
+        return out
+
     def _scores(self, learner, seqs: Sequence[Seq]) -> torch.Tensor:
         return torch.cat([learner.sequence_scores(rows) for rows in self._chunks(seqs)])
 
@@ -181,7 +225,10 @@ class OfflineRun:
         t = time.perf_counter()
         if self.eval:
             self._eval_ref = self._logps(learner, self._seqs(self.eval), "reference")[0]
-        if self.precompute:
+        if self.precompute and self.algorithm == "offline_ppo":
+            self._ref_tokens = self._token_logps(learner, self._seqs(self.train), "reference")
+            learner.release_reference()
+        elif self.precompute:
             lp, _ = self._logps(learner, self._seqs(self.train), "reference")
             if self.algorithm == "kto":
                 self._ref = {"logps": lp}
@@ -223,17 +270,17 @@ class OfflineRun:
             k = len(self.eval)
             ref = self._eval_ref
             ref_c, ref_r = (ref[:k], ref[k:]) if ref is not None else (None, None)
-            if algo == "kto":  # implicit rewards beta * (policy - reference) of both answers
-                _, stats = preference_losses("dpo", {"beta": self.section.beta}, lp[:k], lp[k:], n[:k], n[k:],
+            if self.unpaired:  # implicit rewards beta * (policy - reference) of both answers
+                _, stats = preference_losses("dpo", {"beta": self.implicit_beta}, lp[:k], lp[k:], n[:k], n[k:],
                                              ref_c, ref_r)
             else:
                 losses, stats = preference_losses(algo, self.section, lp[:k], lp[k:], n[:k], n[k:], ref_c, ref_r)
                 out["eval/loss"] = losses.mean().item()
             out.update(_means("eval/", stats))
             out["eval/accuracy"] = stats["rewards/accuracies"].mean().item()
-        else:  # KTO on unpaired held-out data
+        else:  # KTO / offline PPO on unpaired held-out data
             lp, _ = self._logps(learner, self._seqs(self.eval), "policy")
-            rewards = self.section.beta * (lp - self._eval_ref)
+            rewards = self.implicit_beta * (lp - self._eval_ref)
             good = torch.tensor([e.desirable for e in self.eval])
             out.update(_kto_unpaired_eval(rewards, good))
         out["time/eval"] = time.perf_counter() - t
@@ -249,6 +296,9 @@ class OfflineRun:
             start_step = int(learner.load_checkpoint(str(ckpt))["step"])
             run_dir.truncate_logs(start_step)  # rows of steps after the checkpoint are redone
             print(f"fleetrl: resumed from {ckpt} at step {start_step}", flush=True)
+        if cfg.paper_defaults_applied:
+            print(f"fleetrl: {self.algorithm} paper defaults (unset in the config): "
+                  + ", ".join(f"{k}={v}" for k, v in cfg.paper_defaults_applied.items()), flush=True)
         print(f"fleetrl: {self.algorithm}: {self._describe(self.train_stats)}; {len(self.units)} "
               f"{'packed rows' if self.units is not self.train else 'training examples'}, "
               f"{len(self.eval)} held-out; {sched.total_steps} optimizer steps of {sched.batch_size} "
@@ -297,6 +347,27 @@ class OfflineRun:
         metrics.close()
         print(f"fleetrl: final model (Hugging Face format) in {final}", flush=True)
         return run_dir.path
+
+
+def place_token_values(values: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] tensor with values[b] written, in order, at the positions where mask[b] is set (0 elsewhere)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for b, v in enumerate(values):
+        where = mask[b].bool()
+        if int(where.sum()) != v.numel():
+            raise ValueError(f"place_token_values: row {b} has {int(where.sum())} masked positions, {v.numel()} values")
+        out[b, where] = v.float()
+    return out
+
+
+def _scored_kind(data: DataConfig) -> str | None:
+    """How to read a file of scored feedback: as prompt + completion rows ("sft"; the score column is
+    kept in row.extra, and a label column, even a numeric one, is not parsed), unless data.kind says
+    otherwise or the rows are preference pairs (held-out pairs stay pairs)."""
+    if data.kind != "auto":
+        return None
+    first = next(iter(read_records(data.path, data.format, data.split, 1)), None)
+    return None if first is None or infer_kind(first[1], data) == "preference" else "sft"
 
 
 def _means(prefix: str, stats: dict[str, torch.Tensor]) -> dict[str, float]:

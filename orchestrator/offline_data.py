@@ -1,13 +1,20 @@
-"""Rows -> token ids -> padded batches for the offline trainers (SFT, RM, DPO, IPO, KTO, ORPO).
+"""Rows -> token ids -> padded batches for the offline trainers (SFT, RM, DPO, IPO, KTO, ORPO,
+offline PPO).
 
 Pure Python and torch (no Ray, no DeepSpeed). A sequence is prompt tokens then completion tokens,
 tokenized separately (the prompt of a pair is then the same token for token on both sides, and
 matches what the rollout fleet is given). Batches are right-padded; `loss_mask` marks the tokens
 whose log-probs count (see learner/offline.py for the layouts).
+
+Unpaired feedback (KTO, offline PPO) comes from labelled rows, from preference rows (both answers,
+or one per prompt with `one_y_per_x`) or from scored rows (a threshold makes the label, an optional
+weighting function each example's loss weight); see `FeedbackConfig`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +22,7 @@ from typing import Any
 
 import torch
 
+from learner.offline_config import UNPAIRED_ALGORITHMS, FeedbackConfig
 from orchestrator.data import (
     DataError,
     PreferenceRow,
@@ -44,10 +52,13 @@ class Pair:
 
 @dataclass(frozen=True)
 class Labeled:
-    """A KTO example: one completion, desirable or not."""
+    """An unpaired example (KTO, offline PPO): one completion, desirable or not, and the weight
+    of its loss (1 unless scores are weighted); `score` is the row's score when it had one."""
 
     seq: Seq
     desirable: bool
+    weight: float = 1.0
+    score: float | None = None
 
 
 Example = Seq | Pair | Labeled
@@ -62,25 +73,74 @@ class EncodeStats:
     truncated: int = 0  # completions cut to fit max_length (rm: sequences cut on the left)
     skipped_too_long: int = 0  # the prompt alone leaves no room for a completion token
     skipped_empty: int = 0  # the completion has no token
+    # Unpaired examples (kto, offline_ppo) only: how many of each class, and how many completions
+    # one_y_per_x left out (one per preference row).
+    desirable: int | None = None
+    undesirable: int | None = None
+    one_y_per_x_dropped: int | None = None
 
     def as_metrics(self, prefix: str) -> dict[str, int]:
-        return {f"{prefix}/rows": self.rows, f"{prefix}/examples": self.examples,
-                f"{prefix}/truncated": self.truncated, f"{prefix}/skipped_too_long": self.skipped_too_long,
-                f"{prefix}/skipped_empty": self.skipped_empty}
+        out = {f"{prefix}/rows": self.rows, f"{prefix}/examples": self.examples,
+               f"{prefix}/truncated": self.truncated, f"{prefix}/skipped_too_long": self.skipped_too_long,
+               f"{prefix}/skipped_empty": self.skipped_empty}
+        for key in ("desirable", "undesirable", "one_y_per_x_dropped"):
+            if getattr(self, key) is not None:
+                out[f"{prefix}/{key}"] = getattr(self, key)
+        return out
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+# ---------------------------------------------------------------------------------------------
+# Unpaired feedback: the conversions, as pure functions
+
+
+def one_y_per_x_choices(n: int, seed: int) -> list[bool]:
+    """For n preference rows in order: True = keep the chosen answer (desirable), False = keep the
+    rejected one. Each is a fair coin from a stream seeded by `seed` only (same data, same picks)."""
+    rng = random.Random(f"fleetrl-one-y-per-x:{seed}")
+    return [rng.random() < 0.5 for _ in range(n)]
+
+
+def score_is_desirable(score: float, threshold: float) -> bool:
+    """A scored completion is desirable when its score reaches the threshold (ties are desirable)."""
+    return score >= threshold
+
+
+def score_weights(scores: Sequence[float], threshold: float, weighting: str) -> list[float]:
+    """Per-example loss weights: "none" -> 1 each; "distance" -> |score - threshold| scaled so the
+    weights average 1 over `scores` (confident ratings count more, borderline ones less)."""
+    if weighting == "none":
+        return [1.0] * len(scores)
+    if weighting != "distance":
+        raise ValueError(f"score weighting must be 'none' or 'distance', got {weighting!r}")
+    dist = [abs(s - threshold) for s in scores]
+    mean = sum(dist) / len(dist) if dist else 0.0
+    if mean == 0.0:
+        raise DataError(
+            f"score_weighting 'distance': every score equals the threshold {threshold}, so every weight "
+            "would be 0; move the threshold or use score_weighting: none"
+        )
+    return [d / mean for d in dist]
+
+
 class Encoder:
-    """Turns rows into examples for one algorithm, with the run's tokenizer and length limit."""
+    """Turns rows into examples for one algorithm, with the run's tokenizer and length limit.
+
+    `feedback` (kto, offline_ppo) says how preference and scored rows become labelled examples;
+    `seed` seeds its one-y-per-x picks.
+    """
 
     def __init__(self, algorithm: str, tokenizer: Any, max_length: int, apply_chat_template: bool = True,
-                 margin_key: str | None = None):
+                 margin_key: str | None = None, feedback: FeedbackConfig | None = None, seed: int = 0):
         self.algorithm, self.tokenizer, self.max_length = algorithm, tokenizer, max_length
         self.act = apply_chat_template
         self.margin_key = margin_key
+        self.feedback = feedback if feedback is not None else FeedbackConfig()
+        self.seed = seed
+        self._keep_chosen: list[bool] = []
 
     def seq(self, prompt_text: str, completion_text: str, stats: EncodeStats) -> Seq | None:
         """prompt + completion ids, the completion cut on the right to fit; None when skipped (counted)."""
@@ -114,9 +174,21 @@ class Encoder:
 
     def encode(self, rows: Sequence[Row]) -> tuple[list[Example], EncodeStats]:
         stats = EncodeStats(rows=len(rows))
+        unpaired = self.algorithm in UNPAIRED_ALGORITHMS
+        if unpaired and self.feedback.one_y_per_x:
+            n_pairs = sum(isinstance(r, PreferenceRow) for r in rows)
+            self._keep_chosen = one_y_per_x_choices(n_pairs, self.seed)[::-1]  # popped in row order
+            stats.one_y_per_x_dropped = n_pairs
         out: list[Example] = []
         for row in rows:
             out.extend(self._encode_row(row, stats))
+        if unpaired:
+            fb = self.feedback
+            if fb.score_key is not None and fb.score_weighting != "none" and out:
+                weights = score_weights([e.score for e in out], fb.score_threshold, fb.score_weighting)
+                out = [dataclasses.replace(e, weight=w) for e, w in zip(out, weights)]
+            stats.desirable = sum(1 for e in out if e.desirable)
+            stats.undesirable = len(out) - stats.desirable
         stats.examples = len(out)
         return out, stats
 
@@ -134,14 +206,25 @@ class Encoder:
                 raise _wrong_kind(row, algo, "sft rows (prompt + completion, or messages)")
             s = self.seq(prompt(), completion("completion"), stats)
             return [s] if s is not None else []
-        if algo == "kto":
+        if algo in UNPAIRED_ALGORITHMS:
+            fb = self.feedback
+            if fb.score_key is not None:
+                if not isinstance(row, UnpairedRow | SFTRow):
+                    raise _wrong_kind(row, algo, f"scored rows (prompt, completion, {fb.score_key})")
+                score = self._score(row)
+                s = self.seq(prompt(), completion("completion"), stats)
+                good = score_is_desirable(score, fb.score_threshold)
+                return [Labeled(s, good, score=score)] if s is not None else []
             if isinstance(row, UnpairedRow):
                 s = self.seq(prompt(), completion("completion"), stats)
                 return [Labeled(s, row.label)] if s is not None else []
             if isinstance(row, PreferenceRow):  # a pair gives one desirable and one undesirable example
+                sides = (("chosen", True), ("rejected", False))
+                if fb.one_y_per_x:  # ... or just one of the two
+                    sides = sides[:1] if self._keep_chosen.pop() else sides[1:]
                 text = prompt()
                 out = []
-                for which, good in (("chosen", True), ("rejected", False)):
+                for which, good in sides:
                     s = self.seq(text, completion(which), stats)
                     if s is not None:
                         out.append(Labeled(s, good))
@@ -157,6 +240,23 @@ class Encoder:
         if c is None or r is None:
             return []
         return [Pair(c, r, self._margin(row))]
+
+    def _score(self, row: UnpairedRow | SFTRow) -> float:
+        key = self.feedback.score_key
+        value = row.extra.get(key)
+        if type(value).__module__ == "numpy":
+            value = value.item()
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise DataError(
+                f"{row.source}: {self.algorithm}.score_key is '{key}' but the row's '{key}' is {value!r}; "
+                f"every row needs a number there (or unset {self.algorithm}.score_key to read boolean labels)"
+            )
+        return float(value)
 
     def _margin(self, row: PreferenceRow) -> float | None:
         if self.margin_key is None:
@@ -221,8 +321,11 @@ def collate_pairs(pairs: Sequence[Pair], pad_token_id: int) -> dict[str, torch.T
 
 
 def collate_labeled(examples: Sequence[Labeled], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows + desirable [B] bool (+ weight [B] when some example's loss weight is not 1)."""
     out = collate_rows([e.seq for e in examples], pad_token_id)
     out["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
+    if any(e.weight != 1.0 for e in examples):
+        out["weight"] = torch.tensor([e.weight for e in examples], dtype=torch.float32)
     return out
 
 
