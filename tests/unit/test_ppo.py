@@ -27,7 +27,13 @@ from orchestrator.config import (
     config_from_dict,
     load_config,
 )
-from orchestrator.token_rl import completion_mask, critic_batch, make_kl_controller, token_advantages, token_kl
+from orchestrator.token_rl import (
+    completion_mask,
+    critic_batch,
+    make_kl_controller,
+    token_advantages,
+    token_kl,
+)
 
 T = torch.tensor
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -136,7 +142,8 @@ def test_token_kl_and_masks_from_a_batch():
     values, returns = torch.ones(1, 4), torch.full((1, 4), 2.0)
     cb = critic_batch({**batch, "input_ids": torch.zeros(1, 4, dtype=torch.long)}, values, returns)
     assert sorted(cb) == ["attention_mask", "input_ids", "loss_mask", "old_values", "returns"]
-    assert cb["old_values"] is not values or cb["old_values"].dtype == torch.float32
+    assert torch.equal(cb["old_values"], values) and torch.equal(cb["returns"], returns)
+    assert cb["loss_mask"] is batch["loss_mask"] and cb["input_ids"].shape == (1, 4)
 
 
 def test_align_values_shifts_by_one_and_zeroes_tokens_without_context():
@@ -264,7 +271,7 @@ def test_example_chain_paths_resolve_and_override_by_list_index(tmp_path):
     cfg = load_config(EXAMPLES / "ppo_tiny.yaml",
                       [f"model.path={tmp_path}/sft", f"reward.functions.0.model_path={tmp_path}/rm"])
     assert cfg.model.path == f"{tmp_path}/sft" and cfg.critic_init_path() == f"{tmp_path}/rm"
-    with pytest.raises(ConfigError, match=r"list of 1 entries; name one by its index 0\.\.0"):
+    with pytest.raises(ConfigError, match=r"list of 2 entries; name one by its index 0\.\.1"):
         load_config(EXAMPLES / "ppo_tiny.yaml", ["reward.functions.3.model_path=x"])
     # A reward model path that exists next to the config file is taken relative to it.
     (tmp_path / "rm").mkdir()
