@@ -58,7 +58,7 @@ class OfflineProgress(Progress):
     """One console line per logged step: loss, accuracy, held-out figures, step time, ETA."""
 
     FIELDS = (("train/loss", "loss"), ("train/rewards/accuracies", "acc"), ("train/scores/accuracies", "acc"),
-              ("train/kl", "kl"), ("eval/accuracy", "eval_acc"), ("eval/nll", "eval_nll"),
+              ("train/kl", "kl"), ("train/clip_frac", "clip"), ("eval/accuracy", "eval_acc"), ("eval/nll", "eval_nll"),
               ("time/step", "step_s"))
 
     def update(self, step: int, row: dict) -> None:

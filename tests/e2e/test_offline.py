@@ -171,3 +171,23 @@ def test_kto_two_ranks_on_ray_through_fleetrl_train(ray_local, out, capsys):
     assert_hf_dir(path / "final_model")
     assert (path / "checkpoints" / "step-000020" / "COMPLETE").is_file()
     assert AutoModelForCausalLM.from_pretrained(path / "final_model") is not None
+
+
+def test_offline_ppo_beats_chance_and_its_first_step_is_the_clipped_objective(out):
+    """Offline PPO on the KTO example's data: +1/-1 rewards, the reference as the old policy."""
+    from learner.losses import offline_binary_ppo_loss
+
+    run, rows = run_example("offline_ppo", out, "run.steps=24")
+    assert rows[-1]["eval/accuracy"] > 0.6 and rows[-1]["eval/rewards/margins"] > 0, rows[-1]
+    assert 0.0 < rows[-1]["train/clip_frac"] < 1.0 and rows[1]["train/clip_frac"] == 0.0
+    # Step 1 by hand: old log-probs = the starting model's (precomputed), so every ratio is 1 and the
+    # gradient is that of -A * ratio averaged over each example's completion tokens, then over examples.
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(run.cfg.model.path), dtype=torch.float32)
+    batch = run.batch(0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lp = token_logprobs(logits, batch["input_ids"])
+    mask = (batch["loss_mask"] * batch["attention_mask"]).float()
+    torch.testing.assert_close(batch["old_logprobs"], (lp * mask).detach(), atol=2e-4, rtol=1e-5)
+    rewards = torch.where(batch["desirable"], 1.0, -1.0)
+    offline_binary_ppo_loss(lp, lp.detach(), rewards, mask).mean().backward()
+    assert rows[1]["train/grad_norm"] == pytest.approx(grad_norm(model), rel=1e-4)

@@ -5,6 +5,7 @@ distance weights, and how the driver reports and ships them to the learner."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,20 @@ def test_driver_one_y_per_x_is_seeded_by_run_seed_and_logged(tmp_path, capsys):
     first = json.loads(run.run_dir.metrics_path.read_text().splitlines()[0])
     assert first["data/train/one_y_per_x_dropped"] == 40 and first["data/train/examples"] == 40
     assert first["data/train/desirable"] == sum(picks)
+
+
+def test_scored_example_data_is_what_its_generator_writes_and_the_examples_load(tmp_path):
+    from examples.make_scored_data import FILES, main
+    from orchestrator.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    main(tmp_path)
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() == (root / "data" / name).read_bytes(), name
+    rows = [json.loads(line) for line in (root / "data" / "scored_train.jsonl").read_text().splitlines()]
+    assert {r["stars"] for r in rows} == {1, 2, 3, 4, 5} and "label" not in rows[0]
+    scored_cfg = load_config(root / "kto_scored_tiny.yaml")
+    assert scored_cfg.kto.score_key == "stars" and Path(scored_cfg.data.eval_path).is_file()
+    ppo_cfg = load_config(root / "offline_ppo_tiny.yaml")
+    assert ppo_cfg.algorithm == "offline_ppo" and Path(ppo_cfg.data.path).is_file()
+    assert Path(ppo_cfg.eval_data.path).is_file()
