@@ -15,7 +15,7 @@ from learner.config import LearnerConfig, PolicyLossConfig
 
 # LearnerConfig fields a critic may set; None = the policy learner's value.
 INHERITED = (
-    "num_ranks", "num_cpus_per_rank", "num_gpus_per_rank", "backend", "zero_stage", "dtype", "lr",
+    "num_ranks", "num_cpus_per_rank", "num_gpus_per_rank", "resources_per_rank", "backend", "zero_stage", "dtype", "lr",
     "weight_decay", "adam_betas", "adam_eps", "lr_warmup_steps", "lr_schedule", "min_lr_ratio",
     "max_grad_norm", "micro_batch_size", "gradient_checkpointing", "offload_optimizer", "seed",
     "deepspeed_config",
@@ -40,6 +40,7 @@ class CriticConfig(StrictModel):
     num_ranks: int | None = Field(None, ge=1)
     num_cpus_per_rank: float | None = Field(None, gt=0)
     num_gpus_per_rank: float | None = Field(None, ge=0)
+    resources_per_rank: dict[str, float] | None = None  # custom Ray resources (pins ranks to marked nodes)
     backend: Literal["auto", "gloo", "nccl"] | None = None
     zero_stage: int | None = Field(None, ge=0, le=3)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
