@@ -55,11 +55,11 @@ class MetricsWriter:
 class Progress:
     """One line per step: step/total, reward, loss, step time, ETA."""
 
-    def __init__(self, total: int, start: int = 0, stream=sys.stdout):
+    def __init__(self, total: int, start: int = 0, stream=None):
         self.total = total
         self.start_step = start
         self.t0 = time.perf_counter()
-        self.stream = stream
+        self.stream = stream or sys.stdout  # looked up now: train() redirects stdout to train.log
 
     def update(self, step: int, row: dict) -> None:
         done = step - self.start_step

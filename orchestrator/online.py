@@ -588,6 +588,11 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         train_s = time.perf_counter() - t
         optimizer_steps += len(train_stats)
 
+        # A worker that died while idle would break the broadcast: drop it first (replaced next step).
+        lost = fleet.remove_dead_workers()
+        if lost:
+            collector.workers_lost += len(lost)
+            log.warning("rollout worker(s) %s died; replaced at the next step", lost)
         sync_s = sync.push(step + 1)
         step_s = time.perf_counter() - step_start
 

@@ -56,12 +56,12 @@ class _Tee:
 @contextlib.contextmanager
 def _log_to(path: Path):
     with open(path, "a", buffering=1) as f:
-        handler = logging.StreamHandler(f)
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, f), _Tee(err, f)
+        handler = logging.StreamHandler(sys.stderr)  # log records: console and train.log
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger = logging.getLogger("fleetrl")
         logger.addHandler(handler)
-        out, err = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(out, f), _Tee(err, f)
         try:
             yield
         finally:

@@ -271,6 +271,26 @@ class RolloutFleet:
         ray.kill(handle)
         return unfinished
 
+    def remove_dead_workers(self, timeout_s: float = 60.0) -> list[int]:
+        """Ping every worker; remove those whose actor has died. Returns their indices.
+
+        A worker that is merely slow (its ping waits behind queued calls) counts as alive.
+        """
+        import ray
+
+        pings = {self.book.handle(i).ping.remote(): i for i in self.book.indices()}
+        dead = []
+        for ref, index in pings.items():
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                dead.append(index)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        for index in dead:
+            self.remove_worker(index, wait=True, timeout_s=0)
+        return dead
+
     # -- generation -----------------------------------------------------------------
 
     @property

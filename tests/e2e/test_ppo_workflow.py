@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import orchestrator.metrics  # noqa: F401  (see below)
 from learner.config import LearnerConfig
 from learner.critic import CriticLearner, align_values, load_value_model
 from learner.critic_config import CriticConfig
@@ -26,9 +25,6 @@ from learner.deepspeed_utils import free_port
 from orchestrator.config import load_config
 from orchestrator.tiny import ensure_tiny_model
 from orchestrator.train import train
-
-# Imported here, not first inside train(): Progress binds `stream=sys.stdout` when orchestrator.metrics
-# is imported, and inside train() sys.stdout is the run's train.log tee, closed when that run ends.
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
