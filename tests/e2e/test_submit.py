@@ -33,15 +33,11 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = f"e2e-submit-{secrets.token_hex(3)}"  # the `run` tag of the exported metrics
 EXAMPLE = REPO / "examples/grpo_tiny.yaml"
 
-# The job under test. Until the GRPO loop is finished it is the metrics smoke test; to submit a
-# real tiny GRPO run instead, this is the one line to change:
-#   JOB = {"config_path": str(EXAMPLE), "overrides": ["run.steps=2", f"run.name={RUN}"]}
-JOB = {"command": ["python", "-m", "orchestrator.ray_metrics", "--run", RUN, "reward/mean=0.625",
-                   "tokens_per_s=1234.5", "time/step=0.25", "weight_version=3", "queue_depth/reward=2",
-                   "reward/errors=2"]}
+# The job under test: a real tiny GRPO run (2 steps, 1 rollout worker), submitted like a user would.
+JOB = {"config_path": str(EXAMPLE), "overrides": ["run.steps=2", f"run.name={RUN}", "rollout.num_workers=1"]}
 JOB_TIMEOUT_S = 600
-# The commands `fleetrl status/logs/stop/jobs` (orchestrator.cli once it adds the deploy commands).
-CLI = [sys.executable, "-m", "deploy.cli"]
+# The commands `fleetrl status/logs/stop/jobs`.
+CLI = [sys.executable, "-m", "orchestrator.cli"]
 
 
 def prometheus_name(key: str) -> str:
