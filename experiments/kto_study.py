@@ -319,6 +319,7 @@ def verdicts(results: list[dict]) -> list[str]:
 
 def table(report: dict) -> str:
     results, s = report["results"], report["settings"]
+    run_s = statistics.median(r["seconds"] for r in results)
     intro = (f"Held-out preference accuracy (implicit reward of the chosen answer > the rejected one) and margin "
              f"(log-ratio chosen - log-ratio rejected, in nats, the same scale for every algorithm) after "
              f"{s['steps']} optimizer steps; mean +- standard deviation over {len(s['seeds'])} seeds "
@@ -339,7 +340,7 @@ def table(report: dict) -> str:
     weights = [r["weights"] for r in runs(results, "imbalance", "kto")]
     lambdas = ", ".join(f"{w[0]:.2f}" for w in weights)
     wall = (f"Wall time: {report['wall_seconds'] / 60:.1f} min for {len(results)} runs on {report['machine']} "
-            f"(`{report['command']}`).")
+            f"(`{report['command']}`); the median run took {run_s:.0f} s.")
     lines += ["", "Computed from these numbers:", "", *verdicts(results), "",
               f"KTO's weights in condition b (lambda rule): lambda_D = {lambdas}, lambda_U = 1.", "",
               wall, "", "![held-out accuracy per condition](kto_study.png)"]
@@ -403,6 +404,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval", type=int, default=129, help="held-out pairs per condition")
     p.add_argument("--eval-every", type=int, default=8)
     p.add_argument("--out", type=Path, default=DOCS, help="where kto_study.{md,png,json} go")
+    # The tiny model's ops are too small to gain from a second thread, and on a shared machine two
+    # OpenMP threads wait on each other at every op (runs went from ~6 s to ~300 s under load).
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the table and plot from OUT/kto_study.json without training")
     return p.parse_args(argv)
@@ -418,6 +422,9 @@ def main(argv=None) -> int:
     if args.report_only:
         report = json.loads(json_path.read_text())
     else:
+        import torch
+
+        torch.set_num_threads(args.threads)
         with tempfile.TemporaryDirectory(prefix="kto-study-") as work:
             report = study(args.seeds, args.steps, args.train, args.eval, args.eval_every, Path(work))
         report["command"] = "python experiments/kto_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
