@@ -3,7 +3,7 @@
 Runs ``orchestrator.train.train`` (what ``fleetrl train`` runs) on a config, by default
 ``examples/grpo_tiny.yaml`` for a few steps, then reads the run's ``metrics.jsonl``. For each
 phase the orchestrator times (``time/generate``, ``time/reward_wait``, ``time/reference``,
-``time/train``, ``time/weight_sync``) it prints the median over the steps after the first (the
+``time/train``, ``time/weight_sync``; ``time/reward``, which overlaps generation, is shown apart) it prints the median over the steps after the first (the
 first step pays one-off costs), min-max, and the phase's share of the median step
 (``time/step``, the baseline of the same run). "other" is the step minus its timed phases
 (padding, advantages, metrics). ``--metrics`` reads an existing metrics.jsonl instead.
@@ -25,14 +25,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parent.parent
+# Back to back inside a step: together with "other" they add up to time/step.
 PHASES = ("time/generate", "time/reward_wait", "time/reference", "time/train", "time/weight_sync")
+# Measured too, but overlapping the phases above: shown, never subtracted.
+OVERLAPPING = {"time/reward": "reward scoring, summed over reward actors (overlaps generate)"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "examples" / "grpo_tiny.yaml"))
-    p.add_argument("--steps", type=int, default=12, help="run.steps of the run (the first is not counted)")
+    p.add_argument("--steps", type=int, default=20, help="run.steps of the run (the first is not counted)")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more config overrides, as on the fleetrl command line (e.g. learner.loss.kl_coef=0.01)")
     p.add_argument("--output-dir", default=None, help="run.output_dir (default: a temporary directory, removed)")
@@ -54,6 +57,11 @@ def breakdown(rows: list[dict]) -> tuple[list[list[str]], dict]:
     for name, s in list(cols.items()) + [("time/step", step)]:
         table.append([name, f"{s.median:.3f}", f"{min(s.values):.3f}-{max(s.values):.3f}",
                       f"{s.median / step.median:.0%}"])
+    for name, what in OVERLAPPING.items():
+        if all(name in r for r in steady):
+            s = Samples(r[name] for r in steady)
+            table.append([f"{name}: {what}", f"{s.median:.3f}", f"{min(s.values):.3f}-{max(s.values):.3f}",
+                          f"({s.median / step.median:.0%})"])
     extra = {
         "steps counted": len(steady),
         "tokens/s (median, during generate)": f"{Samples(r['tokens_per_s'] for r in steady).median:.0f}",
