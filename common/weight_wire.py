@@ -13,8 +13,8 @@ Only torch here: no Ray, no vLLM at import time, no fleetrl imports.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 

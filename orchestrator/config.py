@@ -193,7 +193,7 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _offline_shapes(self) -> "RunConfig":
+    def _offline_shapes(self) -> RunConfig:
         if self.algorithm not in OFFLINE_ALGORITHMS:
             return self
         oc, lc = self.offline, self.learner
@@ -229,7 +229,7 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _batch_shapes(self) -> "RunConfig":
+    def _batch_shapes(self) -> RunConfig:
         if self.algorithm in ONLINE_ALGORITHMS and self.run.steps is None:
             self.run.steps = 100
         if self.algorithm in ONLINE_ALGORITHMS:

@@ -88,7 +88,7 @@ class GroupCollector:
     def _next_prompts(self, k: int, stats: RolloutStats) -> list[tuple[int, Any, str, list[int]]]:
         out = []
         while len(out) < k:
-            epoch, index, row = next(self.stream)
+            _epoch, _index, row = next(self.stream)
             text = render_prompt(row, self.tokenizer)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > self.cfg.rl.max_prompt_tokens:

@@ -1,7 +1,6 @@
 """Name mapping and export logic of the Ray metrics exporter, with fake metric classes (no Ray)."""
 
 import re
-
 import subprocess
 import sys
 from pathlib import Path
