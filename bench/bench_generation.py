@@ -1,9 +1,12 @@
 """Generation throughput of the rollout fleet vs raw ``vllm.LLM.generate``, measured in one run.
 
-Baseline: one ``vllm.LLM`` in this process, built with the engine settings a ``RolloutWorker``
-uses (model, max_model_len, dtype, enforce_eager, seed, logprobs mode, KV cache size), given all
-prompts (token ids) in ONE ``generate`` call with the SamplingParams the worker builds
-(``rollout.worker.sampling_params``: per-token logprobs on, no detokenization).
+Baseline: a ``vllm.LLM`` in this process, built by a ``RolloutWorker`` constructed here without
+Ray (so the engine settings are exactly a fleet worker's: model, max_model_len, dtype,
+enforce_eager, seed, logprobs mode, KV cache size), given all prompts (token ids) in ONE
+``LLM.generate`` call with the SamplingParams the worker builds (``rollout.worker.sampling_params``:
+per-token logprobs on, no detokenization). Three more in-process rows on the same engine: logprobs
+off, the prompts in calls of k one after the other (the streamed fleet's batch size without Ray),
+and ``RolloutWorker.generate`` (the worker's Python around the engine, without Ray).
 
 Fleet rows go through ``RolloutFleet`` (Ray actors, one vLLM engine each) on the same prompts
 and sampling, first with 1 worker, then with a 2nd worker added. Each fleet layout is measured
@@ -68,21 +71,17 @@ def make_prompts(num: int, lo: int, hi: int, vocab: int, seed: int) -> list[list
 
 
 class RawEngine:
-    """The baseline: ``vllm.LLM`` in this process, with the engine arguments RolloutWorker passes."""
+    """The baseline: a ``vllm.LLM`` in this process, built by ``RolloutWorker`` itself (no Ray), so its
+    engine settings are exactly a fleet worker's; ``generate`` calls ``LLM.generate`` directly."""
 
     def __init__(self, cfg, model_path: str):
-        from vllm import LLM
+        from rollout.worker import RolloutWorker
 
-        from rollout.worker import LOGPROBS_MODE
+        self.worker = RolloutWorker(cfg, model_path)  # also sets VLLM_CPU_KVCACHE_SPACE, warms up
+        self.llm = self.worker.llm
 
-        os.environ.update({"VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kvcache_space_gb), **cfg.env_vars})
-        self.llm = LLM(model=model_path, tensor_parallel_size=cfg.tensor_parallel_size,
-                       max_model_len=cfg.max_model_len, dtype=cfg.dtype,
-                       gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
-                       seed=cfg.seed, logprobs_mode=LOGPROBS_MODE)
-
-    def generate(self, prompts, n: int, sampling: dict, logprobs: bool = True) -> int:
-        """Tokens generated."""
+    def generate(self, prompts, n: int, sampling: dict, logprobs: bool = True, per_call: int | None = None) -> int:
+        """Tokens generated; ``per_call``: that many prompts per ``generate``, one call after the other."""
         from vllm.inputs import TokensPrompt
 
         from rollout.worker import sampling_params
@@ -90,9 +89,18 @@ class RawEngine:
         params = sampling_params(sampling, n)
         if not logprobs:
             params.logprobs = None
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
-                                 use_tqdm=False)
-        return sum(len(c.token_ids) for o in outs for c in o.outputs)
+        per_call = per_call or len(prompts)
+        tokens = 0
+        for i in range(0, len(prompts), per_call):
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts[i:i + per_call]],
+                                     params, use_tqdm=False)
+            tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
+        return tokens
+
+    def worker_generate(self, prompts, n: int, sampling: dict) -> int:
+        """``RolloutWorker.generate`` in this process: the worker's own code around the engine, no Ray."""
+        comps = self.worker.generate(prompts, n, sampling, list(range(len(prompts))))
+        return sum(len(c.token_ids) for c in comps)
 
 
 def fleet_one_call_per_worker(fleet, prompts, n: int, sampling: dict) -> int:
@@ -180,6 +188,10 @@ def main(argv=None) -> None:
             modes = {
                 "raw vllm.LLM.generate (1 call)": lambda: raw.generate(prompts, args.n, sampling),
                 "raw, logprobs off": lambda: raw.generate(prompts, args.n, sampling, logprobs=False),
+                f"raw, {args.prompts_per_call} prompts/call in turn": lambda: raw.generate(
+                    prompts, args.n, sampling, per_call=args.prompts_per_call),
+                "RolloutWorker.generate in-process (no Ray)": lambda: raw.worker_generate(
+                    prompts, args.n, sampling),
                 f"fleet {workers}w, 1 call/worker": lambda: fleet_one_call_per_worker(
                     fleet, prompts, args.n, sampling),
                 f"fleet {workers}w, {args.prompts_per_call} prompts/call": lambda: fleet_streamed(
