@@ -4,7 +4,7 @@
 setup:
 	bash scripts/setup.sh
 
-# The main job: GRPO on the built-in tiny model and synthetic task (CPU, ~10 minutes on 2 cores).
+# The main job: GRPO on the built-in tiny model and synthetic task (CPU, a few minutes on 2 cores).
 demo: setup
 	.venv/bin/fleetrl train examples/grpo_tiny.yaml
 
