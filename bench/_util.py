@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import statistics
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -19,25 +17,10 @@ from pathlib import Path
 
 def bench_model(hidden_size: int, num_layers: int, seed: int = 0, cache_dir: str | None = None) -> str:
     """A random-init tiny Qwen2 of the given shape (orchestrator/tiny.py), built once and cached."""
-    from orchestrator.tiny import BUILDER_VERSION, MARKER_FILE, build_tiny_model, default_cache_dir
+    from orchestrator.tiny import ensure_tiny_model
 
-    root = Path(cache_dir) if cache_dir else default_cache_dir() / "bench-models"
-    final = root / f"h{hidden_size}-l{num_layers}-s{seed}-v{BUILDER_VERSION}"
-    if (final / MARKER_FILE).is_file():
-        return str(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        build_tiny_model(tmp, seed=seed, hidden_size=hidden_size, num_layers=num_layers)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MARKER_FILE).is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
+    return str(ensure_tiny_model("policy", cache_dir=cache_dir, seed=seed, hidden_size=hidden_size,
+                                 num_layers=num_layers))
 
 
 def model_info(path: str) -> dict:

@@ -177,7 +177,7 @@ def default_cache_dir() -> Path:
 
 
 def ensure_tiny_model(kind: str = "policy", cache_dir: str | os.PathLike | None = None,
-                      seed: int = 0) -> Path:
+                      seed: int = 0, **shape: int) -> Path:
     """Path of the cached tiny model of `kind`, built on first use.
 
     Safe under concurrent callers: each builds into its own temp dir and renames it into place;
@@ -185,7 +185,8 @@ def ensure_tiny_model(kind: str = "policy", cache_dir: str | os.PathLike | None 
     """
     if kind not in KINDS:
         raise ValueError(f"ensure_tiny_model: kind must be one of {KINDS}, got {kind!r}")
-    params = build_params(seed=seed, reward_model=kind == "reward")
+    # `shape`: hidden_size / num_layers / vocab_size of build_tiny_model (the benchmarks' bigger models).
+    params = build_params(seed=seed, reward_model=kind == "reward", **shape)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / "tiny-models" / f"{kind}-seed{seed}-{key}"
@@ -194,7 +195,7 @@ def ensure_tiny_model(kind: str = "policy", cache_dir: str | os.PathLike | None 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        build_tiny_model(tmp, seed=seed, reward_model=kind == "reward")
+        build_tiny_model(tmp, seed=seed, reward_model=kind == "reward", **shape)
         try:
             os.rename(tmp, final)  # atomic on one filesystem; fails if `final` already exists
         except OSError:
