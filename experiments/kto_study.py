@@ -27,7 +27,7 @@ step), the same number of optimizer steps and the same number of sequences per s
 KTO / offline PPO: 32 completions); beta = 0.1 for DPO and KTO, clip = 0.2 for offline PPO; no SFT
 warm start. Runs in-process on one DeepSpeed rank (OfflineLearner, ZeRO-0): no Ray.
 
-Run from the repository root (about 10-25 minutes on 2 CPU cores; --seeds / --steps shorten it):
+Run it (70 runs of about 5-10 s; 14 minutes on a shared 2-core machine; --seeds / --steps shorten it):
     python experiments/kto_study.py
 The plot needs matplotlib:  pip install -e '.[study]'   (or pip install matplotlib)
 """

@@ -262,7 +262,7 @@ class OfflineLearner(PolicyLearner):
     ):
         """`mini_batch_size`: examples (pairs for rm/dpo/ipo/orpo) per optimizer step over all ranks.
 
-        The reference model is loaded exactly when the algorithm needs one (dpo, ipo, kto);
+        The reference model is loaded exactly when the algorithm needs one (dpo, ipo, kto, offline_ppo);
         `learner.reference` is not consulted. `pad_token_id` pads rows built here (KTO's KL rows)
         and tells a reward model's head where sequences end. `max_length` bounds KTO's KL rows.
         """
