@@ -99,7 +99,8 @@ def main(argv=None) -> None:
     if not args.metrics and not args.output_dir:
         shutil.rmtree(metrics.parent.parent, ignore_errors=True)
     print_table(["phase", "median s", "min-max s", "share of median step"], table,
-                title=(f"Step-time breakdown of {args.metrics or args.config} ({len(rows)} steps; "
+                title=(f"Step-time breakdown of {args.metrics or args.config}"
+                       f"{' ' + ' '.join(args.overrides) if args.overrides and not args.metrics else ''} ({len(rows)} steps; "
                        f"load avg start {before['loadavg_1_5_15']}, end {after['loadavg_1_5_15']})"))
     for k, v in extra.items():
         print(f"{k}: {v}")

@@ -133,6 +133,35 @@ def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
     return got, version
 
 
+def alloc_probe(numel: int, bucket_mbs: list[int], rounds: int) -> list[list[str]]:
+    """In this process: copying ``numel`` fp32 values into fresh buffers of each bucket size (what both
+    ends of the spine do every sync) vs into one reused buffer. Big buffers come from mmap and are
+    page-faulted again on every allocation; small ones are recycled by the allocator."""
+    import torch
+    from _util import Samples
+
+    src = torch.randn(numel)
+    reused = torch.empty(numel)
+    reused.copy_(src)
+    rows = []
+    for mb in bucket_mbs:
+        chunk = max(1, min(numel, mb * 2**20 // 4))
+        fresh, again = Samples(), Samples()
+        for r in range(rounds + 1):
+            t0 = time.perf_counter()
+            for off in range(0, numel, chunk):
+                buf = torch.empty(min(chunk, numel - off))
+                buf.copy_(src[off:off + buf.numel()])
+                del buf
+            t1 = time.perf_counter()
+            reused.copy_(src)
+            t2 = time.perf_counter()
+            if r:  # the first round warms the allocator up
+                fresh.add(t1 - t0), again.add(t2 - t1)
+        rows.append([f"{mb}", _ms(fresh), _ms(again), f"{fresh.median / again.median:.1f}"])
+    return rows
+
+
 def _bw(s, mib: float):
     from _util import Samples
 
@@ -189,6 +218,7 @@ def main(argv=None) -> None:
         if any(b.dtype != dtype for b in base.buckets):
             raise RuntimeError("the policy mixes dtypes; this bench's raw baseline assumes one dtype")
 
+        probe_rows = alloc_probe(sum(b.numel for b in base.buckets), args.bucket_mb, args.rounds)
         bw_rows, ms_rows = [], []
         version = 0
         raw_cls = ray.remote(num_cpus=1)(RawPeer)
@@ -245,6 +275,9 @@ def main(argv=None) -> None:
         ["workers", "bucket MiB", "spine e2e ms", "learner send ms", "vLLM receive ms", "vLLM reload ms",
          "reload share", "raw e2e ms", "raw fresh-buffer e2e ms"],
         ms_rows, title="Weight sync time per sync (same run)")
+    print_table(["bucket MiB", "fresh buffers + copy ms", "reused buffer copy ms", "ratio"], probe_rows,
+                title=f"Allocation probe in the driver: copying {mib:.1f} MiB into fresh buffers of each bucket "
+                      "size (as both ends of the spine do per sync) vs into one reused buffer")
 
 
 if __name__ == "__main__":
