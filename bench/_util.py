@@ -17,14 +17,14 @@ from pathlib import Path
 
 def bench_model(hidden_size: int, num_layers: int, seed: int = 0, cache_dir: str | None = None) -> str:
     """A random-init tiny Qwen2 of the given shape (orchestrator/tiny.py), built once and cached."""
-    from orchestrator.tiny import ensure_tiny_model
+    from fleetrl.testing.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model("policy", cache_dir=cache_dir, seed=seed, hidden_size=hidden_size,
                                  num_layers=num_layers))
 
 
 def model_info(path: str) -> dict:
-    from orchestrator.tiny import MARKER_FILE
+    from fleetrl.testing.tiny import MARKER_FILE
 
     return json.loads((Path(path) / MARKER_FILE).read_text())
 

@@ -3,7 +3,7 @@
 Baseline: a ``vllm.LLM`` in this process, built by a ``RolloutWorker`` constructed here without
 Ray (so the engine settings are exactly a fleet worker's: model, max_model_len, dtype,
 enforce_eager, seed, logprobs mode, KV cache size), given all prompts (token ids) in ONE
-``LLM.generate`` call with the SamplingParams the worker builds (``rollout.worker.sampling_params``:
+``LLM.generate`` call with the SamplingParams the worker builds (``fleetrl.rollout.worker.sampling_params``:
 per-token logprobs on, no detokenization). Three more in-process rows on the same engine: logprobs
 off, the prompts in calls of k one after the other (the streamed fleet's batch size without Ray),
 and ``RolloutWorker.generate`` (the worker's Python around the engine, without Ray).
@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +74,7 @@ class RawEngine:
     engine settings are exactly a fleet worker's; ``generate`` calls ``LLM.generate`` directly."""
 
     def __init__(self, cfg, model_path: str):
-        from rollout.worker import RolloutWorker
+        from fleetrl.rollout.worker import RolloutWorker
 
         self.worker = RolloutWorker(cfg, model_path)  # also sets VLLM_CPU_KVCACHE_SPACE, warms up
         self.llm = self.worker.llm
@@ -84,7 +83,7 @@ class RawEngine:
         """Tokens generated; ``per_call``: that many prompts per ``generate``, one call after the other."""
         from vllm.inputs import TokensPrompt
 
-        from rollout.worker import sampling_params
+        from fleetrl.rollout.worker import sampling_params
 
         params = sampling_params(sampling, n)
         if not logprobs:
@@ -117,7 +116,7 @@ def fleet_one_call_per_worker(fleet, prompts, n: int, sampling: dict) -> int:
 
 
 def fleet_streamed(fleet, prompts, n: int, sampling: dict, per_call: int) -> int:
-    """Like orchestrator.online.GroupCollector: keep idle capacity filled, collect as calls finish."""
+    """Like fleetrl.online.loop.GroupCollector: keep idle capacity filled, collect as calls finish."""
     import ray
 
     todo = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
@@ -147,7 +146,7 @@ def main(argv=None) -> None:
         print_table,
     )
 
-    from rollout.config import RolloutConfig
+    from fleetrl.rollout.config import RolloutConfig
 
     before = print_machine_state("start")
     model = args.model or bench_model(args.hidden_size, args.num_layers, seed=args.seed)
@@ -172,7 +171,7 @@ def main(argv=None) -> None:
     print(f"raw engine ready in {time.perf_counter() - t0:.1f}s", flush=True)
 
     init_local_ray()
-    from rollout.fleet import RolloutFleet
+    from fleetrl.rollout.fleet import RolloutFleet
 
     t0 = time.perf_counter()
     fleet = RolloutFleet(pinned(cfg, 0) if args.pin_workers else cfg, model, name_prefix="bench-gen/")

@@ -1,6 +1,6 @@
 """Where the time of one online RL step goes: the step-time breakdown of a real short run.
 
-Runs ``orchestrator.train.train`` (what ``fleetrl train`` runs) on a config, by default
+Runs ``fleetrl.train.train`` (what ``fleetrl train`` runs) on a config, by default
 ``examples/grpo_tiny.yaml`` for a few steps, then reads the run's ``metrics.jsonl``. For each
 phase the orchestrator times (``time/generate``, ``time/reward_wait``, ``time/reference``,
 ``time/train``, ``time/weight_sync``; ``time/reward``, which overlaps generation, is shown apart) it prints the median over the steps after the first (the
@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parent.parent
 # Back to back inside a step: together with "other" they add up to time/step.
@@ -73,8 +72,8 @@ def breakdown(rows: list[dict]) -> tuple[list[list[str]], dict]:
 
 def run(args) -> Path:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from orchestrator.config import load_config
-    from orchestrator.train import train
+    from fleetrl.run.config import load_config
+    from fleetrl.train import train
 
     out = args.output_dir or tempfile.mkdtemp(prefix="fleetrl-bench-step-")
     overrides = [f"run.steps={args.steps}", f"run.output_dir={out}",

@@ -7,7 +7,7 @@ bucket packing on the learner, a broadcast per bucket over the side group, then 
 function the learner uses) so that one learner serves every bucket size.
 
 Baseline ("raw"): plain Ray actors (the same kind of process: one sender, one receiver per vLLM
-worker) joined by ``common.weight_wire.init_side_group`` over the same backend, broadcasting
+worker) joined by ``fleetrl.core.weight_wire.init_side_group`` over the same backend, broadcasting
 preallocated flat tensors with exactly the spine's bucket sizes: the wire alone. A second raw
 variant ("fresh buffer") allocates every bucket anew on both ends and has the sender copy its
 data in first, as the spine does: it tells allocation and copying apart from the rest.
@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +65,7 @@ class RawPeer:
         self.group = None
 
     def join(self, host: str, port: int, world_size: int, backend: str) -> int:
-        from common.weight_wire import init_side_group
+        from fleetrl.core.weight_wire import init_side_group
 
         self.group = init_side_group(host, port, self.rank, world_size, backend)
         return self.rank
@@ -79,7 +78,7 @@ class RawPeer:
         """
         import torch
 
-        from common.weight_wire import broadcast
+        from fleetrl.core.weight_wire import broadcast
 
         t0 = time.perf_counter()
         for flat in self.flats[:count]:
@@ -103,7 +102,7 @@ def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
     import ray
     from _util import Samples
 
-    from common.weight_wire import WeightPlan
+    from fleetrl.core.weight_wire import WeightPlan
 
     def spine() -> dict[str, float]:
         nonlocal version
@@ -191,11 +190,11 @@ def main(argv=None) -> None:
     init_local_ray()
     import ray
 
-    from common.weight_wire import plan_buckets
-    from learner.config import LearnerConfig
-    from learner.group import LearnerGroup
-    from rollout.config import RolloutConfig
-    from rollout.fleet import RolloutFleet
+    from fleetrl.core.weight_wire import plan_buckets
+    from fleetrl.learner.config import LearnerConfig
+    from fleetrl.learner.group import LearnerGroup
+    from fleetrl.rollout.config import RolloutConfig
+    from fleetrl.rollout.fleet import RolloutFleet
 
     t0 = time.perf_counter()
     rcfg = RolloutConfig(num_workers=1, device="cpu", max_model_len=256, dtype="float32", enforce_eager=True,
@@ -228,7 +227,7 @@ def main(argv=None) -> None:
                     fleet.cfg = pinned(rcfg, fleet.num_workers)
                 fleet.add_worker()
             fleet.wait_ready()
-            # The spine's side group, built as orchestrator.online.WeightSync builds it.
+            # The spine's side group, built as fleetrl.online.loop.WeightSync builds it.
             host, port = learner.side_group_address()
             world = fleet.weight_group_world_size()
             ray.get(learner.init_weight_sync(host, port, world, args.backend)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.tasks import preference_task, sft_task, unpaired_task, write_jsonl
+from fleetrl.testing.tasks import preference_task, sft_task, unpaired_task, write_jsonl
 
 DATA = Path(__file__).resolve().parent / "data"
 TRAIN_ROWS, EVAL_ROWS = 256, 64

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from orchestrator.tasks import LETTERS, letters_task, write_jsonl
+from fleetrl.testing.tasks import LETTERS, letters_task, write_jsonl
 
 DATA = Path(__file__).resolve().parent / "data"
 TRAIN_ROWS, EVAL_ROWS = 512, 64

@@ -52,9 +52,9 @@ from typing import Any
 
 T_START = time.perf_counter()  # the wall time reported covers imports and model builds too
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from orchestrator.tasks import LETTERS, PROMPT_TEMPLATES, WORDS, write_jsonl
+
+from fleetrl.testing.tasks import LETTERS, PROMPT_TEMPLATES, WORDS, write_jsonl
 
 DOCS = ROOT / "docs"
 CONDITIONS = ("balanced", "imbalance", "noise", "intransitive")
@@ -176,11 +176,11 @@ def train_one(tree: dict, tokenizer: Any, eval_kinds: list[str]) -> dict[str, An
     """Train one config; returns the held-out curve [(step, accuracy, margin in nats)], the final
     accuracy per kind of held-out comparison ("AB", "AC", ...) and the data counts. Uses OfflineRun's
     own pieces (data, schedule, reference, evaluation); no checkpoints."""
-    from learner.deepspeed_utils import free_port
-    from learner.offline import OfflineLearner
-    from orchestrator.config import config_from_dict
-    from orchestrator.offline import OfflineRun
-    from orchestrator.runtime import RunDir
+    from fleetrl.learner.deepspeed_utils import free_port
+    from fleetrl.learner.offline import OfflineLearner
+    from fleetrl.run.config import config_from_dict
+    from fleetrl.offline.loop import OfflineRun
+    from fleetrl.run.runtime import RunDir
 
     cfg = config_from_dict(tree)
     log = io.StringIO()
@@ -228,8 +228,8 @@ def _point(step: int, ev: dict[str, float], beta: float) -> list[float]:
 
 
 def study(seeds: list[int], steps: int, n_train: int, n_eval: int, eval_every: int, work: Path) -> dict:
-    from orchestrator.runtime import load_tokenizer
-    from orchestrator.tiny import ensure_tiny_model
+    from fleetrl.run.runtime import load_tokenizer
+    from fleetrl.testing.tiny import ensure_tiny_model
 
     results: list[dict] = []
     t0 = time.perf_counter()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from orchestrator.config import load_config
-from orchestrator.control import control_actor_name, scale_run
-from orchestrator.train import train
+from fleetrl.online.control import control_actor_name, scale_run
+from fleetrl.run.config import load_config
+from fleetrl.train import train
 
 pytestmark = pytest.mark.e2e
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml"

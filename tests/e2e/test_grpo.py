@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_config
-from orchestrator.train import train
+from fleetrl.run.config import load_config
+from fleetrl.train import train
 
 pytestmark = pytest.mark.e2e
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml"

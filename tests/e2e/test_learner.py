@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from common.weight_wire import broadcast, init_side_group, unpack_bucket
-from learner.config import LearnerConfig
-from learner.deepspeed_utils import free_port
-from learner.losses import policy_loss, token_logprobs
-from learner.policy import PolicyLearner
-from orchestrator.tiny import ensure_tiny_model
+from fleetrl.algos.losses import policy_loss, token_logprobs
+from fleetrl.core.weight_wire import broadcast, init_side_group, unpack_bucket
+from fleetrl.learner.config import LearnerConfig
+from fleetrl.learner.deepspeed_utils import free_port
+from fleetrl.learner.policy import PolicyLearner
+from fleetrl.testing.tiny import ensure_tiny_model
 
 pytestmark = pytest.mark.e2e
 
@@ -219,7 +219,7 @@ def test_save_hf_and_checkpoint_round_trip(model_path, tmp_path):
 
 
 def test_ray_group_zero3_two_ranks(ray_local, model_path, tmp_path):
-    from learner.group import LearnerGroup
+    from fleetrl.learner.group import LearnerGroup
 
     ray = ray_local
     t0 = time.perf_counter()

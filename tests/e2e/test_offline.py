@@ -19,13 +19,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from learner.deepspeed_utils import free_port
-from learner.losses import dpo_loss, token_logprobs
-from learner.offline import OfflineLearner
-from orchestrator.config import load_config
-from orchestrator.offline import OfflineRun
-from orchestrator.offline_data import collate_rows
-from orchestrator.runtime import RunDir, load_tokenizer, resolve_model
+from fleetrl.algos.losses import token_logprobs
+from fleetrl.algos.preference import dpo_loss
+from fleetrl.data.offline import collate_rows
+from fleetrl.learner.deepspeed_utils import free_port
+from fleetrl.learner.offline import OfflineLearner
+from fleetrl.offline.loop import OfflineRun
+from fleetrl.run.config import load_config
+from fleetrl.run.runtime import RunDir, load_tokenizer, resolve_model
 
 pytestmark = pytest.mark.e2e
 
@@ -117,7 +118,7 @@ def test_dpo_from_the_sft_model_beats_chance_and_its_first_step_is_exact(sft, ou
 
 
 def test_reward_model_from_the_sft_model_scores_held_out_pairs(sft, out):
-    from reward.model_scorer import RewardModelScorer
+    from fleetrl.reward.model_scorer import RewardModelScorer
 
     sft_model = sft[0].run_dir.path / "final_model"
     run, rows = run_example("rm", out, f"model.path={sft_model}", "offline.epochs=2")
@@ -151,7 +152,7 @@ def test_orpo_zero3_beats_chance_and_lowers_the_chosen_nll(out):
 
 def test_kto_two_ranks_on_ray_through_fleetrl_train(ray_local, out, capsys):
     """The CLI path: config -> train() -> OfflineLearnerGroup (2 ZeRO-3 ranks) -> run dir."""
-    from orchestrator.train import train
+    from fleetrl.train import train
 
     cfg = load_config(EXAMPLES / "kto_tiny.yaml", [
         f"run.output_dir={out}", "run.name=kto-ray", "run.steps=20", "offline.eval_every=10",
@@ -175,7 +176,7 @@ def test_kto_two_ranks_on_ray_through_fleetrl_train(ray_local, out, capsys):
 
 def test_offline_ppo_beats_chance_and_its_first_step_is_the_clipped_objective(out):
     """Offline PPO on the KTO example's data: +1/-1 rewards, the reference as the old policy."""
-    from learner.losses import offline_binary_ppo_loss
+    from fleetrl.algos.preference import offline_binary_ppo_loss
 
     run, rows = run_example("offline_ppo", out, "run.steps=24")
     assert rows[-1]["eval/accuracy"] > 0.6 and rows[-1]["eval/rewards/margins"] > 0, rows[-1]

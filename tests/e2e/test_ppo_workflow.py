@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.config import LearnerConfig
-from learner.critic import CriticLearner, align_values, load_value_model
-from learner.critic_config import CriticConfig
-from learner.deepspeed_utils import free_port
-from orchestrator.config import load_config
-from orchestrator.tiny import ensure_tiny_model
-from orchestrator.train import train
+from fleetrl.learner.config import LearnerConfig
+from fleetrl.learner.critic import CriticLearner, align_values, load_value_model
+from fleetrl.learner.critic_config import CriticConfig
+from fleetrl.learner.deepspeed_utils import free_port
+from fleetrl.run.config import load_config
+from fleetrl.testing.tiny import ensure_tiny_model
+from fleetrl.train import train
 
 pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

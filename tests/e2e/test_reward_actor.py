@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reward import RewardError, RewardScorer, make_reward_actors
+from fleetrl.reward import RewardError, RewardScorer, make_reward_actors
 
 pytestmark = pytest.mark.e2e
 

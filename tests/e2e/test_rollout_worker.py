@@ -56,7 +56,7 @@ def _hf_logprobs(model, prompt_ids, completion_ids, temperature=1.0):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from orchestrator.tiny import build_tiny_model
+    from fleetrl.testing.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return build_tiny_model(root / "a", seed=0), build_tiny_model(root / "b", seed=1)
@@ -64,8 +64,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker(models):
-    from rollout.config import RolloutConfig
-    from rollout.worker import RolloutWorker
+    from fleetrl.rollout.config import RolloutConfig
+    from fleetrl.rollout.worker import RolloutWorker
 
     t0 = time.perf_counter()
     w = RolloutWorker(RolloutConfig(**CFG), str(models[0]), worker_index=3)
@@ -120,7 +120,7 @@ def test_weight_sync_matches_transformers(worker, models, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common.weight_wire import broadcast, init_side_group, pack_bucket, plan_buckets
+    from fleetrl.core.weight_wire import broadcast, init_side_group, pack_bucket, plan_buckets
 
     model_b = AutoModelForCausalLM.from_pretrained(models[1], dtype=torch.float32).eval()
     prompt = tokenizer.encode("the quick brown fox")
@@ -171,9 +171,9 @@ def test_fleet_on_ray(ray_local, models):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common.weight_wire import broadcast, init_side_group, pack_bucket, plan_buckets
-    from rollout.config import RolloutConfig
-    from rollout.fleet import RolloutFleet, WorkerBusy
+    from fleetrl.core.weight_wire import broadcast, init_side_group, pack_bucket, plan_buckets
+    from fleetrl.rollout.config import RolloutConfig
+    from fleetrl.rollout.fleet import RolloutFleet, WorkerBusy
 
     ray = ray_local
     fleet = RolloutFleet(RolloutConfig(**CFG, max_inflight_per_worker=2), str(models[0]), name_prefix="test-")

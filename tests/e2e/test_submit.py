@@ -1,4 +1,4 @@
-"""Ray jobs on a real local head: submit through deploy.jobs, see the job succeed, read its logs
+"""Ray jobs on a real local head: submit through fleetrl.deploy.jobs, see the job succeed, read its logs
 and the fleetrl metrics it exported from the head's Prometheus endpoint; status, logs, jobs and
 stop through the CLI. The head is started with token authentication, on loopback, with its own
 ports and temp dir, and only its own processes are ended afterwards (never `ray stop`, which
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import jobs
-from orchestrator.ray_metrics import COUNTED, metric_name
+from fleetrl.deploy import jobs
+from fleetrl.metrics.ray_metrics import COUNTED, metric_name
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +37,7 @@ EXAMPLE = REPO / "examples/grpo_tiny.yaml"
 JOB = {"config_path": str(EXAMPLE), "overrides": ["run.steps=2", f"run.name={RUN}", "rollout.num_workers=1"]}
 JOB_TIMEOUT_S = 600
 # The commands `fleetrl status/logs/stop/jobs`.
-CLI = [sys.executable, "-m", "orchestrator.cli"]
+CLI = [sys.executable, "-m", "fleetrl.cli"]
 
 
 def prometheus_name(key: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orchestrator import tasks, tiny
+from fleetrl.testing import tasks, tiny
 
 pytestmark = pytest.mark.e2e
 

@@ -8,13 +8,13 @@ import pytest
 import ray
 import torch
 
-from learner.config import LearnerConfig
-from learner.group import LearnerGroup
-from orchestrator.batch import Sample, pad_samples
-from orchestrator.online import WeightSync
-from orchestrator.tiny import resolve_model_path
-from rollout.config import RolloutConfig
-from rollout.fleet import RolloutFleet
+from fleetrl.learner.config import LearnerConfig
+from fleetrl.learner.group import LearnerGroup
+from fleetrl.online.batch import Sample, pad_samples
+from fleetrl.online.loop import WeightSync
+from fleetrl.rollout.config import RolloutConfig
+from fleetrl.rollout.fleet import RolloutFleet
+from fleetrl.testing.tiny import resolve_model_path
 
 pytestmark = pytest.mark.e2e
 

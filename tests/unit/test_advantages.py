@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from orchestrator.advantages import (
+from fleetrl.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,

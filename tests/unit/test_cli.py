@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import build_parser, main
+from fleetrl.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "grpo_tiny.yaml"
@@ -23,7 +23,7 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "fleetrl.cli", "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     assert "train" in out and "make-tiny-model" in out
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, config_from_dict, dump_config, load_config, parse_override
+from fleetrl.run.config import ConfigError, config_from_dict, dump_config, load_config, parse_override
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.data import (
+from fleetrl.data.rows import (
     DataConfig,
     DataError,
     PreferenceRow,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import cli, jobs
-from deploy.jobs import DeployError
+from fleetrl.deploy import cli, jobs
+from fleetrl.deploy.jobs import DeployError
 
 REPO = Path(__file__).resolve().parents[2]
 ROLLOUT_RESOURCE, LEARNER_RESOURCE = "fleetrl_rollout", "fleetrl_learner"
@@ -149,7 +149,7 @@ def test_train_command_is_relative_to_the_working_dir():
     assert cmd == ["fleetrl", "train", "examples/grpo_tiny.yaml", "run.steps=2", "run.name=a b"]
     assert shlex.split(shlex.join(cmd)) == cmd  # the entrypoint is a shell line: quoting survives
     assert jobs.train_command(REPO / "examples/grpo_tiny.yaml", [], REPO, launcher="python")[:4] == [
-        "python", "-m", "orchestrator.cli", "train"]
+        "python", "-m", "fleetrl.cli", "train"]
     with pytest.raises(DeployError, match="launcher"):
         jobs.train_command(REPO / "examples/grpo_tiny.yaml", [], REPO, launcher="bash")
 
@@ -353,17 +353,17 @@ def test_cli_status_exit_code_follows_the_job(monkeypatch, capsys):
 
 
 def test_cli_import_is_light():
-    code = "import sys, deploy.cli; bad = [m for m in ('ray', 'orchestrator.config') if m in sys.modules]; print(bad)"
+    code = "import sys, fleetrl.deploy.cli; bad = [m for m in ('ray', 'fleetrl.run.config') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_fleetrl_parser_has_the_deploy_commands():
-    from orchestrator.cli import build_parser
+    from fleetrl.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     if "submit" not in sub.choices:
-        pytest.skip("orchestrator/cli.py does not call deploy.cli.add_deploy_commands yet")
+        pytest.skip("orchestrator/cli.py does not call fleetrl.deploy.cli.add_deploy_commands yet")
     assert set(COMMANDS) <= set(sub.choices)
 
 
@@ -378,7 +378,7 @@ def _load(rel: str):
 def test_cluster_launcher_yaml_passes_rays_own_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    raw = _load("deploy/cluster.yaml")
+    raw = _load("src/fleetrl/deploy/cluster.yaml")
     cfg = prepare_config(raw)
     validate_config(cfg)
     types = cfg["available_node_types"]
@@ -392,7 +392,7 @@ def test_cluster_launcher_validation_catches_a_typo():
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    raw = _load("deploy/cluster.yaml")
+    raw = _load("src/fleetrl/deploy/cluster.yaml")
     raw["available_node_types"]["rollout_gpu"]["min_worker"] = 1
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(raw))
@@ -432,15 +432,15 @@ def _check_cluster_spec(spec: dict) -> None:
 
 
 def test_kuberay_raycluster():
-    doc = _load("deploy/kuberay/raycluster.yaml")
+    doc = _load("src/fleetrl/deploy/kuberay/raycluster.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
     _check_cluster_spec(doc["spec"])
     assert doc["spec"]["enableInTreeAutoscaling"] is True
 
 
 def test_kuberay_rayjob_runs_fleetrl_on_the_same_cluster():
-    job = _load("deploy/kuberay/rayjob.yaml")
-    cluster = _load("deploy/kuberay/raycluster.yaml")
+    job = _load("src/fleetrl/deploy/kuberay/rayjob.yaml")
+    cluster = _load("src/fleetrl/deploy/kuberay/raycluster.yaml")
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
     _check_cluster_spec(spec["rayClusterSpec"])
@@ -453,7 +453,7 @@ def test_kuberay_rayjob_runs_fleetrl_on_the_same_cluster():
 
 
 def test_kuberay_podmonitor_selects_every_fleetrl_pod():
-    mon = _load("deploy/kuberay/monitoring.yaml")
+    mon = _load("src/fleetrl/deploy/kuberay/monitoring.yaml")
     assert mon["kind"] == "PodMonitor"
     (expr,) = mon["spec"]["selector"]["matchExpressions"]
     assert expr == {"key": "fleetrl.io/role", "operator": "Exists"}
@@ -461,11 +461,11 @@ def test_kuberay_podmonitor_selects_every_fleetrl_pod():
 
 
 def test_grafana_dashboard_queries_only_metrics_fleetrl_exports():
-    from orchestrator.ray_metrics import COUNTED, DOCUMENTED, STEPS_COUNTER, metric_name
+    from fleetrl.metrics.ray_metrics import COUNTED, DOCUMENTED, STEPS_COUNTER, metric_name
 
     exported = {"ray_" + metric_name(k) for k in DOCUMENTED}
     exported |= {"ray_" + metric_name(k) + "_total" for k in [*COUNTED, STEPS_COUNTER]}
-    dash = json.loads((REPO / "deploy/grafana/fleetrl.json").read_text())
+    dash = json.loads((REPO / "src/fleetrl/deploy/grafana/fleetrl.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     exprs.append(next(v for v in dash["templating"]["list"] if v["name"] == "run")["definition"])
     used = {m for e in exprs for m in re.findall(r"\bray_fleetrl_[A-Za-z0-9_]+\b", e)}
@@ -478,13 +478,13 @@ def test_grafana_dashboard_queries_only_metrics_fleetrl_exports():
 
 
 def test_cluster_doc_lists_every_documented_metric():
-    from orchestrator.ray_metrics import COUNTED, DOCUMENTED, metric_name
+    from fleetrl.metrics.ray_metrics import COUNTED, DOCUMENTED, metric_name
 
     doc = (REPO / "docs/cluster.md").read_text()
     for key in DOCUMENTED:
         assert f"`ray_{metric_name(key)}`" in doc, key
     for key in COUNTED:
         assert f"`ray_{metric_name(key)}_total`" in doc, key
-    for rel in ("deploy/cluster.yaml", "deploy/kuberay/raycluster.yaml", "deploy/kuberay/rayjob.yaml",
-                "deploy/kuberay/monitoring.yaml", "deploy/grafana/fleetrl.json", "deploy/Dockerfile"):
+    for rel in ("src/fleetrl/deploy/cluster.yaml", "src/fleetrl/deploy/kuberay/raycluster.yaml", "src/fleetrl/deploy/kuberay/rayjob.yaml",
+                "src/fleetrl/deploy/kuberay/monitoring.yaml", "src/fleetrl/deploy/grafana/fleetrl.json", "src/fleetrl/deploy/Dockerfile"):
         assert rel in doc and (REPO / rel).is_file(), rel

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from common.weight_wire import plan_buckets
-from rollout.config import RolloutConfig, SamplingConfig, gpus_per_worker, resolve_device, worker_env
-from rollout.fleet import FleetBook, NoCapacity, WorkerBusy
+from fleetrl.core.weight_wire import plan_buckets
+from fleetrl.rollout.config import RolloutConfig, SamplingConfig, gpus_per_worker, resolve_device, worker_env
+from fleetrl.rollout.fleet import FleetBook, NoCapacity, WorkerBusy
 
 
 class FakeCalls:

@@ -10,11 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.offline_config import KTOConfig
-from orchestrator.config import ConfigError, config_from_dict
-from orchestrator.data import DataError, PreferenceRow, SFTRow, UnpairedRow
-from orchestrator.offline import OfflineRun
-from orchestrator.offline_data import (
+from fleetrl.data.offline import (
     Encoder,
     EncodeStats,
     Labeled,
@@ -23,8 +19,12 @@ from orchestrator.offline_data import (
     score_is_desirable,
     score_weights,
 )
-from orchestrator.runtime import RunDir
-from orchestrator.tasks import preference_task, write_jsonl
+from fleetrl.data.rows import DataError, PreferenceRow, SFTRow, UnpairedRow
+from fleetrl.learner.offline_config import KTOConfig
+from fleetrl.offline.loop import OfflineRun
+from fleetrl.run.config import ConfigError, config_from_dict
+from fleetrl.run.runtime import RunDir
+from fleetrl.testing.tasks import preference_task, write_jsonl
 from tests.unit.test_offline_run import CharTokenizer, FakeLearner
 
 
@@ -167,7 +167,7 @@ def test_driver_one_y_per_x_is_seeded_by_run_seed_and_logged(tmp_path, capsys):
 
 def test_scored_example_data_is_what_its_generator_writes_and_the_examples_load(tmp_path):
     from examples.make_scored_data import FILES, main
-    from orchestrator.config import load_config
+    from fleetrl.run.config import load_config
 
     root = Path(__file__).resolve().parents[2] / "examples"
     main(tmp_path)

@@ -7,15 +7,15 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from learner.config import (
+from fleetrl.learner.config import (
     LearnerConfig,
     PolicyLossConfig,
     micro_steps_per_mini_batch,
     resolve_backend,
     resolve_dtype,
 )
-from learner.deepspeed_utils import deep_merge, lr_lambda, reference_ds_config, train_ds_config
-from learner.group import _split_rows, learner_env
+from fleetrl.learner.deepspeed_utils import deep_merge, lr_lambda, reference_ds_config, train_ds_config
+from fleetrl.learner.group import _split_rows, learner_env
 
 
 def test_defaults_are_valid_and_cluster_oriented():

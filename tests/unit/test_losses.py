@@ -5,25 +5,27 @@ import math
 import pytest
 import torch
 
-from learner.losses import (
+from fleetrl.algos.losses import (
     aggregate,
-    dpo_loss,
     entropy_from_logits,
     explained_variance,
-    ipo_loss,
     kl_estimate,
+    masked_mean,
+    masked_sum,
+    policy_loss,
+    token_logprobs,
+    value_loss,
+)
+from fleetrl.algos.preference import (
+    dpo_loss,
+    ipo_loss,
     kto_default_weights,
     kto_loss,
     kto_reference_point,
     kto_shifted_pairs,
-    masked_mean,
-    masked_sum,
     offline_binary_ppo_loss,
     orpo_loss,
     pairwise_reward_loss,
-    policy_loss,
-    token_logprobs,
-    value_loss,
 )
 
 T = torch.tensor

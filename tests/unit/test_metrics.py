@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from orchestrator.metrics import MetricsWriter, Progress
+from fleetrl.metrics.local import MetricsWriter, Progress
 
 
 def test_rows_are_json_lines_with_step_and_non_finite_as_null(tmp_path):

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.data import DataError, PreferenceRow, PromptRow, SFTRow, UnpairedRow
-from orchestrator.offline_data import (
+from fleetrl.data.offline import (
     Encoder,
     Labeled,
     Pair,
@@ -21,6 +20,7 @@ from orchestrator.offline_data import (
     kto_counts,
     pack,
 )
+from fleetrl.data.rows import DataError, PreferenceRow, PromptRow, SFTRow, UnpairedRow
 
 ROOT = Path(__file__).resolve().parents[2]
 

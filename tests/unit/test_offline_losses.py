@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from learner.losses import dpo_loss, kto_reference_point, orpo_loss
-from learner.offline import (
+from fleetrl.algos.preference import dpo_loss, kto_reference_point, orpo_loss
+from fleetrl.learner.offline import (
     _Sums,
     algorithm_config,
     kto_mismatched_rows,
@@ -18,7 +18,7 @@ from learner.offline import (
     preference_losses,
     reward_model_losses,
 )
-from learner.offline_config import KTOConfig
+from fleetrl.learner.offline_config import KTOConfig
 
 
 def rows(prompts: list[list[int]], completions: list[list[int]], width: int = 8):

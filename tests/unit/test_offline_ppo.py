@@ -10,12 +10,13 @@ import math
 import pytest
 import torch
 
-from learner.losses import masked_sum, offline_binary_ppo_loss, token_logprobs
-from learner.offline import OfflineLearner, _Sums, algorithm_config, offline_ppo_losses
-from orchestrator.config import config_from_dict
-from orchestrator.offline import OfflineRun, place_token_values
-from orchestrator.runtime import RunDir
-from orchestrator.tasks import preference_task, unpaired_task, write_jsonl
+from fleetrl.algos.losses import masked_sum, token_logprobs
+from fleetrl.algos.preference import offline_binary_ppo_loss
+from fleetrl.learner.offline import OfflineLearner, _Sums, algorithm_config, offline_ppo_losses
+from fleetrl.offline.loop import OfflineRun, place_token_values
+from fleetrl.run.config import config_from_dict
+from fleetrl.run.runtime import RunDir
+from fleetrl.testing.tasks import preference_task, unpaired_task, write_jsonl
 from tests.unit.test_offline_run import CharTokenizer, FakeLearner
 
 T = torch.tensor

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.offline import kto_mismatched_rows
-from orchestrator.config import config_from_dict
-from orchestrator.data import DataError
-from orchestrator.offline import OfflineRun
-from orchestrator.runtime import RunDir
-from orchestrator.tasks import preference_task, sft_task, unpaired_task, write_jsonl
+from fleetrl.data.rows import DataError
+from fleetrl.learner.offline import kto_mismatched_rows
+from fleetrl.offline.loop import OfflineRun
+from fleetrl.run.config import config_from_dict
+from fleetrl.run.runtime import RunDir
+from fleetrl.testing.tasks import preference_task, sft_task, unpaired_task, write_jsonl
 
 
 class CharTokenizer:

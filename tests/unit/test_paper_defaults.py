@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from learner.config import LearnerConfig
-from learner.deepspeed_utils import client_optimizer, train_ds_config
-from learner.offline_config import PAPER_DEFAULTS
-from orchestrator.cli import main
-from orchestrator.config import ConfigError, config_from_dict, dump_config, load_config
+from fleetrl.cli import main
+from fleetrl.learner.config import LearnerConfig
+from fleetrl.learner.deepspeed_utils import client_optimizer, train_ds_config
+from fleetrl.learner.offline_config import PAPER_DEFAULTS
+from fleetrl.run.config import ConfigError, config_from_dict, dump_config, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

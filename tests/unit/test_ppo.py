@@ -8,17 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner.config import LearnerConfig
-from learner.critic import align_values, load_value_model
-from learner.critic_config import CriticConfig
-from orchestrator.advantages import (
+from fleetrl.algos.advantages import (
     AdaptiveKLController,
     FixedKLController,
     masked_whiten,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
 )
-from orchestrator.config import (
+from fleetrl.learner.config import LearnerConfig
+from fleetrl.learner.critic import align_values, load_value_model
+from fleetrl.learner.critic_config import CriticConfig
+from fleetrl.online.token_rl import (
+    completion_mask,
+    critic_batch,
+    make_kl_controller,
+    token_advantages,
+    token_kl,
+)
+from fleetrl.run.config import (
     ONLINE_ALGORITHMS,
     PLANNED_ALGORITHMS,
     ConfigError,
@@ -26,13 +33,6 @@ from orchestrator.config import (
     ReinforcePPConfig,
     config_from_dict,
     load_config,
-)
-from orchestrator.token_rl import (
-    completion_mask,
-    critic_batch,
-    make_kl_controller,
-    token_advantages,
-    token_kl,
 )
 
 T = torch.tensor
@@ -159,7 +159,7 @@ def test_align_values_shifts_by_one_and_zeroes_tokens_without_context():
 
 @pytest.fixture(scope="module")
 def tiny_paths():
-    from orchestrator.tiny import ensure_tiny_model
+    from fleetrl.testing.tiny import ensure_tiny_model
 
     return ensure_tiny_model("policy"), ensure_tiny_model("reward")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import ray_metrics
-from orchestrator.ray_metrics import RayMetricsExporter, metric_name, plan_row
+from fleetrl.metrics import ray_metrics
+from fleetrl.metrics.ray_metrics import RayMetricsExporter, metric_name, plan_row
 
 PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")  # Ray also refuses ':'
 
@@ -127,7 +127,7 @@ def test_too_many_distinct_metrics_are_capped(monkeypatch):
 def test_real_exporter_refuses_a_process_not_connected_to_ray():
     # In a fresh process: the e2e tests may hold a Ray session open in this one.
     code = (
-        "from orchestrator.ray_metrics import RayMetricsExporter\n"
+        "from fleetrl.metrics.ray_metrics import RayMetricsExporter\n"
         "try:\n    RayMetricsExporter('r')\nexcept RuntimeError as e:\n    print('refused:', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -14,12 +14,12 @@ from typing import ClassVar
 import pytest
 from pydantic import ValidationError
 
-from reward.builtins import extract_final_answer, first_number, make_builtin, parse_reference_number
-from reward.config import RewardConfig
-from reward.http_scorer import HttpScorer, HttpScorerError
-from reward.model_scorer import RunningMeanStd
-from reward.rules import RewardLoadError, load_rule_function
-from reward.scorer import RewardError, RewardScorer, preview
+from fleetrl.reward.builtins import extract_final_answer, first_number, make_builtin, parse_reference_number
+from fleetrl.reward.config import RewardConfig
+from fleetrl.reward.http_scorer import HttpScorer, HttpScorerError
+from fleetrl.reward.model_scorer import RunningMeanStd
+from fleetrl.reward.rules import RewardLoadError, load_rule_function
+from fleetrl.reward.scorer import RewardError, RewardScorer, preview
 
 
 def rule_cfg(path: str, name: str = "r", weight: float = 1.0, **kw) -> dict:

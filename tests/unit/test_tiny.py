@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from orchestrator import tasks, tiny
+from fleetrl.testing import tasks, tiny
 
 SAMPLE_TEXTS = [
     "Write the letter b many times:",

@@ -1,1 +1,0 @@
-"""fleetrl orchestrator service."""

@@ -1,0 +1,7 @@
+"""python -m fleetrl: the command line."""
+
+import sys
+
+from fleetrl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: reading and validating rows (rows), encoding offline examples (offline)."""

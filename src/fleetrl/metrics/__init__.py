@@ -1,0 +1,1 @@
+"""Metrics: metrics.jsonl, TensorBoard, W&B and the console (local), Ray custom metrics (ray_metrics)."""

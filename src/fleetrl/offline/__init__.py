@@ -1,0 +1,1 @@
+"""The offline loop: SFT, reward model and preference trainers on fixed data."""

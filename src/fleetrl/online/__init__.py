@@ -1,0 +1,1 @@
+"""The online RL loop: collect groups from the fleet, score, compute advantages, train, sync."""

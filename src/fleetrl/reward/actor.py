@@ -1,0 +1,61 @@
+"""Ray actors of the reward service: each is a RewardScorer in its own process.
+
+    actors = make_reward_actors(cfg.reward, base_dir=config_dir)        # reward-0, reward-1, ...
+    result = ray.get(actors[0].score.remote(prompts, completions, {"answer": answers}))
+
+Actors are created in the caller's Ray namespace (none is forced); `name_prefix` keeps the names of
+two runs in one namespace apart. A RewardError raised while scoring reaches the caller of `ray.get`
+as an exception that is also a RewardError, with the original message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+
+from fleetrl.reward.config import RewardConfig
+from fleetrl.reward.scorer import RewardScorer
+
+# The actor class is the plain scorer: all behaviour is tested without Ray.
+RewardActor = ray.remote(RewardScorer)
+
+
+def reward_actor_name(index: int, name_prefix: str = "") -> str:
+    return f"{name_prefix}reward-{index}"
+
+
+def make_reward_actors(
+    cfg: RewardConfig | dict,
+    base_dir: str | Path | None = None,
+    name_prefix: str = "",
+    wait: bool = True,
+) -> list:
+    """Start cfg.num_workers named reward actors; with `wait`, return once every one has loaded.
+
+    Relative rule paths are resolved against `base_dir` (default: the current directory), made
+    absolute here because actors run in another working directory. If an actor fails to start
+    (a rule file missing, a reward model that does not load), all are killed and the error raised.
+    """
+    cfg = cfg if isinstance(cfg, RewardConfig) else RewardConfig.model_validate(cfg)
+    base = str(Path(base_dir if base_dir is not None else Path.cwd()).resolve())
+    actors = []
+    try:
+        for i in range(cfg.num_workers):
+            name = reward_actor_name(i, name_prefix)
+            try:
+                options = RewardActor.options(name=name, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                              resources=dict(cfg.resources) or None)
+                actors.append(options.remote(cfg, base))
+            except ValueError as e:
+                raise ValueError(
+                    f"cannot create reward actor {name!r}: {e}. Another run in this Ray namespace uses the "
+                    "name: stop it, or pass a different name_prefix"
+                ) from e
+        if wait:
+            ray.get([actor.describe.remote() for actor in actors])
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor)
+        raise
+    return actors

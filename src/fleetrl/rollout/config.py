@@ -1,0 +1,108 @@
+"""Configuration of the rollout service: the vLLM engines and how they sample.
+
+Defaults are for a real GPU cluster; the tiny CPU examples and tests override
+``device``, ``max_model_len``, ``enforce_eager``, ``dtype`` and ``cpu_kvcache_space_gb``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fleetrl.core.strict import StrictModel
+
+
+class SamplingConfig(StrictModel):
+    """How completions are sampled (passed to vLLM's ``SamplingParams``)."""
+
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = -1  # -1 (or 0): all tokens
+    max_tokens: int = Field(1024, ge=1)
+    stop: list[str] = Field(default_factory=list)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError(f"rollout.sampling.top_k must be -1 (all tokens) or >= 1, got {v}")
+        return v
+
+
+class RolloutConfig(StrictModel):
+    """One vLLM engine per worker; ``num_workers`` of them form the fleet."""
+
+    num_workers: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    num_cpus_per_worker: float = Field(1, ge=0)
+    # Custom Ray resources per worker, e.g. {fleetrl_rollout: 1} to pin workers to rollout nodes
+    # (deploy/ marks those nodes with it; see docs/cluster.md).
+    resources: dict[str, float] = Field(default_factory=dict)
+    # None: tensor_parallel_size GPUs on CUDA (0 when vLLM's own "ray" executor places
+    # the GPU workers), 0 on CPU.
+    num_gpus_per_worker: float | None = Field(None, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int = Field(4096, ge=1)
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    enforce_eager: bool = False
+    # GiB of KV cache for the vLLM CPU backend (exported as VLLM_CPU_KVCACHE_SPACE).
+    cpu_kvcache_space_gb: int = Field(4, ge=1)
+    # Generate calls queued on one worker at most; more would only wait in its actor queue.
+    max_inflight_per_worker: int = Field(2, ge=1)
+    # Worker i's engine uses seed + i, so workers given the same prompt sample differently.
+    seed: int = 0
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    # Extra environment variables for each worker actor (e.g. VLLM_CPU_OMP_THREADS_BIND).
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    # Anything else for vllm.LLM(...), passed through unchanged.
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @model_validator(mode="after")
+    def _engine_kwargs_do_not_shadow(self) -> RolloutConfig:
+        owned = {
+            "model", "tensor_parallel_size", "max_model_len", "dtype", "gpu_memory_utilization",
+            "enforce_eager", "seed", "distributed_executor_backend", "worker_extension_cls",
+            "logprobs_mode",
+        }
+        clash = sorted(owned & set(self.engine_kwargs))
+        if clash:
+            raise ValueError(
+                f"rollout.engine_kwargs sets {clash}, which fleetrl sets itself: use the rollout.* field "
+                "of the same name instead (worker_extension_cls and logprobs_mode are fixed by fleetrl)"
+            )
+        return self
+
+
+def resolve_device(cfg: RolloutConfig, gpu_available: bool) -> str:
+    """'cpu' or 'cuda'. ``gpu_available`` is asked of the place the engine will run."""
+    if cfg.device == "auto":
+        return "cuda" if gpu_available else "cpu"
+    if cfg.device == "cuda" and not gpu_available:
+        raise RuntimeError(
+            "rollout.device is 'cuda' but no GPU is visible here: set rollout.device to 'cpu' "
+            "(with the vllm-cpu build) or run the workers on GPU nodes"
+        )
+    return cfg.device
+
+
+def gpus_per_worker(cfg: RolloutConfig, device: str) -> float:
+    """GPUs to reserve for one worker actor."""
+    if cfg.num_gpus_per_worker is not None:
+        return cfg.num_gpus_per_worker
+    if device != "cuda":
+        return 0
+    # vLLM's "ray" executor places its own GPU workers; the actor only drives them.
+    if cfg.distributed_executor_backend == "ray":
+        return 0
+    return cfg.tensor_parallel_size
+
+
+def worker_env(cfg: RolloutConfig, device: str) -> dict[str, str]:
+    """Environment variables a worker process needs before vLLM is imported."""
+    env = dict(cfg.env_vars)
+    if device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gb))
+    return env

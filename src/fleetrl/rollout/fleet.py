@@ -1,0 +1,339 @@
+"""The rollout fleet: N ``RolloutWorker`` Ray actors behind one load balancer.
+
+``FleetBook`` holds all of the logic (which worker gets a call, what is in flight, what
+comes back when a worker leaves) and talks to workers only through an injected ``call``
+function, so it is tested without Ray. ``RolloutFleet`` plugs Ray into it.
+
+Weight-sync ranks: the learner is rank 0 of the side group; the workers follow in index
+order, each taking as many ranks as its engine has processes (tensor x pipeline parallel).
+Adding or removing a worker changes that layout, so the group must then be built again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fleetrl.core.weight_wire import WeightPlan
+from fleetrl.rollout.config import RolloutConfig, gpus_per_worker, resolve_device, worker_env
+
+# call(handle, method_name, *args) -> a future (a Ray ObjectRef); futures must be hashable.
+CallFn = Callable[..., Hashable]
+# wait(futures, timeout_s) -> the futures among them that are done.
+WaitFn = Callable[[list, float | None], list]
+
+
+class NoCapacity(RuntimeError):
+    """Every worker already has max_inflight_per_worker calls queued."""
+
+
+class WorkerBusy(RuntimeError):
+    """A worker cannot be removed while calls are in flight on it (unless asked to wait)."""
+
+
+@dataclass
+class Work:
+    """One generate call: enough to submit it again elsewhere if its worker goes away."""
+
+    worker_index: int
+    prompts: list[list[int]]
+    n: int
+    sampling: dict[str, Any]
+    request_ids: list[Any]
+    submitted_at: float
+
+
+class FleetBook:
+    """Load balancing and in-flight bookkeeping for a set of workers, transport-agnostic."""
+
+    def __init__(self, max_inflight_per_worker: int, call: CallFn, ranks_per_worker: int = 1):
+        if max_inflight_per_worker < 1:
+            raise ValueError("max_inflight_per_worker must be >= 1")
+        self.max_inflight = max_inflight_per_worker
+        self.ranks_per_worker = ranks_per_worker
+        self._call = call
+        self._handles: dict[int, Any] = {}
+        self._inflight: dict[int, dict[Hashable, Work]] = {}
+        self._draining: set[int] = set()
+        self._where: dict[Hashable, int] = {}
+        # Futures of removed workers that finished while we waited: still claimable by on_done.
+        self._finished_orphans: dict[Hashable, Work] = {}
+        self._last_pick: dict[int, int] = {}
+        self._pick_seq = itertools.count()
+        self._next_index = 0
+        self._group_members: tuple[int, ...] | None = None
+
+    # -- membership -----------------------------------------------------------------
+
+    def next_index(self) -> int:
+        """Index for a new worker; never reused, so actor names never collide."""
+        return self._next_index
+
+    def add(self, handle: Any, index: int | None = None) -> int:
+        index = self._next_index if index is None else index
+        if index in self._handles:
+            raise ValueError(f"worker index {index} is already in the fleet")
+        self._handles[index] = handle
+        self._inflight[index] = {}
+        self._last_pick[index] = -1
+        self._next_index = max(self._next_index, index + 1)
+        return index
+
+    def indices(self) -> list[int]:
+        return sorted(self._handles)
+
+    def handle(self, index: int) -> Any:
+        if index not in self._handles:
+            raise KeyError(f"no rollout worker with index {index}; the fleet has {self.indices()}")
+        return self._handles[index]
+
+    def remove(
+        self, index: int, wait: bool = False, timeout_s: float | None = None, wait_fn: WaitFn | None = None
+    ) -> tuple[Any, list[Work]]:
+        """Take worker ``index`` out of the fleet; returns (its handle, its unfinished work).
+
+        With calls in flight: refused unless ``wait``; then no new call goes to it, and
+        ``wait_fn`` waits up to ``timeout_s`` for them. Those that finish can still be
+        claimed with ``on_done``; those that do not are returned so the caller can submit
+        them again (the handle is about to be killed, their futures will never resolve).
+        """
+        handle = self.handle(index)
+        pending = self._inflight[index]
+        if pending and not wait:
+            rids = [rid for w in pending.values() for rid in w.request_ids]
+            raise WorkerBusy(
+                f"rollout worker {index} has {len(pending)} generate calls in flight (request ids "
+                f"{rids[:8]}{'...' if len(rids) > 8 else ''}): call remove_worker({index}, wait=True) to let "
+                "them finish (unfinished ones are handed back), or collect them with on_done first"
+            )
+        done: set[Hashable] = set()
+        if pending:
+            if wait_fn is None:
+                raise ValueError("remove(wait=True) with calls in flight needs a wait_fn")
+            self._draining.add(index)
+            done = set(wait_fn(list(pending), timeout_s))
+        unfinished = []
+        for fut, work in pending.items():
+            del self._where[fut]
+            if fut in done:
+                self._finished_orphans[fut] = work
+            else:
+                unfinished.append(work)
+        del self._handles[index], self._inflight[index], self._last_pick[index]
+        self._draining.discard(index)
+        return handle, unfinished
+
+    # -- generation -----------------------------------------------------------------
+
+    def inflight(self, index: int | None = None) -> int:
+        if index is not None:
+            return len(self._inflight[index])
+        return sum(len(p) for p in self._inflight.values())
+
+    def idle_capacity(self) -> int:
+        """How many more generate calls can be submitted right now."""
+        return sum(
+            self.max_inflight - len(p) for i, p in self._inflight.items() if i not in self._draining
+        )
+
+    def pick(self) -> int | None:
+        """The worker for the next call: fewest in flight, then longest since its last call."""
+        open_ = [
+            i for i, p in self._inflight.items() if i not in self._draining and len(p) < self.max_inflight
+        ]
+        if not open_:
+            return None
+        return min(open_, key=lambda i: (len(self._inflight[i]), self._last_pick[i], i))
+
+    def submit(
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: dict[str, Any], request_ids: Sequence[Any]
+    ) -> Hashable:
+        if len(prompts) != len(request_ids):
+            raise ValueError(f"submit got {len(prompts)} prompts but {len(request_ids)} request_ids")
+        index = self.pick()
+        if index is None:
+            raise NoCapacity(
+                f"all {len(self._handles)} rollout workers have {self.max_inflight} calls in flight "
+                "(rollout.max_inflight_per_worker): wait for one with on_done, or check idle_capacity() "
+                "before submitting"
+            )
+        work = Work(index, [list(p) for p in prompts], n, dict(sampling), list(request_ids), time.time())
+        fut = self._call(self._handles[index], "generate", work.prompts, n, work.sampling, work.request_ids)
+        self._inflight[index][fut] = work
+        self._where[fut] = index
+        self._last_pick[index] = next(self._pick_seq)
+        return fut
+
+    def on_done(self, fut: Hashable) -> Work | None:
+        """Forget a finished call; returns its Work (None if unknown, e.g. handed back by remove)."""
+        index = self._where.pop(fut, None)
+        if index is None:
+            return self._finished_orphans.pop(fut, None)
+        return self._inflight[index].pop(fut)
+
+    def work_of(self, fut: Hashable) -> Work | None:
+        index = self._where.get(fut)
+        if index is None:
+            return self._finished_orphans.get(fut)
+        return self._inflight[index][fut]
+
+    # -- weights --------------------------------------------------------------------
+
+    def weight_group_layout(self) -> tuple[int, dict[int, int]]:
+        """(world size, {worker index: its first rank}); the learner is rank 0."""
+        offsets, rank = {}, 1
+        for i in self.indices():
+            offsets[i] = rank
+            rank += self.ranks_per_worker
+        return rank, offsets
+
+    def init_weight_group(self, host: str, port: int, backend: str) -> list[Hashable]:
+        world_size, offsets = self.weight_group_layout()
+        futs = [
+            self._call(self._handles[i], "init_weight_group", host, port, off, world_size, backend)
+            for i, off in offsets.items()
+        ]
+        self._group_members = tuple(offsets)
+        return futs
+
+    def receive_weights(self, plan: WeightPlan) -> list[Hashable]:
+        if self._group_members is None:
+            raise RuntimeError("receive_weights before init_weight_group: build the weight group first")
+        if self._group_members != tuple(self.indices()):
+            raise RuntimeError(
+                f"the fleet changed since init_weight_group (was workers {list(self._group_members)}, now "
+                f"{self.indices()}): call init_weight_group again (with a fresh port) before syncing weights"
+            )
+        return [self._call(self._handles[i], "receive_weights", plan) for i in self.indices()]
+
+
+class RolloutFleet:
+    """``RolloutWorker`` Ray actors, created from one ``RolloutConfig``."""
+
+    def __init__(self, cfg: RolloutConfig, model_path: str, name_prefix: str = ""):
+        import ray
+
+        self.cfg = cfg
+        self.model_path = model_path
+        self.name_prefix = name_prefix
+        # Decide from the cluster, not this process: the driver often runs on a CPU-only head.
+        self.device = resolve_device(cfg, ray.cluster_resources().get("GPU", 0) > 0)
+        pp = int(cfg.engine_kwargs.get("pipeline_parallel_size", 1))
+        self.book = FleetBook(
+            cfg.max_inflight_per_worker,
+            call=lambda handle, method, *args: getattr(handle, method).remote(*args),
+            ranks_per_worker=cfg.tensor_parallel_size * pp,
+        )
+        for _ in range(cfg.num_workers):
+            self.add_worker()
+
+    def add_worker(self) -> int:
+        """Start one more worker (initial weights, version 0): re-init the weight group and push
+        the current weights to it before relying on its samples."""
+        import ray
+
+        index = self.book.next_index()
+        worker_cfg = self.cfg.model_copy(update={"device": self.device})
+        from fleetrl.rollout.worker import RolloutWorker
+
+        handle = (
+            ray.remote(RolloutWorker)
+            .options(
+                name=f"{self.name_prefix}rollout-{index}",
+                num_cpus=self.cfg.num_cpus_per_worker,
+                num_gpus=gpus_per_worker(self.cfg, self.device),
+                resources=dict(self.cfg.resources) or None,
+                max_restarts=0,
+                runtime_env={"env_vars": worker_env(self.cfg, self.device)},
+            )
+            .remote(worker_cfg, self.model_path, index)
+        )
+        return self.book.add(handle, index)
+
+    def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Block until every worker's engine has started and warmed up; their ping() infos."""
+        import ray
+
+        return ray.get([self.book.handle(i).ping.remote() for i in self.book.indices()], timeout=timeout_s)
+
+    def remove_worker(self, index: int, wait: bool = False, timeout_s: float | None = None) -> list[Work]:
+        """Stop worker ``index``. Returns the calls it did not finish, to be submitted again."""
+        import ray
+
+        def wait_fn(futs: list, timeout: float | None) -> list:
+            ready, _ = ray.wait(futs, num_returns=len(futs), timeout=timeout)
+            return ready
+
+        handle, unfinished = self.book.remove(index, wait=wait, timeout_s=timeout_s, wait_fn=wait_fn)
+        ray.kill(handle)
+        return unfinished
+
+    def remove_dead_workers(self, timeout_s: float = 60.0) -> list[int]:
+        """Ping every worker; remove those whose actor has died. Returns their indices.
+
+        A worker that is merely slow (its ping waits behind queued calls) counts as alive.
+        """
+        import ray
+
+        pings = {self.book.handle(i).ping.remote(): i for i in self.book.indices()}
+        dead = []
+        for ref, index in pings.items():
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                dead.append(index)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        for index in dead:
+            self.remove_worker(index, wait=True, timeout_s=0)
+        return dead
+
+    # -- generation -----------------------------------------------------------------
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.book.indices())
+
+    def submit(self, prompts: Sequence[Sequence[int]], n: int, sampling: dict[str, Any], request_ids: Sequence[Any]):
+        """Queue one generate call on the least busy worker; an ObjectRef of list[Completion]."""
+        return self.book.submit(prompts, n, sampling, request_ids)
+
+    def on_done(self, ref) -> Work | None:
+        return self.book.on_done(ref)
+
+    def idle_capacity(self) -> int:
+        return self.book.idle_capacity()
+
+    def inflight(self) -> int:
+        return self.book.inflight()
+
+    # -- weights --------------------------------------------------------------------
+
+    def weight_group_world_size(self) -> int:
+        return self.book.weight_group_layout()[0]
+
+    def init_weight_group(self, host: str, port: int, backend: str) -> list:
+        """Refs of every worker joining the side group; the learner joins as rank 0 meanwhile."""
+        return self.book.init_weight_group(host, port, backend)
+
+    def receive_weights(self, plan: WeightPlan) -> list:
+        """Refs of every worker receiving ``plan``; the learner broadcasts its buckets meanwhile."""
+        return self.book.receive_weights(plan)
+
+    def versions(self, timeout_s: float | None = None) -> dict[int, int]:
+        """Weight version of each worker (waits behind calls already queued on it)."""
+        import ray
+
+        idx = self.book.indices()
+        got = ray.get([self.book.handle(i).get_weight_version.remote() for i in idx], timeout=timeout_s)
+        return dict(zip(idx, got))
+
+    def shutdown(self) -> None:
+        import ray
+
+        for i in self.book.indices():
+            handle, _ = self.book.remove(i, wait=True, timeout_s=0, wait_fn=lambda futs, t: [])
+            ray.kill(handle)

@@ -1,0 +1,116 @@
+"""The receiving end of a weight sync, run inside every vLLM worker process.
+
+vLLM mixes ``WeightReceiver`` into its worker class (``worker_extension_cls``), so ``self``
+is the vLLM worker: ``self.model_runner`` owns the model and ``self.rank`` is the worker's
+rank inside its engine (its tensor-parallel rank). ``RolloutWorker`` reaches these
+methods with ``llm.collective_rpc``, whose arguments are not pickled (tensors turn into
+lists), so the plan travels as plain data (``plan_to_plain``) and the weights themselves
+over the side process group.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from fleetrl.core.weight_wire import Bucket, TensorSpec, WeightPlan, broadcast, init_side_group, unpack_bucket
+
+
+def plan_to_plain(plan: WeightPlan) -> dict[str, Any]:
+    """A plan as dicts, lists, str and int only (survives vLLM's rpc serialization)."""
+    return {
+        "version": plan.version,
+        "buckets": [
+            {
+                "dtype": b.dtype,
+                "numel": b.numel,
+                "specs": [[s.name, list(s.shape), s.offset] for s in b.specs],
+            }
+            for b in plan.buckets
+        ],
+    }
+
+
+def plan_from_plain(data: dict[str, Any]) -> WeightPlan:
+    buckets = tuple(
+        Bucket(
+            dtype=b["dtype"],
+            numel=int(b["numel"]),
+            specs=tuple(TensorSpec(str(n), tuple(int(d) for d in shape), int(off)) for n, shape, off in b["specs"]),
+        )
+        for b in data["buckets"]
+    )
+    return WeightPlan(version=int(data["version"]), buckets=buckets)
+
+
+def refresh_tied_layers(model: torch.nn.Module, vllm_config) -> int:
+    """Re-run post-load processing of layers that share their weight with another layer.
+
+    A tied ``lm_head`` gets no weights of its own in a reload (its checkpoint name is
+    skipped), so vLLM never re-processes it; on the CPU backend that processing packs the
+    weight for its GEMM, and the head would keep computing logits from the OLD embedding.
+    The shared tensor itself holds the new values, so processing it again is enough.
+    Returns how many layers were refreshed.
+    """
+    from vllm.config import set_current_vllm_config
+
+    by_storage: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        method = getattr(module, "quant_method", None)
+        if isinstance(weight, torch.Tensor) and weight.numel() > 0 and method is not None:
+            by_storage.setdefault(weight.data_ptr(), []).append(module)
+    refreshed = 0
+    with set_current_vllm_config(vllm_config):
+        for modules in by_storage.values():
+            if len(modules) < 2:
+                continue
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
+                refreshed += 1
+    return refreshed
+
+
+class WeightReceiver:
+    """vLLM worker extension: join the learner's side group, take new weights from it."""
+
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> int:
+        """Join the side group as rank ``rank_offset + tp_rank``; blocks until every rank joins."""
+        rank = rank_offset + int(self.rank)
+        self._fleetrl_weight_group = init_side_group(host, int(port), rank, int(world_size), backend)
+        return rank
+
+    def receive_weights(self, plan_data: dict[str, Any]) -> dict[str, float]:
+        """Receive every bucket of one version, then load them in ONE reload.
+
+        One reload for the whole model because the vLLM CPU backend mis-generates when one
+        layer's weights come over two reloads (ENVIRONMENT.md); the price is holding one
+        extra copy of the weights while they arrive.
+        """
+        group = getattr(self, "_fleetrl_weight_group", None)
+        if group is None:
+            raise RuntimeError(
+                "receive_weights called before init_weight_group on this vLLM worker: "
+                "call RolloutWorker.init_weight_group (or RolloutFleet.init_weight_group) first"
+            )
+        plan = plan_from_plain(plan_data)
+        device = self.model_runner.device
+        t0 = time.perf_counter()
+        weights: list[tuple[str, torch.Tensor]] = []
+        for bucket in plan.buckets:
+            flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=device)
+            broadcast(group, flat, src=0)
+            weights.extend(unpack_bucket(bucket, flat))
+        t1 = time.perf_counter()
+        # The worker's reload_weights wraps model_runner.reload_weights in the engine's
+        # config context (vLLM's in-place reload: checkpoint-format names, i.e. Hugging Face
+        # names, re-run through the model's load_weights and post-load processing such as
+        # the CPU backend's weight repacking). GPU and CPU runners share this method.
+        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        refresh_tied_layers(self.model_runner.get_model(), self.vllm_config)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+        return {"receive_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(plan.num_bytes)}

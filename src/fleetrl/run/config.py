@@ -1,0 +1,464 @@
+"""The run config: one tree composed of each service's own pydantic model.
+
+Loaded from YAML, then dotted command-line overrides (``learner.lr=1e-6``) are applied, then
+the whole tree is validated. Unknown keys and bad values are errors that name the key, where it
+came from (the file or the override) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from fleetrl.core.strict import StrictModel
+from fleetrl.data.rows import DataConfig
+from fleetrl.learner.config import LearnerConfig
+from fleetrl.learner.critic_config import CriticConfig
+from fleetrl.learner.offline_config import (
+    OFFLINE_ALGORITHMS,
+    PAPER_DEFAULTS,
+    REFERENCE_ALGORITHMS,
+    DPOConfig,
+    IPOConfig,
+    KTOConfig,
+    OfflineConfig,
+    OfflinePPOConfig,
+    ORPOConfig,
+    RMConfig,
+    SFTConfig,
+)
+from fleetrl.reward.config import RewardConfig
+from fleetrl.rollout.config import RolloutConfig
+
+# Online RL: samples come from the rollout fleet and are scored by the reward service.
+# Sequence-level advantages (one per sample, from the group's rewards):
+GROUP_ALGORITHMS = ("grpo", "drgrpo", "rloo")
+# Per-token advantages from the score at the last token plus a per-token KL penalty (orchestrator/token_rl.py):
+TOKEN_ALGORITHMS = ("ppo", "reinforce_pp", "reinforce_pp_baseline")
+ONLINE_ALGORITHMS = GROUP_ALGORITHMS + TOKEN_ALGORITHMS
+# Offline: fixed data, no rollouts (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO with
+# binary rewards); see learner/offline.py.
+# Known algorithms whose trainers are not in this version yet: naming one is a clear error.
+PLANNED_ALGORITHMS: tuple[str, ...] = ()
+ALGORITHMS = ONLINE_ALGORITHMS + OFFLINE_ALGORITHMS + PLANNED_ALGORITHMS
+# Used when an rm config names no model.path: the built-in tiny sequence-classification model.
+DEFAULT_RM_MODEL = "tiny-reward"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says where and what to change."""
+
+
+class ModelConfig(StrictModel):
+    # "tiny" builds (once, cached) the project's own random-init tiny model; else an HF dir or hub id.
+    path: str = "tiny"
+    tokenizer: str | None = None  # default: the model's own
+
+
+class RunSection(StrictModel):
+    output_dir: str = "runs"
+    name: str | None = None  # default: <algorithm>-<timestamp>
+    seed: int = 0
+    # Online: training iterations (rollout batch -> update -> weight sync), 100 when unset.
+    # Offline: optimizer steps, overriding offline.epochs when set.
+    steps: int | None = Field(None, ge=1, description="training iterations / optimizer steps")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
+    resume: bool = False  # continue the run in output_dir/name from its last checkpoint
+    # Write every sample (prompt, completion, reward, worker, weight version) to samples.jsonl.
+    log_samples: bool = False
+    tensorboard: bool = True  # event files in <run dir>/tensorboard
+    # Weights & Biases: keyword arguments of wandb.init (project, entity, ...); needs fleetrl[wandb].
+    wandb: dict | None = None
+
+
+class RLConfig(StrictModel):
+    """Online RL (GRPO family): how prompts become groups, groups become advantages and updates."""
+
+    group_size: int = Field(8, ge=1, description="samples per prompt")
+    prompts_per_step: int = Field(32, ge=1)
+    # Sequences per optimizer step; None = the whole rollout batch in one step.
+    mini_batch_size: int | None = Field(None, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    # Std scaling of group-relative advantages; None = the algorithm's own (grpo: group, drgrpo: none).
+    advantage_std: Literal["group", "batch", "none"] | None = None
+    max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted")
+    prompts_per_request: int = Field(4, ge=1, description="prompts per generate call sent to one worker")
+    # Drop groups whose rewards are all equal (their advantages are 0): fewer wasted updates.
+    skip_constant_groups: bool = False
+    # Held-out prompts (eval_data, data.eval_path or data.eval_fraction) are generated and scored
+    # before the first step and after the last; eval_every N > 0 also every N steps.
+    eval_every: int = Field(0, ge=0)
+    eval_temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    eval_max_prompts: int | None = Field(None, ge=1, description="use at most this many held-out prompts")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.group_size * self.prompts_per_step
+
+
+class TokenRewardConfig(StrictModel):
+    """Per-token rewards (ppo, reinforce_pp*): the sequence's score at its last token, and minus
+    kl_coef * KL(policy || reference) on every token when learner.loss.kl_in is 'reward'.
+
+    The KL coefficient starts at learner.loss.kl_coef, its estimator is learner.loss.kl_estimator.
+    """
+
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount over tokens")
+    # Clip each sequence's score to [-reward_clip, reward_clip] before the KL shaping; None = off.
+    reward_clip: float | None = Field(None, gt=0)
+    # fixed: the coefficient stays learner.loss.kl_coef. adaptive: steered towards kl_target
+    # (Ziegler et al. 2019): coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * batch / kl_horizon.
+    kl_control: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = Field(6.0, gt=0, description="nats per sequence (summed over its tokens)")
+    kl_horizon: int = Field(10000, ge=1, description="samples over which the adaptive coefficient moves")
+
+
+class PPOConfig(TokenRewardConfig):
+    """PPO with a critic (critic section): GAE advantages, values regressed on the GAE returns."""
+
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
+    whiten_advantages: bool = True  # over the valid tokens of the rollout batch
+    # The first N steps train only the critic (the policy stays put) so advantages start from
+    # a fitted value function; useful when the critic starts from the policy (a fresh head).
+    critic_warmup_steps: int = Field(0, ge=0)
+
+
+class ReinforcePPConfig(TokenRewardConfig):
+    """REINFORCE++ (reinforce_pp) and REINFORCE++ with a group-mean baseline (reinforce_pp_baseline):
+    discounted returns of the per-token rewards, whitened over the batch; no critic."""
+
+
+class RayConfig(StrictModel):
+    address: str | None = None  # None: start a local Ray (or join RAY_ADDRESS when set)
+    num_cpus: int | None = None  # logical CPUs of a local Ray
+    namespace: str = "fleetrl"
+
+
+class RunConfig(StrictModel):
+    algorithm: Literal[ALGORITHMS]  # type: ignore[valid-type]
+    run: RunSection = RunSection()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    eval_data: DataConfig | None = None
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    learner: LearnerConfig = LearnerConfig()
+    rl: RLConfig = RLConfig()
+    ray: RayConfig = RayConfig()
+    # Per-token online algorithms (reinforce_pp and reinforce_pp_baseline share their section).
+    ppo: PPOConfig = PPOConfig()
+    reinforce_pp: ReinforcePPConfig = ReinforcePPConfig()
+    critic: CriticConfig = CriticConfig()
+    # Offline trainers: what they share, then one section per algorithm.
+    offline: OfflineConfig = OfflineConfig()
+    sft: SFTConfig = SFTConfig()
+    rm: RMConfig = RMConfig()
+    dpo: DPOConfig = DPOConfig()
+    ipo: IPOConfig = IPOConfig()
+    kto: KTOConfig = KTOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+    offline_ppo: OfflinePPOConfig = OfflinePPOConfig()
+
+    @property
+    def paper_defaults_applied(self) -> dict[str, Any]:
+        """{dotted key: value} of the algorithm's paper defaults that this config took (keys it left unset)."""
+        out = {}
+        for dotted, value in PAPER_DEFAULTS.get(self.algorithm, {}).items():
+            section, key = dotted.split(".")
+            if key not in getattr(self, section).model_fields_set:
+                out[dotted] = value
+        return out
+
+    @model_validator(mode="after")
+    def _apply_paper_defaults(self) -> RunConfig:
+        """The algorithm's paper hyperparameters (PAPER_DEFAULTS) for every key the config leaves
+        unset; a key written in the file or an override (even to the global default) wins."""
+        for dotted, value in PAPER_DEFAULTS.get(self.algorithm, {}).items():
+            section, key = dotted.split(".")
+            node = getattr(self, section)
+            if key not in node.model_fields_set:
+                try:
+                    setattr(node, key, value)
+                except ValidationError as e:
+                    raise ValueError(
+                        f"{dotted}={value} is the {self.algorithm} paper default (the config leaves it unset) "
+                        f"but clashes with the rest of the config: {e.errors()[0]['msg']}. Set {dotted} "
+                        "explicitly"
+                    ) from None
+                node.model_fields_set.discard(key)  # still "unset": the config did not say it
+        return self
+
+    @model_validator(mode="after")
+    def _offline_shapes(self) -> RunConfig:
+        if self.algorithm not in OFFLINE_ALGORITHMS:
+            return self
+        oc, lc = self.offline, self.learner
+        per_step = lc.num_ranks * lc.micro_batch_size
+        if oc.batch_size % per_step:
+            origin = (f" ({oc.batch_size} is the {self.algorithm} paper default: set offline.batch_size)"
+                      if "offline.batch_size" in self.paper_defaults_applied else "")
+            raise ValueError(
+                f"offline.batch_size={oc.batch_size} must be a multiple of learner.num_ranks * "
+                f"learner.micro_batch_size = {lc.num_ranks} * {lc.micro_batch_size} = {per_step} "
+                f"(every rank runs whole micro-batches){origin}"
+            )
+        if self.algorithm == "kto" and lc.micro_batch_size < 2:
+            raise ValueError(
+                f"kto needs learner.micro_batch_size >= 2 (got {lc.micro_batch_size}): its KL reference "
+                "point pairs each prompt with the next example's completion inside a micro-batch, and with "
+                "1 an example would be paired with itself"
+            )
+        has_eval = self.eval_data is not None or self.data.eval_path is not None or self.data.eval_fraction > 0
+        if oc.eval_every and not has_eval:
+            raise ValueError(
+                f"offline.eval_every={oc.eval_every} needs held-out data: set data.eval_fraction, "
+                "data.eval_path or eval_data (or offline.eval_every: 0)"
+            )
+        if self.algorithm in REFERENCE_ALGORITHMS and not lc.reference:
+            raise ValueError(
+                f"{self.algorithm} compares the policy with a frozen reference model, but learner.reference "
+                "is false: set learner.reference: true (offline.reference_logps: precompute frees it after "
+                "scoring the data once)"
+            )
+        if self.algorithm == "rm" and "path" not in self.model.model_fields_set:
+            self.model.path = DEFAULT_RM_MODEL
+        return self
+
+    @model_validator(mode="after")
+    def _batch_shapes(self) -> RunConfig:
+        if self.algorithm in ONLINE_ALGORITHMS and self.run.steps is None:
+            self.run.steps = 100
+        if self.algorithm in ONLINE_ALGORITHMS:
+            n = self.rl.samples_per_step
+            mini = self.rl.mini_batch_size or n
+            if n % mini:
+                raise ValueError(
+                    f"rl.mini_batch_size={mini} must divide the samples per step "
+                    f"(rl.group_size * rl.prompts_per_step = {n})"
+                )
+            per_rank, rem = divmod(mini, self.learner.num_ranks)
+            if rem or per_rank % self.learner.micro_batch_size:
+                raise ValueError(
+                    f"each optimizer step's {mini} sequences split over learner.num_ranks="
+                    f"{self.learner.num_ranks} must be a multiple of learner.micro_batch_size="
+                    f"{self.learner.micro_batch_size} per rank"
+                )
+            if not self.reward.functions:
+                raise ValueError(
+                    f"{self.algorithm} scores its samples: add at least one entry to reward.functions "
+                    "(kind: rule | builtin | model | http)"
+                )
+            if self.algorithm == "rloo" and self.rl.group_size < 2:
+                raise ValueError("rloo needs rl.group_size >= 2 (the baseline leaves one sample out)")
+        if self.algorithm in TOKEN_ALGORITHMS:
+            self._check_token_algorithm()
+        return self
+
+    def _check_token_algorithm(self) -> None:
+        loss = self.learner.loss
+        if "kl_in" not in loss.model_fields_set:
+            loss.kl_in = "reward"  # the classic RLHF shaping; kl_in: loss stays possible when asked for
+        if self.token_rl.kl_control == "adaptive" and loss.kl_in != "reward":
+            raise ValueError(
+                f"{self.algorithm}.kl_control is 'adaptive' but learner.loss.kl_in is 'loss': the controller "
+                "steers the KL penalty in the reward; set learner.loss.kl_in: reward or kl_control: fixed"
+            )
+        if self.token_rl.kl_control == "adaptive" and loss.kl_coef == 0:
+            raise ValueError(
+                f"{self.algorithm}.kl_control is 'adaptive' but learner.loss.kl_coef is 0, and an adaptive "
+                "coefficient moves by multiplication: start it above 0 (e.g. learner.loss.kl_coef: 0.05)"
+            )
+        if self.algorithm == "reinforce_pp_baseline" and self.rl.group_size < 2:
+            raise ValueError("reinforce_pp_baseline needs rl.group_size >= 2 (the baseline is the group's mean score)")
+        if self.algorithm != "ppo":
+            return
+        critic = self.critic.learner_config(self.learner)  # raises on a bad colocation
+        mini = self.mini_batch_size
+        per_rank, rem = divmod(mini, critic.num_ranks)
+        if rem or per_rank % critic.micro_batch_size:
+            raise ValueError(
+                f"each optimizer step's {mini} sequences split over critic.num_ranks={critic.num_ranks} "
+                f"must be a multiple of critic.micro_batch_size={critic.micro_batch_size} per rank"
+            )
+        if self.critic.model_path is None and self.critic.init == "reward_model":
+            models = [f for f in self.reward.functions if f.kind == "model"]
+            if len(models) != 1:
+                raise ValueError(
+                    f"critic.init is 'reward_model' but reward.functions has {len(models)} reward models "
+                    "(kind: model): name the critic's starting point with critic.model_path, or use "
+                    "critic.init: policy"
+                )
+
+    @property
+    def token_rl(self) -> TokenRewardConfig:
+        """The per-token reward settings of this run's algorithm (ppo or reinforce_pp section)."""
+        return self.ppo if self.algorithm == "ppo" else self.reinforce_pp
+
+    def critic_init_path(self) -> str:
+        """Where the critic starts: critic.model_path, the reward model, or the policy (model.path)."""
+        if self.critic.model_path is not None:
+            return self.critic.model_path
+        if self.critic.init == "reward_model":
+            return next(f.model_path for f in self.reward.functions if f.kind == "model")
+        return self.model.path
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.rl.mini_batch_size or self.rl.samples_per_step
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        return self.rl.epochs * (self.rl.samples_per_step // self.mini_batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, so 1e-6, true, [1,2] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. learner.lr=1e-6)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
+    # YAML reads 1e-6 as a string (no dot); accept what a user means.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") and value.strip() else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any, origin: str) -> None:
+    """Set tree[k0][k1]... = value; a key that meets a list is an index (reward.functions.0.weight)."""
+    node: Any = tree
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            k = _list_index(node, k, ".".join(keys[:i]), origin)
+        elif not last:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            elif not isinstance(nxt, (dict, list)):
+                raise ConfigError(f"{origin}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        if last:
+            node[k] = value
+        else:
+            node = node[k]
+
+
+def _list_index(items: list, key: str, where: str, origin: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(
+            f"{origin}: {where} is a list of {len(items)} entries; name one by its index "
+            f"0..{len(items) - 1} (e.g. {where}.0.<key>=...)" if items else f"{origin}: {where} is an empty list"
+        )
+    return int(key)
+
+
+def _model_at(loc: tuple) -> type | None:
+    """The pydantic model class found by walking ``loc`` from RunConfig (None if not a model)."""
+    cls: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cls, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        cls = _unwrap_model(fields[part].annotation)
+    return cls
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    """Optional[Model] / list[Model] / Model -> Model; anything else unchanged."""
+    for arg in typing.get_args(annotation) or ():
+        if isinstance(arg, type) and hasattr(arg, "model_fields"):
+            return arg
+        inner = _unwrap_model(arg)
+        if inner is not arg:
+            return inner
+    return annotation
+
+
+def _describe(err: dict, overrides: dict[str, str], source: str) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    origin = overrides.get(dotted, source)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent is not None else "?"
+        return f"{origin}: unknown key '{dotted}'. Allowed keys here: {allowed}"
+    if err["type"] == "missing":
+        return f"{origin}: '{dotted}' is required"
+    got = err.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{origin}: '{dotted}': {err['msg']}{got_text}"
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read YAML at ``path``, apply ``overrides``, validate. Raises ConfigError with every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (algorithm, model, data, ...)")
+    _resolve_relative_paths(tree, path.resolve().parent)
+    return config_from_dict(tree, overrides, source=str(path))
+
+
+def _resolve_relative_paths(tree: dict, base: Path) -> None:
+    """Data paths written in a config file are relative to that file (overrides: to the CWD)."""
+    for section in ("data", "eval_data"):
+        node = tree.get(section)
+        if not isinstance(node, dict):
+            continue
+        for key in ("path", "eval_path"):
+            value = node.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                node[key] = str(base / value)
+    model = tree.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str) and (base / model["path"]).exists():
+        model["path"] = str(base / model["path"])
+    functions = (tree.get("reward") or {}).get("functions") if isinstance(tree.get("reward"), dict) else None
+    for fn in functions if isinstance(functions, list) else []:
+        path = fn.get("model_path") if isinstance(fn, dict) else None
+        if isinstance(path, str) and path and not Path(path).is_absolute() and (base / path).exists():
+            fn["model_path"] = str(base / path)
+
+
+def config_from_dict(tree: dict, overrides=(), source: str = "<config>") -> RunConfig:
+    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
+    origins: dict[str, str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value, f"override {text!r}")
+        origins[".".join(keys)] = f"override {text!r}"
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = [_describe(err, origins, source) for err in e.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML; a comment on top names the paper defaults it took."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    applied = cfg.paper_defaults_applied
+    if applied:
+        keys = ", ".join(f"{k}={v}" for k, v in applied.items())
+        text = (f"# {cfg.algorithm} paper defaults used (unset in the config; set a key to override): "
+                f"{keys}\n") + text
+    return text

@@ -1,0 +1,1 @@
+"""The built-in tiny models and synthetic tasks (tests, demo, benchmarks)."""

@@ -1,0 +1,69 @@
+"""``fleetrl train``: dispatch on the config's algorithm."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+from fleetrl.run.config import (
+    OFFLINE_ALGORITHMS,
+    ONLINE_ALGORITHMS,
+    PLANNED_ALGORITHMS,
+    ConfigError,
+    RunConfig,
+)
+
+
+def train(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
+    if cfg.algorithm in PLANNED_ALGORITHMS:
+        raise ConfigError(
+            f"algorithm '{cfg.algorithm}' is not built yet in this version of fleetrl; "
+            f"available now: {', '.join(ONLINE_ALGORITHMS + OFFLINE_ALGORITHMS)}"
+        )
+    from fleetrl.run.runtime import RunDir
+
+    run_dir = RunDir(cfg, config_path)
+    with _log_to(run_dir.path / "train.log"):
+        if cfg.algorithm in OFFLINE_ALGORITHMS:
+            from fleetrl.offline.loop import run_offline
+
+            return run_offline(cfg, run_dir)
+        from fleetrl.online.loop import run_online
+
+        return run_online(cfg, run_dir)
+
+
+class _Tee:
+    """Console output that also lands in the run directory's train.log."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    with open(path, "a", buffering=1) as f:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, f), _Tee(err, f)
+        handler = logging.StreamHandler(sys.stderr)  # log records: console and train.log
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("fleetrl")
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+            logger.removeHandler(handler)
