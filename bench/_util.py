@@ -72,7 +72,10 @@ def print_table(headers: list[str], rows: list[list[str]], title: str | None = N
     """A Markdown table (pastes into docs/benchmarks.md as is); printed and returned."""
     cols = list(zip(*([headers] + rows)))
     widths = [max(len(str(c)) for c in col) for col in cols]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
     text = ("\n" + title + "\n\n" if title else "\n") + "\n".join(out) + "\n"
     print(text, flush=True)

@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import time
-from pathlib import Path
-
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--omp-bind", default=None,
                    help="VLLM_CPU_OMP_THREADS_BIND for every engine (default: vLLM's own, 'auto')")
     p.add_argument("--pin-workers", action="store_true",
-                   help="experiment: bind fleet worker i's compute threads to core i (VLLM_CPU_OMP_THREADS_BIND); "
-                        "by default vLLM binds every engine on a 1-NUMA-node host to the same core")
+                   help="experiment: bind fleet worker i's compute threads to core i "
+                        "(VLLM_CPU_OMP_THREADS_BIND); by default vLLM binds every engine on a 1-NUMA-node "
+                        "host to the same core")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -79,7 +77,8 @@ class RawEngine:
         self.worker = RolloutWorker(cfg, model_path)  # also sets VLLM_CPU_KVCACHE_SPACE, warms up
         self.llm = self.worker.llm
 
-    def generate(self, prompts, n: int, sampling: dict, logprobs: bool = True, per_call: int | None = None) -> int:
+    def generate(self, prompts, n: int, sampling: dict, logprobs: bool = True,
+                 per_call: int | None = None) -> int:
         """Tokens generated; ``per_call``: that many prompts per ``generate``, one call after the other."""
         from vllm.inputs import TokensPrompt
 
@@ -91,8 +90,8 @@ class RawEngine:
         per_call = per_call or len(prompts)
         tokens = 0
         for i in range(0, len(prompts), per_call):
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts[i:i + per_call]],
-                                     params, use_tqdm=False)
+            chunk = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts[i:i + per_call]]
+            outs = self.llm.generate(chunk, params, use_tqdm=False)
             tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
         return tokens
 
@@ -116,7 +115,7 @@ def fleet_one_call_per_worker(fleet, prompts, n: int, sampling: dict) -> int:
 
 
 def fleet_streamed(fleet, prompts, n: int, sampling: dict, per_call: int) -> int:
-    """Like fleetrl.online.loop.GroupCollector: keep idle capacity filled, collect as calls finish."""
+    """Like fleetrl.online.collect.GroupCollector: keep idle capacity filled, collect as calls finish."""
     import ray
 
     todo = [prompts[i:i + per_call] for i in range(0, len(prompts), per_call)]
@@ -145,7 +144,6 @@ def main(argv=None) -> None:
         print_machine_state,
         print_table,
     )
-
     from fleetrl.rollout.config import RolloutConfig
 
     before = print_machine_state("start")

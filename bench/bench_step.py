@@ -3,10 +3,11 @@
 Runs ``fleetrl.train.train`` (what ``fleetrl train`` runs) on a config, by default
 ``examples/grpo_tiny.yaml`` for a few steps, then reads the run's ``metrics.jsonl``. For each
 phase the orchestrator times (``time/generate``, ``time/reward_wait``, ``time/reference``,
-``time/train``, ``time/weight_sync``; ``time/reward``, which overlaps generation, is shown apart) it prints the median over the steps after the first (the
-first step pays one-off costs), min-max, and the phase's share of the median step
-(``time/step``, the baseline of the same run). "other" is the step minus its timed phases
-(padding, advantages, metrics). ``--metrics`` reads an existing metrics.jsonl instead.
+``time/train``, ``time/weight_sync``; ``time/reward``, which overlaps generation, is shown apart)
+it prints the median over the steps after the first (the first step pays one-off costs), min-max,
+and the phase's share of the median step (``time/step``, the baseline of the same run). "other" is
+the step minus its timed phases (padding, advantages, metrics). ``--metrics`` reads an existing
+metrics.jsonl instead.
 
 Run from the repository root:  python bench/bench_step.py  (see --help)
 """
@@ -17,11 +18,9 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parent.parent
 # Back to back inside a step: together with "other" they add up to time/step.
@@ -36,8 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=str(ROOT / "examples" / "grpo_tiny.yaml"))
     p.add_argument("--steps", type=int, default=20, help="run.steps of the run (the first is not counted)")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="more config overrides, as on the fleetrl command line (e.g. learner.loss.kl_coef=0.01)")
-    p.add_argument("--output-dir", default=None, help="run.output_dir (default: a temporary directory, removed)")
+                   help="more config overrides, as on the fleetrl command line "
+                        "(e.g. learner.loss.kl_coef=0.01)")
+    p.add_argument("--output-dir", default=None,
+                   help="run.output_dir (default: a temporary directory, removed)")
     p.add_argument("--metrics", default=None, help="analyze this metrics.jsonl instead of running")
     return p.parse_args(argv)
 
@@ -97,10 +98,11 @@ def main(argv=None) -> None:
     after = print_machine_state("end")
     if not args.metrics and not args.output_dir:
         shutil.rmtree(metrics.parent.parent, ignore_errors=True)
+    shown_overrides = " " + " ".join(args.overrides) if args.overrides and not args.metrics else ""
     print_table(["phase", "median s", "min-max s", "share of median step"], table,
-                title=(f"Step-time breakdown of {args.metrics or args.config}"
-                       f"{' ' + ' '.join(args.overrides) if args.overrides and not args.metrics else ''} ({len(rows)} steps; "
-                       f"load avg start {before['loadavg_1_5_15']}, end {after['loadavg_1_5_15']})"))
+                title=(f"Step-time breakdown of {args.metrics or args.config}{shown_overrides} "
+                       f"({len(rows)} steps; load avg start {before['loadavg_1_5_15']}, "
+                       f"end {after['loadavg_1_5_15']})"))
     for k, v in extra.items():
         print(f"{k}: {v}")
 

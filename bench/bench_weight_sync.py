@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 import time
-from pathlib import Path
-
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="gloo", help="side-group backend (gloo on CPU, nccl on GPU)")
     p.add_argument("--kv-cache-gb", type=int, default=1)
     p.add_argument("--pin-workers", action="store_true",
-                   help="experiment: bind vLLM worker i's compute threads to core i (VLLM_CPU_OMP_THREADS_BIND); "
-                        "by default vLLM binds every engine on a 1-NUMA-node host to the same core")
+                   help="experiment: bind vLLM worker i's compute threads to core i "
+                        "(VLLM_CPU_OMP_THREADS_BIND); by default vLLM binds every engine on a 1-NUMA-node "
+                        "host to the same core")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -100,8 +98,8 @@ def free_port() -> int:
 def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
     """Alternate spine syncs and raw broadcasts of ``plan``'s buckets; Samples per kind and field."""
     import ray
-    from _util import Samples
 
+    from _util import Samples
     from fleetrl.core.weight_wire import WeightPlan
 
     def spine() -> dict[str, float]:
@@ -137,6 +135,7 @@ def alloc_probe(numel: int, bucket_mbs: list[int], rounds: int) -> list[list[str
     ends of the spine do every sync) vs into one reused buffer. Big buffers come from mmap and are
     page-faulted again on every allocation; small ones are recycled by the allocator."""
     import torch
+
     from _util import Samples
 
     src = torch.randn(numel)
@@ -227,7 +226,7 @@ def main(argv=None) -> None:
                     fleet.cfg = pinned(rcfg, fleet.num_workers)
                 fleet.add_worker()
             fleet.wait_ready()
-            # The spine's side group, built as fleetrl.online.loop.WeightSync builds it.
+            # The spine's side group, built as fleetrl.online.weights.WeightSync builds it.
             host, port = learner.side_group_address()
             world = fleet.weight_group_world_size()
             ray.get(learner.init_weight_sync(host, port, world, args.backend)
@@ -261,8 +260,9 @@ def main(argv=None) -> None:
         if learner is not None:
             learner.shutdown()
     after = print_machine_state("end")
+    binding = "pinned to cores 0, 1, ..." if args.pin_workers else "on vLLM default binding"
     setup = (f"{mib:.1f} MiB ({info.get('num_parameters', '?')} fp32 parameters) per sync, backend "
-             f"{args.backend}, vLLM workers {'pinned to cores 0, 1, ...' if args.pin_workers else 'on vLLM default binding'}, "
+             f"{args.backend}, vLLM workers {binding}, "
              f"{args.rounds} rounds per row, median (min-max); load avg start {before['loadavg_1_5_15']}, "
              f"end {after['loadavg_1_5_15']}")
     print_table(
@@ -275,8 +275,8 @@ def main(argv=None) -> None:
          "reload share", "raw e2e ms", "raw fresh-buffer e2e ms"],
         ms_rows, title="Weight sync time per sync (same run)")
     print_table(["bucket MiB", "fresh buffers + copy ms", "reused buffer copy ms", "ratio"], probe_rows,
-                title=f"Allocation probe in the driver: copying {mib:.1f} MiB into fresh buffers of each bucket "
-                      "size (as both ends of the spine do per sync) vs into one reused buffer")
+                title=f"Allocation probe in the driver: copying {mib:.1f} MiB into fresh buffers of each "
+                      "bucket size (as both ends of the spine do per sync) vs into one reused buffer")
 
 
 if __name__ == "__main__":

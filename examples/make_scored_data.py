@@ -32,7 +32,8 @@ def scored_task(n: int, seed: int = 0) -> list[dict]:
         chars = [letter] * hits + [rng.choice(others) for _ in range(length - hits)]
         rng.shuffle(chars)
         stars = 1 + round(4 * hits / length)
-        rows.append({"prompt": row["prompt"], "completion": " " + "".join(chars), "stars": stars, "letter": letter})
+        rows.append({"prompt": row["prompt"], "completion": " " + "".join(chars), "stars": stars,
+                     "letter": letter})
     return rows
 
 

@@ -50,11 +50,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-T_START = time.perf_counter()  # the wall time reported covers imports and model builds too
-ROOT = Path(__file__).resolve().parents[1]
-
-
 from fleetrl.testing.tasks import LETTERS, PROMPT_TEMPLATES, WORDS, write_jsonl
+
+# The wall time reported covers the heavy imports (torch, DeepSpeed: inside the functions) and model builds.
+T_START = time.perf_counter()
+ROOT = Path(__file__).resolve().parents[1]
 
 DOCS = ROOT / "docs"
 CONDITIONS = ("balanced", "imbalance", "noise", "intransitive")
@@ -68,10 +68,12 @@ ALGORITHMS = ("dpo", "kto", "offline_ppo")
 # What each run trains: (label, algorithm, its config section, data file). Two extra KTO runs: the
 # paper's one-y-per-x setting (one answer per prompt, from the pairs) and the imbalance without the
 # lambda rule (both weights 1), to see what the rule does.
-BASE_RUNS = (("dpo", "dpo", {}, "pairs"), ("kto", "kto", {}, "unpaired"), ("offline_ppo", "offline_ppo", {}, "unpaired"))
+BASE_RUNS = (("dpo", "dpo", {}, "pairs"), ("kto", "kto", {}, "unpaired"),
+             ("offline_ppo", "offline_ppo", {}, "unpaired"))
 EXTRA_RUNS = {
     "balanced": (("kto, one-y-per-x", "kto", {"one_y_per_x": True}, "pairs"),),
-    "imbalance": (("kto, lambda_D = 1", "kto", {"desirable_weight": 1.0, "undesirable_weight": 1.0}, "unpaired"),),
+    "imbalance": (("kto, lambda_D = 1", "kto", {"desirable_weight": 1.0, "undesirable_weight": 1.0},
+                   "unpaired"),),
 }
 BETA, CLIP, LR = 0.1, 0.2, 1e-3
 PAIRS_PER_STEP = 16  # DPO pairs per step; KTO / offline PPO: twice as many completions
@@ -178,8 +180,8 @@ def train_one(tree: dict, tokenizer: Any, eval_kinds: list[str]) -> dict[str, An
     own pieces (data, schedule, reference, evaluation); no checkpoints."""
     from fleetrl.learner.deepspeed_utils import free_port
     from fleetrl.learner.offline import OfflineLearner
-    from fleetrl.run.config import config_from_dict
     from fleetrl.offline.loop import OfflineRun
+    from fleetrl.run.config import config_from_dict
     from fleetrl.run.runtime import RunDir
 
     cfg = config_from_dict(tree)
@@ -216,7 +218,8 @@ def _accuracy_by_kind(run: Any, learner: Any, kinds: list[str]) -> dict[str, flo
     lp, _ = run._logps(learner, run._seqs(run.eval), "policy")
     ratio = lp - run._eval_ref
     right = (ratio[:k] > ratio[k:]).tolist()
-    return {kind: statistics.fmean(r for r, x in zip(right, kinds) if x == kind) for kind in sorted(set(kinds))}
+    return {kind: statistics.fmean(r for r, x in zip(right, kinds) if x == kind)
+            for kind in sorted(set(kinds))}
 
 
 def _point(step: int, ev: dict[str, float], beta: float) -> list[float]:
@@ -253,12 +256,13 @@ def study(seeds: list[int], steps: int, n_train: int, n_eval: int, eval_every: i
                 results.append(out)
                 acc, margin = out["curve"][-1][1:]
                 print(f"[{time.perf_counter() - t0:7.1f}s] seed {seed} {condition:12s} {label:17s} "
-                      f"examples {out['examples']:4d}  held-out accuracy {acc:.3f}  margin {margin:+.2f} nats "
-                      f"({out['seconds']:.0f}s)", flush=True)
+                      f"examples {out['examples']:4d}  held-out accuracy {acc:.3f}  "
+                      f"margin {margin:+.2f} nats ({out['seconds']:.0f}s)", flush=True)
     return {
-        "settings": {"seeds": seeds, "steps": steps, "n_train": n_train, "n_eval": n_eval, "eval_every": eval_every,
-                     "lr": LR, "beta": BETA, "clip": CLIP, "pairs_per_step": PAIRS_PER_STEP,
-                     "flip_rate": FLIP_RATE, "desirable_keep": DESIRABLE_KEEP},
+        "settings": {"seeds": seeds, "steps": steps, "n_train": n_train, "n_eval": n_eval,
+                     "eval_every": eval_every, "lr": LR, "beta": BETA, "clip": CLIP,
+                     "pairs_per_step": PAIRS_PER_STEP, "flip_rate": FLIP_RATE,
+                     "desirable_keep": DESIRABLE_KEEP},
         "wall_seconds": round(time.perf_counter() - T_START, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
                    f"{__import__('torch').get_num_threads()}",
@@ -294,19 +298,22 @@ def verdicts(results: list[dict]) -> list[str]:
         wins = sum(x > 0 for x in diffs)
         ties = sum(x == 0 for x in diffs)
         holds = "holds" if mk >= md else "does not hold"
-        lines.append(f"- **{CONDITION_TITLES[condition]}**: KTO {mk:.3f} vs DPO {md:.3f}: KTO >= DPO {holds}; "
-                     f"paired difference {md_:+.3f} +- {sd_:.3f} (KTO ahead on {wins} of {len(diffs)} seeds"
+        lines.append(f"- **{CONDITION_TITLES[condition]}**: KTO {mk:.3f} vs DPO {md:.3f}: "
+                     f"KTO >= DPO {holds}; paired difference {md_:+.3f} +- {sd_:.3f} "
+                     f"(KTO ahead on {wins} of {len(diffs)} seeds"
                      f"{f', {ties} ties' if ties else ''}).")
     k_b, d_a = final(results, "imbalance", "kto", 1), final(results, "balanced", "dpo", 1)
-    lines.append(f"- **The paper's imbalance claim** (KTO with 90% of the desirable examples discarded vs DPO on "
-                 f"all pairs, condition a): KTO {mean_sd(k_b)[0]:.3f} vs DPO {mean_sd(d_a)[0]:.3f}.")
+    lines.append(f"- **The paper's imbalance claim** (KTO with 90% of the desirable examples discarded "
+                 f"vs DPO on all pairs, condition a): KTO {mean_sd(k_b)[0]:.3f} "
+                 f"vs DPO {mean_sd(d_a)[0]:.3f}.")
     one = final(results, "balanced", "kto, one-y-per-x", 1)
-    lines.append(f"- **One-y-per-x** (KTO on one answer per prompt, half the completions): {mean_sd(one)[0]:.3f} "
-                 f"vs KTO on both answers {mean_sd(final(results, 'balanced', 'kto', 1))[0]:.3f} and DPO "
+    lines.append(f"- **One-y-per-x** (KTO on one answer per prompt, half the completions): "
+                 f"{mean_sd(one)[0]:.3f} vs KTO on both answers "
+                 f"{mean_sd(final(results, 'balanced', 'kto', 1))[0]:.3f} and DPO "
                  f"{mean_sd(d_a)[0]:.3f}.")
     rule, plain = final(results, "imbalance", "kto", 1), final(results, "imbalance", "kto, lambda_D = 1", 1)
-    lines.append(f"- **The lambda rule** at 1:10: KTO {mean_sd(rule)[0]:.3f} with it, {mean_sd(plain)[0]:.3f} "
-                 "with lambda_D = lambda_U = 1.")
+    lines.append(f"- **The lambda rule** at 1:10: KTO {mean_sd(rule)[0]:.3f} with it, "
+                 f"{mean_sd(plain)[0]:.3f} with lambda_D = lambda_U = 1.")
     parts = []
     for label in (b[0] for b in BASE_RUNS):
         by = [r["by_kind"] for r in runs(results, "intransitive", label)]
@@ -320,8 +327,9 @@ def verdicts(results: list[dict]) -> list[str]:
 def table(report: dict) -> str:
     results, s = report["results"], report["settings"]
     run_s = statistics.median(r["seconds"] for r in results)
-    intro = (f"Held-out preference accuracy (implicit reward of the chosen answer > the rejected one) and margin "
-             f"(log-ratio chosen - log-ratio rejected, in nats, the same scale for every algorithm) after "
+    intro = (f"Held-out preference accuracy (implicit reward of the chosen answer > the rejected one) and "
+             f"margin (log-ratio chosen - log-ratio rejected, in nats, the same scale for every algorithm) "
+             f"after "
              f"{s['steps']} optimizer steps; mean +- standard deviation over {len(s['seeds'])} seeds "
              f"({', '.join(map(str, s['seeds']))}). Examples: training examples of the run (DPO: pairs).")
     lines = [
@@ -339,8 +347,8 @@ def table(report: dict) -> str:
                          f"{ma:.3f} +- {sa:.3f} | {mm:+.2f} +- {sm:.2f} |")
     weights = [r["weights"] for r in runs(results, "imbalance", "kto")]
     lambdas = ", ".join(f"{w[0]:.2f}" for w in weights)
-    wall = (f"Wall time: {report['wall_seconds'] / 60:.1f} min for {len(results)} runs on {report['machine']} "
-            f"(`{report['command']}`); the median run took {run_s:.0f} s.")
+    wall = (f"Wall time: {report['wall_seconds'] / 60:.1f} min for {len(results)} runs on "
+            f"{report['machine']} (`{report['command']}`); the median run took {run_s:.0f} s.")
     lines += ["", "Computed from these numbers:", "", *verdicts(results), "",
               f"KTO's weights in condition b (lambda rule): lambda_D = {lambdas}, lambda_U = 1.", "",
               wall, "", "![held-out accuracy per condition](kto_study.png)"]
@@ -377,7 +385,8 @@ def plot(report: dict, path: Path) -> bool:
             m = [statistics.fmean(a) for a in acc]
             sd = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc]
             extra = label != algo
-            ax.plot(steps, m, label=label, color="tab:red" if extra else colors[algo], ls="--" if extra else "-")
+            ax.plot(steps, m, label=label, color="tab:red" if extra else colors[algo],
+                    ls="--" if extra else "-")
             if not extra:
                 ax.fill_between(steps, [x - y for x, y in zip(m, sd)], [x + y for x, y in zip(m, sd)],
                                 color=colors[algo], alpha=0.2)
@@ -388,8 +397,8 @@ def plot(report: dict, path: Path) -> bool:
     axes[0].set_ylabel("held-out preference accuracy")
     for ax in axes[:2]:
         ax.legend(loc="lower right", fontsize=7)
-    fig.suptitle(f"Held-out preference accuracy of the tiny model, mean +- sd over {len(report['settings']['seeds'])} "
-                 "seeds (dotted: chance)", fontsize=9)
+    fig.suptitle("Held-out preference accuracy of the tiny model, mean +- sd over "
+                 f"{len(report['settings']['seeds'])} seeds (dotted: chance)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -415,8 +424,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if round(DESIRABLE_KEEP * args.train) < PAIRS_PER_STEP:
-        raise SystemExit(f"--train {args.train} leaves DPO fewer than {PAIRS_PER_STEP} whole pairs (one batch) "
-                         f"in the 1:10 condition: use --train {math.ceil(PAIRS_PER_STEP / DESIRABLE_KEEP)} or more")
+        raise SystemExit(f"--train {args.train} leaves DPO fewer than {PAIRS_PER_STEP} whole pairs "
+                         f"(one batch) in the 1:10 condition: use --train "
+                         f"{math.ceil(PAIRS_PER_STEP / DESIRABLE_KEEP)} or more")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "kto_study.json"
     if args.report_only:
@@ -427,13 +437,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         with tempfile.TemporaryDirectory(prefix="kto-study-") as work:
             report = study(args.seeds, args.steps, args.train, args.eval, args.eval_every, Path(work))
-        report["command"] = "python experiments/kto_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        args_given = argv if argv is not None else sys.argv[1:]
+        report["command"] = "python experiments/kto_study.py " + " ".join(args_given)
         report["command"] = report["command"].strip()
         json_path.write_text(json.dumps(report, indent=1) + "\n")
     write_doc(report, args.out / "kto_study.md")
     drew = plot(report, args.out / "kto_study.png")
     print(table(report))
-    print(f"wrote {json_path}, {args.out / 'kto_study.md'}" + (f", {args.out / 'kto_study.png'}" if drew else ""))
+    png = f", {args.out / 'kto_study.png'}" if drew else ""
+    print(f"wrote {json_path}, {args.out / 'kto_study.md'}{png}")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Shared fixtures. End-to-end tests use a real local Ray, kept on loopback."""
+"""Shared fixtures: one local Ray kept on loopback, and the tiny models, both once per session."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,3 +20,31 @@ def ray_local():
         ray.init(num_cpus=8, include_dashboard=False, namespace="fleetrl-tests")
     yield ray
     ray.shutdown()
+
+
+# The built-in tiny models, built once (ensure_tiny_model keeps them in FLEETRL_CACHE, default
+# ~/.cache/fleetrl, the same place the example configs' `model.path: tiny` resolves to, so a session
+# builds each at most once and later sessions reuse it). Read-only: a test that changes a model
+# copies it first. tests/unit/test_tiny.py builds its own on purpose (it tests the builder).
+@pytest.fixture(scope="session")
+def tiny_policy() -> Path:
+    """The tiny Qwen2 causal LM, seed 0 (what `model.path: tiny` is)."""
+    from fleetrl.testing.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("policy", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_seed1() -> Path:
+    """A second tiny causal LM, same shape and tokenizer, other weights (seed 1): a weight-sync target."""
+    from fleetrl.testing.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("policy", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward() -> Path:
+    """The tiny Qwen2 sequence classifier (one scalar score), seed 0 (what `tiny-reward` is)."""
+    from fleetrl.testing.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("reward", seed=0)

@@ -1,6 +1,6 @@
 """The DeepSpeed learner on CPU with a tiny Qwen2: log-probs, updates, saving, weight sync.
 
-Single-rank tests build `PolicyLearner` in this process (world_size 1, gloo); one test runs a
+Single-rank tests build a policy `Learner` in this process (world_size 1, gloo); one test runs a
 2-rank ZeRO-3 `LearnerGroup` on a real local Ray and receives its weights over a side group.
 Reference values come from plain transformers on the same checkpoint.
 """
@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from fleetrl.algos.losses import policy_loss, token_logprobs
+from fleetrl.algos.logprobs import token_logprobs
+from fleetrl.algos.ppo import ppo_policy_loss as policy_loss
 from fleetrl.core.weight_wire import broadcast, init_side_group, unpack_bucket
 from fleetrl.learner.config import LearnerConfig
 from fleetrl.learner.deepspeed_utils import free_port
-from fleetrl.learner.policy import PolicyLearner
-from fleetrl.testing.tiny import ensure_tiny_model
+from fleetrl.learner.rank import Learner
 
 pytestmark = pytest.mark.e2e
 
@@ -29,15 +29,15 @@ SEQ_LEN = 14
 
 
 @pytest.fixture(scope="module")
-def model_path():
-    return str(ensure_tiny_model("policy"))
+def model_path(tiny_policy):
+    return str(tiny_policy)
 
 
-def make_learner(model_path, mini_batch_size=4, **cfg) -> PolicyLearner:
+def make_learner(model_path, mini_batch_size=4, **cfg) -> Learner:
     t0 = time.perf_counter()
     cfg = {"micro_batch_size": 2, "lr": 1e-3, **cfg}
-    learner = PolicyLearner(LearnerConfig(**cfg), model_path, master_port=free_port(),
-                            mini_batch_size=mini_batch_size)
+    learner = Learner(LearnerConfig(**cfg), model_path, master_port=free_port(),
+                      mini_batch_size=mini_batch_size, objective="policy")
     print(f"learner zero={learner.cfg.zero_stage} built in {time.perf_counter() - t0:.1f}s")
     return learner
 

@@ -2,7 +2,7 @@
 
 Each trainer runs its example config (examples/<algo>_tiny.yaml, shortened where it helps) and must
 raise its held-out preference accuracy above chance (SFT: lower the held-out NLL). Most runs drive
-one in-process rank (the same OfflineLearner a Ray actor wraps); KTO runs the real `fleetrl train`
+one in-process rank (the same `Learner` a Ray actor wraps); KTO runs the real `fleetrl train`
 path on Ray with 2 ZeRO-3 ranks. The runs chain like a user's: SFT's final model starts RM and DPO.
 The first optimizer step's gradient norm is checked against plain transformers + the pure losses,
 which pins the batch building, packing, reference log-probs and micro-batch weighting.
@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fleetrl.algos.losses import token_logprobs
+from fleetrl.algos.logprobs import token_logprobs
 from fleetrl.algos.preference import dpo_loss
 from fleetrl.data.offline import collate_rows
 from fleetrl.learner.deepspeed_utils import free_port
@@ -36,11 +36,13 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def run_example(algo: str, out: Path, *overrides: str):
     """Train examples/<algo>_tiny.yaml on one in-process rank; returns (run, metrics rows)."""
     t0 = time.perf_counter()
-    cfg = load_config(EXAMPLES / f"{algo}_tiny.yaml", [f"run.output_dir={out}", f"run.name={algo}", *overrides])
+    cfg = load_config(EXAMPLES / f"{algo}_tiny.yaml",
+                      [f"run.output_dir={out}", f"run.name={algo}", *overrides])
     model_path = resolve_model(cfg.model.path)
     run = OfflineRun(cfg, RunDir(cfg), load_tokenizer(model_path))
-    learner = OfflineLearner(cfg.learner, model_path, master_port=free_port(), total_steps=run.schedule.total_steps,
-                             mini_batch_size=cfg.offline.batch_size, **run.learner_kwargs())
+    learner = OfflineLearner(cfg.learner, model_path, master_port=free_port(),
+                             total_steps=run.schedule.total_steps, mini_batch_size=cfg.offline.batch_size,
+                             **run.learner_kwargs())
     try:
         run.run(learner)
     finally:
@@ -102,8 +104,9 @@ def test_dpo_from_the_sft_model_beats_chance_and_its_first_step_is_exact(sft, ou
     run, rows = run_example("dpo", out, f"model.path={sft_model}")
     assert rows[0]["eval/accuracy"] == 0.0  # policy == reference: no implicit reward yet
     assert rows[-1]["eval/accuracy"] > 0.6 and rows[-1]["eval/rewards/margins"] > 0
-    assert {"train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins", "train/rewards/accuracies",
-            "train/logps/chosen", "train/logps/rejected", "train/grad_norm", "train/lr", "tokens_per_s"} <= set(rows[1])
+    assert {"train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
+            "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected", "train/grad_norm",
+            "train/lr", "tokens_per_s"} <= set(rows[1])
     assert_hf_dir(run.run_dir.path / "final_model")
     # Step 1 by hand: the reference is the SFT model itself, so its log-probs are the detached policy's.
     model = AutoModelForCausalLM.from_pretrained(sft_model, dtype=torch.float32)
@@ -113,6 +116,29 @@ def test_dpo_from_the_sft_model_beats_chance_and_its_first_step_is_exact(sft, ou
     pc, pr = seq_logps(model, side["chosen"]), seq_logps(model, side["rejected"])
     torch.testing.assert_close(batch["ref_chosen_logps"], pc.detach(), atol=2e-4, rtol=1e-5)
     losses, _, _ = dpo_loss(pc, pr, pc.detach(), pr.detach(), beta=run.cfg.dpo.beta)
+    losses.mean().backward()
+    assert rows[1]["train/grad_norm"] == pytest.approx(grad_norm(model), rel=1e-4)
+
+
+def test_simpo_from_the_sft_model_beats_chance_without_a_reference_and_its_first_step_is_exact(sft, out):
+    """SimPO through the registry: algos/simpo.py's loss, trained by the generic pair objective."""
+    from fleetrl.algos.simpo import simpo_loss
+
+    sft_model = sft[0].run_dir.path / "final_model"
+    run, rows = run_example("simpo", out, f"model.path={sft_model}")
+    assert rows[-1]["eval/accuracy"] > 0.6 and rows[-1]["eval/rewards/margins"] > 0, rows[-1]
+    assert rows[-1]["train/loss"] < rows[1]["train/loss"]
+    assert "time/reference" in rows[0] and rows[0]["time/reference"] == 0.0  # no reference model at all
+    batch = run.batch(0)
+    assert "ref_chosen_logps" not in batch
+    # Step 1 by hand: mean SimPO loss of the batch's pairs in plain transformers.
+    model = AutoModelForCausalLM.from_pretrained(sft_model, dtype=torch.float32)
+    side = {s: {k: batch[f"{s}_{k}"] for k in ("input_ids", "attention_mask", "loss_mask")}
+            for s in ("chosen", "rejected")}
+    n = {s: (side[s]["loss_mask"] * side[s]["attention_mask"]).sum(-1).float() for s in side}
+    sc = run.cfg.simpo
+    losses, _ = simpo_loss(seq_logps(model, side["chosen"]), seq_logps(model, side["rejected"]), n["chosen"],
+                           n["rejected"], beta=sc.beta, gamma_beta_ratio=sc.gamma_beta_ratio)
     losses.mean().backward()
     assert rows[1]["train/grad_norm"] == pytest.approx(grad_norm(model), rel=1e-4)
 
@@ -128,7 +154,8 @@ def test_reward_model_from_the_sft_model_scores_held_out_pairs(sft, out):
     assert AutoModelForSequenceClassification.from_pretrained(final).config.num_labels == 1
     # The reward service loads it and ranks held-out pairs like the trainer's own evaluation did.
     scorer = RewardModelScorer(str(final), device="cpu")
-    held_out = [json.loads(line) for line in (EXAMPLES / "data/preference_eval.jsonl").read_text().splitlines()]
+    eval_file = EXAMPLES / "data/preference_eval.jsonl"
+    held_out = [json.loads(line) for line in eval_file.read_text().splitlines()]
     tok = load_tokenizer(str(final))
     prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
                                        add_generation_prompt=True) for r in held_out]

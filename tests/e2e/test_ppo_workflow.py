@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from fleetrl.learner.config import LearnerConfig
-from fleetrl.learner.critic import CriticLearner, align_values, load_value_model
+from fleetrl.learner.critic import align_values, load_value_model
 from fleetrl.learner.critic_config import CriticConfig
 from fleetrl.learner.deepspeed_utils import free_port
+from fleetrl.learner.rank import Learner
 from fleetrl.run.config import load_config
-from fleetrl.testing.tiny import ensure_tiny_model
 from fleetrl.train import train
 
 pytestmark = pytest.mark.e2e
@@ -34,10 +34,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_critic_rank_values_match_transformers_and_regress_on_returns():
-    rm_path = str(ensure_tiny_model("reward"))
-    cfg = CriticConfig(lr=1e-2, value_clip=0.5).learner_config(LearnerConfig(micro_batch_size=2, zero_stage=2))
-    critic = CriticLearner(cfg, rm_path, master_port=free_port(), mini_batch_size=4, value_clip=0.5)
+def test_critic_rank_values_match_transformers_and_regress_on_returns(tiny_reward):
+    rm_path = str(tiny_reward)
+    cfg = CriticConfig(lr=1e-2, value_clip=0.5).learner_config(
+        LearnerConfig(micro_batch_size=2, zero_stage=2))
+    critic = Learner(cfg, rm_path, master_port=free_port(), mini_batch_size=4, objective="critic",
+                     objective_cfg={"value_clip": 0.5})
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 400, (4, 12), generator=g)
     attn = torch.ones(4, 12, dtype=torch.long)
@@ -63,7 +65,8 @@ def test_critic_rank_values_match_transformers_and_regress_on_returns():
     stats = critic.train(train_batch, mini_batch_size=4, epochs=6)
     after_values = critic.compute_values(batch)
     after = float(((after_values - returns)[mask] ** 2).mean())
-    print(f"critic: value mse {before:.3f} -> {after:.3f}; value_loss {[round(s['value_loss'], 3) for s in stats]}")
+    value_losses = [round(s["value_loss"], 3) for s in stats]
+    print(f"critic: value mse {before:.3f} -> {after:.3f}; value_loss {value_losses}")
     assert set(stats[0]) >= {"value_loss", "vf_clip_frac", "values_mean", "grad_norm", "lr"}
     # First step: values == old values, so no clipping and the loss is 0.5 * MSE over the valid tokens.
     assert stats[0]["value_loss"] == pytest.approx(0.5 * before, rel=1e-4)
@@ -79,10 +82,12 @@ def sft_and_rm(tmp_path_factory, ray_local):
     out_dir = tmp_path_factory.mktemp("rlhf")
     out = [f"run.output_dir={out_dir}"]
     t0 = time.perf_counter()
-    sft = train(load_config(EXAMPLES / "sft_tiny.yaml", out + ["run.name=sft-tiny"]), EXAMPLES / "sft_tiny.yaml")
+    sft = train(load_config(EXAMPLES / "sft_tiny.yaml", out + ["run.name=sft-tiny"]),
+                EXAMPLES / "sft_tiny.yaml")
     t_sft = time.perf_counter()
     rm = train(load_config(EXAMPLES / "rm_tiny.yaml",
-                           out + ["run.name=rm-tiny", f"model.path={sft / 'final_model'}"]), EXAMPLES / "rm_tiny.yaml")
+                           out + ["run.name=rm-tiny", f"model.path={sft / 'final_model'}"]),
+               EXAMPLES / "rm_tiny.yaml")
     print(f"workflow: sft {t_sft - t0:.0f}s, rm {time.perf_counter() - t_sft:.0f}s")
     assert read_jsonl(rm / "metrics.jsonl")[-1]["eval/accuracy"] > 0.6  # the RM learned the preferences
     return out_dir, sft / "final_model", rm / "final_model"
@@ -102,17 +107,18 @@ def test_sft_then_reward_model_then_ppo_raises_the_reward_models_held_out_score(
     assert [r["step"] for r in rows] == list(range(steps + 1))  # step 0: held-out eval before training
     first, last = rows[0], rows[-1]
     for key in ("critic/value_loss", "critic/vf_clip_frac", "critic/explained_variance", "returns/mean",
-                "values/mean", "advantage/mean", "advantage/std", "kl/coef", "kl/seq_mean", "train/policy_loss",
-                "train/clip_frac", "train/entropy", "reward/rm", "reward/letter", "time/critic_values"):
+                "values/mean", "advantage/mean", "advantage/std", "kl/coef", "kl/seq_mean",
+                "train/policy_loss", "train/clip_frac", "train/entropy", "reward/rm", "reward/letter",
+                "time/critic_values"):
         assert key in last, key
     assert all(r["kl/coef"] == pytest.approx(0.05) for r in rows[1:])  # fixed controller
     assert last["eval/prompts"] == first["eval/prompts"] == 64
 
     rewards = [r["reward/mean"] for r in rows[1:]]
     early, late = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    print(f"ppo: held-out RM score (greedy) {first['eval/reward/mean']:.3f} -> {last['eval/reward/mean']:.3f}; "
-          f"sampled reward {early:.3f} -> {late:.3f}; held-out letter rule {first['eval/reward/letter']:.3f} -> "
-          f"{last['eval/reward/letter']:.3f}")
+    print(f"ppo: held-out RM score (greedy) {first['eval/reward/mean']:.3f} -> "
+          f"{last['eval/reward/mean']:.3f}; sampled reward {early:.3f} -> {late:.3f}; "
+          f"held-out letter rule {first['eval/reward/letter']:.3f} -> {last['eval/reward/letter']:.3f}")
     assert last["eval/reward/mean"] > first["eval/reward/mean"] + 0.3, (first, last)
     assert late > early + 1.0, rewards
 
@@ -134,7 +140,8 @@ def test_reinforce_pp_baseline_runs_the_same_recipe_without_a_critic(sft_and_rm)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # no held-out data, no step 0
     assert not any(k.startswith(("critic/", "eval/")) for r in rows for k in r)
     for r in rows:
-        assert abs(r["advantage/mean"]) < 1e-4 and r["advantage/std"] == pytest.approx(1.0, abs=0.01)  # whitened
+        # whitened
+        assert abs(r["advantage/mean"]) < 1e-4 and r["advantage/std"] == pytest.approx(1.0, abs=0.01)
     # The adaptive coefficient moves against the observed KL: up while KL > target, down while below.
     for prev, cur in itertools.pairwise(rows):
         direction = 1 if prev["kl/seq_mean"] > 0.5 else -1

@@ -79,7 +79,8 @@ def test_error_inside_actor_arrives_with_its_message(ray_local, rules_dir):
             ray.get(actors[1].score.remote(["p0", "the bad prompt"], ["12345", "four"]))
         msg = str(err.value)
         assert "reward function 'ratio' (rule rules.py:explode) failed on sample 1 of 2" in msg
-        assert "ZeroDivisionError" in msg and "prompt: 'the bad prompt'" in msg and "completion: 'four'" in msg
+        assert "ZeroDivisionError" in msg
+        assert "prompt: 'the bad prompt'" in msg and "completion: 'four'" in msg
         # The actor survives a scoring error and keeps serving.
         assert ray.get(actors[1].score.remote(["p"], ["123456"])).rewards == [0.5]
         zero = make_reward_actors({**cfg, "on_error": "zero", "num_workers": 1}, rules_dir, "e2e-zero-")

@@ -11,7 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-CFG = {"device": "cpu", "max_model_len": 256, "enforce_eager": True, "dtype": "float32", "cpu_kvcache_space_gb": 1}
+CFG = {"device": "cpu", "max_model_len": 256, "enforce_eager": True, "dtype": "float32",
+       "cpu_kvcache_space_gb": 1}
 
 
 def _free_port() -> int:
@@ -55,11 +56,9 @@ def _hf_logprobs(model, prompt_ids, completion_ids, temperature=1.0):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from fleetrl.testing.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("tiny")
-    return build_tiny_model(root / "a", seed=0), build_tiny_model(root / "b", seed=1)
+def models(tiny_policy, tiny_policy_seed1):
+    """The model the worker starts with, and one whose weights it receives."""
+    return tiny_policy, tiny_policy_seed1
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,8 @@ def worker(models):
 
     t0 = time.perf_counter()
     w = RolloutWorker(RolloutConfig(**CFG), str(models[0]), worker_index=3)
-    print(f"\nworker start {time.perf_counter() - t0:.1f}s (engine {w.engine_start_s:.1f}s, warm-up {w.warmup_s:.1f}s)")
+    print(f"\nworker start {time.perf_counter() - t0:.1f}s (engine {w.engine_start_s:.1f}s, "
+          f"warm-up {w.warmup_s:.1f}s)")
     assert w.weight_version == 0
     assert w.ping()["device"] == "cpu" and w.ping()["num_gpus"] == 0
     return w
@@ -89,7 +89,8 @@ def test_generate_samples_with_logprobs(worker, tokenizer):
     dt = time.perf_counter() - t0
     print(f"generate 2x3x<=24 tokens: {dt:.2f}s, {sum(len(c.token_ids) for c in out) / dt:.0f} tokens/s")
 
-    assert [(c.request_id, c.sample_index) for c in out] == [("a", 0), ("a", 1), ("a", 2), (7, 0), (7, 1), (7, 2)]
+    assert [(c.request_id, c.sample_index) for c in out] == [
+        ("a", 0), ("a", 1), ("a", 2), (7, 0), (7, 1), (7, 2)]
     for c in out:
         assert c.prompt_token_ids == prompts[0 if c.request_id == "a" else 1]
         assert 1 <= len(c.token_ids) <= 24
@@ -144,8 +145,8 @@ def test_weight_sync_matches_transformers(worker, models, tokenizer):
     for bucket in plan.buckets:
         broadcast(group, pack_bucket(bucket, params), src=0)
     stats = _join(t, box)
-    print(f"\nsync {plan.num_bytes / 1e6:.2f} MB in {len(plan.buckets)} buckets: {time.perf_counter() - t0:.3f}s "
-          f"(worker: {stats})")
+    print(f"\nsync {plan.num_bytes / 1e6:.2f} MB in {len(plan.buckets)} buckets: "
+          f"{time.perf_counter() - t0:.3f}s (worker: {stats})")
 
     assert worker.weight_version == version_before + 1
     after = worker.score(prompt, completion)
@@ -185,7 +186,8 @@ def test_fleet_on_ray(ray_local, models):
         for ref in refs:
             out = ray.get(ref)
             assert fleet.on_done(ref).request_ids == [out[0].request_id]
-            assert [c.sample_index for c in out] == [0, 1] and all(len(c.logprobs) == len(c.token_ids) for c in out)
+            assert [c.sample_index for c in out] == [0, 1]
+            assert all(len(c.logprobs) == len(c.token_ids) for c in out)
 
         # Weight sync through the actor: this process is the learner (rank 0).
         model_b = AutoModelForCausalLM.from_pretrained(models[1], dtype=torch.float32)
@@ -194,7 +196,8 @@ def test_fleet_on_ray(ray_local, models):
         group = init_side_group("127.0.0.1", port, 0, fleet.weight_group_world_size(), "gloo")
         assert ray.get(joins, timeout=120) == [[1]]
         params = dict(model_b.named_parameters())
-        plan = plan_buckets(((n, p.shape, p.dtype) for n, p in params.items()), version=5, bucket_bytes=300_000)
+        plan = plan_buckets(((n, p.shape, p.dtype) for n, p in params.items()), version=5,
+                            bucket_bytes=300_000)
         receipts = fleet.receive_weights(plan)
         for bucket in plan.buckets:
             broadcast(group, pack_bucket(bucket, params))

@@ -165,7 +165,8 @@ def head():
         shutil.rmtree(tmp, ignore_errors=True)
         import psutil
 
-        left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
+        left = [p.pid for p in psutil.process_iter(["cmdline"])
+                if str(tmp) in " ".join(p.info["cmdline"] or [])]
         assert not left, f"Ray processes left behind: {left}"
         if killed:
             print(f"[teardown] needed SIGKILL: {killed}")
@@ -243,8 +244,8 @@ def test_cli_submit_wait_streams_a_failing_training_job_and_exits_1(head, tmp_pa
     cfg["rollout"]["num_wrkers"] = 2  # a typo fleetrl train must name
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()
-    r = _cli(head, "submit", str(tmp_path / "bad.yaml"), "run.steps=1", "--working-dir", str(tmp_path), "--no-validate",
-             "--wait", "--timeout", "300", "--job-id", f"bad-{RUN}")
+    r = _cli(head, "submit", str(tmp_path / "bad.yaml"), "run.steps=1", "--working-dir", str(tmp_path),
+             "--no-validate", "--wait", "--timeout", "300", "--job-id", f"bad-{RUN}")
     print(f"\n[timing] submit --wait of a failing job {time.perf_counter() - t0:.1f} s")
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"submitted job bad-{RUN}" in r.stdout
@@ -252,7 +253,8 @@ def test_cli_submit_wait_streams_a_failing_training_job_and_exits_1(head, tmp_pa
 
 
 def test_stop_ends_a_running_job(head):
-    job_id = jobs.submit(command=["python", "-c", "import time; print('sleeping', flush=True); time.sleep(300)"],
+    sleeper = "import time; print('sleeping', flush=True); time.sleep(300)"
+    job_id = jobs.submit(command=["python", "-c", sleeper],
                          address=head.url, working_dir=REPO, token=head.token, job_id=f"sleeper-{RUN}")
     assert job_id == f"sleeper-{RUN}"
     deadline = time.monotonic() + 120

@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fleetrl.testing import tasks, tiny
+from fleetrl.testing import tasks
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-policy"), seed=0)
+def policy_dir(tiny_policy):
+    return tiny_policy
 
 
 def _free_port() -> int:

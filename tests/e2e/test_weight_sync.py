@@ -11,16 +11,15 @@ import torch
 from fleetrl.learner.config import LearnerConfig
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.online.batch import Sample, pad_samples
-from fleetrl.online.loop import WeightSync
+from fleetrl.online.weights import WeightSync
 from fleetrl.rollout.config import RolloutConfig
 from fleetrl.rollout.fleet import RolloutFleet
-from fleetrl.testing.tiny import resolve_model_path
 
 pytestmark = pytest.mark.e2e
 
 
-def test_sync_after_training_makes_vllm_match_the_learner(ray_local):
-    model = str(resolve_model_path("tiny"))
+def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy):
+    model = str(tiny_policy)
     fleet = RolloutFleet(
         RolloutConfig(num_workers=1, max_model_len=256, enforce_eager=True, cpu_kvcache_space_gb=1,
                       dtype="float32", env_vars={"VLLM_LOGGING_LEVEL": "WARNING"}),

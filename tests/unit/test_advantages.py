@@ -1,4 +1,5 @@
-"""Advantage estimators against values worked out by hand in each test."""
+"""Advantage estimators (and the KL shaping and controllers they use) against values worked out by
+hand in each test; every estimator is reached through the registry as the online loop reaches it."""
 
 import math
 import statistics
@@ -6,19 +7,23 @@ import statistics
 import pytest
 import torch
 
-from fleetrl.algos.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    gae,
-    grpo_advantages,
-    masked_whiten,
-    reinforce_pp_advantages,
-    reinforce_pp_baseline_advantages,
-    reinforce_pp_returns,
-    rloo_advantages,
-    token_rewards_with_kl,
-)
+from fleetrl.algos import ADVANTAGE_ESTIMATORS, ONLINE_ALGORITHMS
+from fleetrl.algos.advantages import grpo_advantages, rloo_advantages
+from fleetrl.algos.kl import AdaptiveKLController, FixedKLController
+from fleetrl.algos.reduce import masked_whiten
+from fleetrl.algos.shaping import sequence_rewards_with_kl, token_rewards_with_kl
+from fleetrl.algos.token_advantages import discounted_returns as reinforce_pp_returns
+from fleetrl.algos.token_advantages import gae
+
+
+def reinforce_pp_advantages(scores, kl, mask, kl_coef, gamma=1.0):
+    return ADVANTAGE_ESTIMATORS.get("reinforce_pp")(scores, mask, kl=kl, kl_coef=kl_coef, gamma=gamma)[0]
+
+
+def reinforce_pp_baseline_advantages(scores, group_size, kl, mask, kl_coef, gamma=1.0):
+    estimator = ADVANTAGE_ESTIMATORS.get("reinforce_pp_baseline")
+    return estimator(scores, mask, kl=kl, kl_coef=kl_coef, group_size=group_size, gamma=gamma)[0]
+
 
 T = torch.tensor
 
@@ -53,8 +58,8 @@ def test_grpo_batch_scale_by_hand():
 
 def test_drgrpo_no_scaling():
     close(grpo_advantages(REWARDS, 4, scale="none"), [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
-    close(ADVANTAGE_ESTIMATORS["drgrpo"](REWARDS, 4), [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
-    close(ADVANTAGE_ESTIMATORS["grpo"](REWARDS, 4), grpo_advantages(REWARDS, 4))
+    close(ADVANTAGE_ESTIMATORS.get("drgrpo")(REWARDS, 4), [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+    close(ADVANTAGE_ESTIMATORS.get("grpo")(REWARDS, 4), grpo_advantages(REWARDS, 4))
 
 
 def test_grpo_group_of_three():
@@ -87,7 +92,7 @@ def test_rloo_leave_one_out_by_hand():
     close(rloo_advantages(REWARDS, 4), [2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0])
     # [3,1,2]: 3 - 1.5 = 1.5 ; 1 - 2.5 = -1.5 ; 2 - 2 = 0
     close(rloo_advantages(T([3.0, 1.0, 2.0]), 3), [1.5, -1.5, 0.0])
-    close(ADVANTAGE_ESTIMATORS["rloo"](T([3.0, 1.0, 2.0]), 3), [1.5, -1.5, 0.0])
+    close(ADVANTAGE_ESTIMATORS.get("rloo")(T([3.0, 1.0, 2.0]), 3), [1.5, -1.5, 0.0])
 
 
 def test_rloo_needs_two_samples():
@@ -175,6 +180,18 @@ def test_token_rewards_with_kl_by_hand():
     close(out, [[-0.01, -0.02, -0.03 + 2.0, 0.0], [0.0, -0.05, -0.05, -0.05 - 1.0]])
 
 
+def test_sequence_rewards_are_the_token_rewards_summed():
+    # Group algorithms, kl_in: reward: score - 0.1 * sum(kl over valid tokens); padding's 9.0 never counts.
+    scores = T([2.0, -1.0])
+    kl = T([[0.1, 0.2, 0.3, 9.0], [9.0, 0.5, 0.5, 0.5]])
+    mask = T([[1, 1, 1, 0], [0, 1, 1, 1]])
+    close(sequence_rewards_with_kl(scores, kl, mask, 0.1), [2.0 - 0.06, -1.0 - 0.15])
+    per_token = token_rewards_with_kl(scores, kl, mask, 0.1)
+    close(sequence_rewards_with_kl(scores, kl, mask, 0.1), per_token.sum(-1))
+    # An empty completion pays nothing (no error: group algorithms have no last token to find).
+    close(sequence_rewards_with_kl(T([1.0]), T([[float("nan")]]), T([[0]]), 0.1), [1.0])
+
+
 def test_token_rewards_with_kl_rejects_empty_rows():
     with pytest.raises(ValueError, match=r"rows \[1\] have no valid token"):
         token_rewards_with_kl(T([1.0, 1.0]), torch.zeros(2, 3), T([[1, 0, 0], [0, 0, 0]]), 0.1)
@@ -195,6 +212,34 @@ def test_reinforce_pp_advantages_by_hand():
     w = _whiten_list([1.94, 1.95, 1.97, -1.15, -1.10, -1.05])
     out = reinforce_pp_advantages(T([2.0, -1.0]), KL, MASK, kl_coef=0.1)
     close(out, [[w[0], w[1], w[2], 0], [0, w[3], w[4], w[5]]])
+
+
+def test_reinforce_pp_returns_the_returns_it_whitens():
+    adv, returns = ADVANTAGE_ESTIMATORS.get("reinforce_pp")(T([2.0, -1.0]), MASK, kl=KL, kl_coef=0.1)
+    close(returns, [[1.94, 1.95, 1.97, 0], [0, -1.15, -1.10, -1.05]])
+    close(adv, masked_whiten(returns, MASK))
+
+
+def test_gae_estimator_shapes_the_rewards_and_needs_values():
+    # score 1 on the last token, kl 0.5 at coef 0.2 -> token rewards [-0.1, 0.9]; values [0.5, 0.25]
+    # gamma = lam = 1: A_1 = 0.9 - 0.25 = 0.65, A_0 = -0.1 + 0.25 - 0.5 + 0.65 = 0.3; returns = A + V
+    estimator = ADVANTAGE_ESTIMATORS.get("gae")
+    adv, ret = estimator(T([1.0]), T([[1, 1]]), kl=T([[0.5, 0.5]]), kl_coef=0.2, values=T([[0.5, 0.25]]))
+    close(adv, [[0.3, 0.65]])
+    close(ret, [[0.8, 0.9]])
+    with pytest.raises(ValueError, match="values"):
+        estimator(T([1.0]), T([[1, 1]]), kl=T([[0.5, 0.5]]), kl_coef=0.2)
+
+
+def test_every_online_algorithm_is_declared_with_registered_pieces():
+    kinds = {name: ONLINE_ALGORITHMS.get(name) for name in ONLINE_ALGORITHMS}
+    assert {"grpo", "drgrpo", "rloo", "gspo", "cispo", "ppo", "reinforce_pp", "reinforce_pp_baseline"} \
+        <= set(kinds)
+    assert {n for n, a in kinds.items() if a.per_token} >= {"ppo", "reinforce_pp", "reinforce_pp_baseline"}
+    assert [n for n, a in kinds.items() if a.critic] == ["ppo"]
+    assert [kinds[n].min_group_size for n in ("rloo", "reinforce_pp_baseline", "grpo")] == [2, 2, 1]
+    with pytest.raises(KeyError, match="did you mean 'rloo'"):
+        ADVANTAGE_ESTIMATORS.get("rlo")
 
 
 def test_reinforce_pp_baseline_subtracts_group_mean():

@@ -13,7 +13,8 @@ EXAMPLE = ROOT / "examples" / "grpo_tiny.yaml"
 
 
 def test_every_subcommand_has_help(capsys):
-    for argv in (["--help"], ["train", "--help"], ["config", "show", "--help"], ["make-tiny-model", "--help"]):
+    for argv in (["--help"], ["train", "--help"], ["config", "show", "--help"],
+                 ["make-tiny-model", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0

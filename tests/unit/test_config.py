@@ -30,7 +30,8 @@ def test_example_loads_and_data_path_is_relative_to_the_file():
 
 
 def test_overrides_are_applied_and_parsed_as_yaml(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["learner.lr=1e-6", "rollout.num_workers=4", "run.resume=true"])
+    cfg = load_config(write(tmp_path, MINIMAL),
+                      ["learner.lr=1e-6", "rollout.num_workers=4", "run.resume=true"])
     assert cfg.learner.lr == pytest.approx(1e-6)
     assert cfg.rollout.num_workers == 4
     assert cfg.run.resume is True
@@ -99,9 +100,11 @@ def test_batch_shape_rules_explain_themselves():
     with pytest.raises(ConfigError, match="must divide the samples per step"):
         config_from_dict({**base, "rl": {"group_size": 4, "prompts_per_step": 3, "mini_batch_size": 5}})
     with pytest.raises(ConfigError, match="multiple of learner.micro_batch_size"):
-        config_from_dict({**base, "rl": {"group_size": 4, "prompts_per_step": 2}, "learner": {"micro_batch_size": 3}})
+        config_from_dict({**base, "rl": {"group_size": 4, "prompts_per_step": 2},
+                          "learner": {"micro_batch_size": 3}})
     with pytest.raises(ConfigError, match="rloo needs rl.group_size >= 2"):
-        config_from_dict({**base, "algorithm": "rloo", "rl": {"group_size": 1}, "learner": {"micro_batch_size": 1}})
+        config_from_dict({**base, "algorithm": "rloo", "rl": {"group_size": 1},
+                          "learner": {"micro_batch_size": 1}})
 
 
 def test_dump_round_trips(tmp_path):
@@ -131,7 +134,8 @@ def test_offline_examples_load_with_their_data(algo):
 def test_run_steps_defaults_to_100_for_online_only(tmp_path):
     assert load_config(write(tmp_path, MINIMAL)).run.steps == 100
     assert config_from_dict({"algorithm": "dpo", "data": {"path": "x.jsonl"}}).run.steps is None
-    assert config_from_dict({"algorithm": "dpo", "data": {"path": "x.jsonl"}, "run": {"steps": 7}}).run.steps == 7
+    with_steps = {"algorithm": "dpo", "data": {"path": "x.jsonl"}, "run": {"steps": 7}}
+    assert config_from_dict(with_steps).run.steps == 7
 
 
 def test_offline_sections_reject_unknown_keys_and_bad_values(tmp_path):
@@ -149,7 +153,8 @@ def test_offline_sections_reject_unknown_keys_and_bad_values(tmp_path):
 def test_offline_batch_rules_explain_themselves():
     base = {"algorithm": "dpo", "data": {"path": "x.jsonl"}}
     with pytest.raises(ConfigError, match=r"offline.batch_size=6 must be a multiple of .* 2 \* 2 = 4"):
-        config_from_dict({**base, "offline": {"batch_size": 6}, "learner": {"num_ranks": 2, "micro_batch_size": 2}})
+        config_from_dict({**base, "offline": {"batch_size": 6},
+                          "learner": {"num_ranks": 2, "micro_batch_size": 2}})
     # KTO: a micro-batch of 1 would pair an example with its own completion.
     with pytest.raises(ConfigError, match=r"kto needs learner.micro_batch_size >= 2 \(got 1\)"):
         config_from_dict({**base, "algorithm": "kto", "offline": {"batch_size": 4},
@@ -162,12 +167,14 @@ def test_offline_batch_rules_explain_themselves():
                                  "learner": {"reference": False, "loss": {"kl_coef": 0}}}).learner.reference
     with pytest.raises(ConfigError, match="offline.eval_every=5 needs held-out data"):
         config_from_dict({**base, "offline": {"eval_every": 5}})
-    ok = config_from_dict({**base, "data": {"path": "x.jsonl", "eval_fraction": 0.1}, "offline": {"eval_every": 5}})
+    ok = config_from_dict({**base, "data": {"path": "x.jsonl", "eval_fraction": 0.1},
+                           "offline": {"eval_every": 5}})
     assert ok.offline.eval_every == 5
 
 
 def test_rm_defaults_to_the_tiny_reward_model_unless_a_model_is_named():
     base = {"algorithm": "rm", "data": {"path": "x.jsonl"}}
     assert config_from_dict(base).model.path == "tiny-reward"
-    assert config_from_dict({**base, "model": {"path": "runs/sft/final_model"}}).model.path == "runs/sft/final_model"
+    named = {**base, "model": {"path": "runs/sft/final_model"}}
+    assert config_from_dict(named).model.path == "runs/sft/final_model"
     assert config_from_dict({**base, "algorithm": "dpo"}).model.path == "tiny"

@@ -48,7 +48,7 @@ def error_of(config, kind=None) -> str:
     return str(exc.value)
 
 
-# ---------------------------------------------------------------------------------------------- formats
+# --------------------------------------------------------------------------------------------- formats
 
 
 def test_jsonl_prompt_rows_skip_blank_lines_and_keep_line_numbers(tmp_path):
@@ -160,7 +160,7 @@ def test_max_rows(tmp_path):
     assert [r.prompt for r in load_rows(cfg(p, max_rows=3))] == ["0", "1", "2"]
 
 
-# ---------------------------------------------------------------------------------------------- row kinds
+# --------------------------------------------------------------------------------------------- row kinds
 
 
 @pytest.mark.parametrize("conversational", [False, True])
@@ -272,7 +272,7 @@ def test_implicit_prompt_errors(tmp_path, chosen, rejected, expect):
     assert f"{p}:1" in msg and expect in msg and "'prompt'" in msg
 
 
-# ---------------------------------------------------------------------------------------------- labels
+# --------------------------------------------------------------------------------------------- labels
 
 
 @pytest.mark.parametrize(
@@ -311,7 +311,7 @@ def test_label_numpy_bool():
     assert parse_label(np.bool_(True), "x") is True and parse_label(np.int64(0), "x") is False
 
 
-# ---------------------------------------------------------------------------------------------- errors
+# --------------------------------------------------------------------------------------------- errors
 
 
 def test_missing_field_message_names_file_line_field_keys_and_fix(tmp_path):
@@ -425,7 +425,7 @@ def test_unknown_kind_keys(tmp_path):
     assert f"{p}:1" in msg and "text, score" in msg and "data.kind" in msg
 
 
-# ---------------------------------------------------------------------------------------------- config
+# --------------------------------------------------------------------------------------------- config
 
 
 def test_config_validation():
@@ -441,7 +441,7 @@ def test_config_validation():
         DataConfig(path="x.jsonl", format="csv")
 
 
-# ---------------------------------------------------------------------------------------------- eval split
+# --------------------------------------------------------------------------------------------- eval split
 
 
 def test_split_eval_is_seeded_disjoint_and_ordered(tmp_path):
@@ -471,7 +471,7 @@ def test_load_train_eval_from_fraction_and_from_path(tmp_path):
     assert isinstance(held[0], PromptRow) and held[0].extra == {"chosen": "x", "rejected": "y"}
 
 
-# ---------------------------------------------------------------------------------------------- chat templates
+# --------------------------------------------------------------------------------------------- chat templates
 
 
 class FakeChatTokenizer:
@@ -569,7 +569,7 @@ def test_real_tokenizer_chat_template():
     assert render_completion(plain, tok, apply_chat_template=False) == "4<|im_end|>"
 
 
-# ---------------------------------------------------------------------------------------------- stream
+# --------------------------------------------------------------------------------------------- stream
 
 
 def make_rows(n):

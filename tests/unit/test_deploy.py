@@ -348,12 +348,14 @@ def test_cli_status_exit_code_follows_the_job(monkeypatch, capsys):
     assert cli.main(["status", "j"]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "boom" in out and "1m00s" in out
-    monkeypatch.setattr(jobs, "status", lambda job_id, address=None: jobs.JobState("j", "RUNNING", "", "x", 1.0, None))
+    running = jobs.JobState("j", "RUNNING", "", "x", 1.0, None)
+    monkeypatch.setattr(jobs, "status", lambda job_id, address=None: running)
     assert cli.main(["status", "j"]) == 0
 
 
 def test_cli_import_is_light():
-    code = "import sys, fleetrl.deploy.cli; bad = [m for m in ('ray', 'fleetrl.run.config') if m in sys.modules]; print(bad)"
+    code = ("import sys, fleetrl.deploy.cli; "
+            "bad = [m for m in ('ray', 'fleetrl.run.config') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -417,7 +419,8 @@ def _check_cluster_spec(spec: dict) -> None:
     assert _custom_resources(groups["learner"]) == {LEARNER_RESOURCE: 1000}
     for name, group in [("head", head), *groups.items()]:
         params = group["rayStartParams"]
-        assert all(isinstance(v, str) for v in params.values()), f"{name}: rayStartParams values must be strings"
+        assert all(isinstance(v, str) for v in params.values()), \
+            f"{name}: rayStartParams values must be strings"
         assert params["metrics-export-port"] == "8080"
         pod = group["template"]
         assert pod["metadata"]["labels"]["fleetrl.io/role"] == name
@@ -485,6 +488,7 @@ def test_cluster_doc_lists_every_documented_metric():
         assert f"`ray_{metric_name(key)}`" in doc, key
     for key in COUNTED:
         assert f"`ray_{metric_name(key)}_total`" in doc, key
-    for rel in ("src/fleetrl/deploy/cluster.yaml", "src/fleetrl/deploy/kuberay/raycluster.yaml", "src/fleetrl/deploy/kuberay/rayjob.yaml",
-                "src/fleetrl/deploy/kuberay/monitoring.yaml", "src/fleetrl/deploy/grafana/fleetrl.json", "src/fleetrl/deploy/Dockerfile"):
+    for rel in ("src/fleetrl/deploy/cluster.yaml", "src/fleetrl/deploy/kuberay/raycluster.yaml",
+                "src/fleetrl/deploy/kuberay/rayjob.yaml", "src/fleetrl/deploy/kuberay/monitoring.yaml",
+                "src/fleetrl/deploy/grafana/fleetrl.json", "src/fleetrl/deploy/Dockerfile"):
         assert rel in doc and (REPO / rel).is_file(), rel

@@ -1,4 +1,5 @@
-"""FleetBook: load balancing, capacity, removal and weight-group layout, without Ray."""
+"""FleetBook: load balancing, capacity, removal, calls lost with a dead worker, weight-group layout,
+without Ray."""
 
 from __future__ import annotations
 
@@ -127,6 +128,54 @@ def test_remove_with_wait_hands_back_unfinished_work():
     assert book.indices() == [1] and book.inflight() == 2
 
 
+class WorkerDied(RuntimeError):
+    """Stands in for ray.exceptions.RayActorError."""
+
+
+def test_finish_returns_completions_or_reports_the_dead_worker_once():
+    book, calls = make_book(2, max_inflight=3)
+    book.dead_errors = (WorkerDied,)
+    ok, lost_a, lost_b = submit(book, "p0"), submit(book, "p1"), submit(book, "p2")
+    assert [worker_of(calls, f) for f in (ok, lost_a, lost_b)] == ["w0", "w1", "w0"]
+    dead = {lost_a}
+
+    def get(fut):
+        if fut in dead:
+            raise WorkerDied("actor w1 died")
+        return [f"completion of {fut}"]
+
+    done = book.finish(ok, get)
+    assert not done.lost and done.completions == [f"completion of {ok}"] and done.work.request_ids == ["p0"]
+    assert book.inflight(0) == 1
+
+    # The first call lost with worker 1 names it (the fleet then removes it) and hands its work back.
+    first = book.finish(lost_a, get)
+    assert first.lost and first.completions is None and isinstance(first.error, WorkerDied)
+    assert first.dead_worker == 1 and first.work.request_ids == ["p1"] and first.work.worker_index == 1
+    # Once the worker is out of the fleet, its other lost calls are lost too but name no one again.
+    late = submit(book, "p3")
+    assert worker_of(calls, late) == "w1"
+    dead.add(late)
+    book.remove(1, wait=True, timeout_s=0, wait_fn=lambda futs, t: list(futs))  # what the fleet does
+    again = book.finish(late, get)
+    assert again.lost and again.dead_worker is None and again.work.request_ids == ["p3"]
+    # A call the book no longer knows (handed back by remove) is still resolved, without its Work.
+    assert book.finish(("fut", 999), get).work is None
+
+
+def test_finish_raises_errors_that_are_not_a_dead_worker():
+    book, _ = make_book(1)
+    book.dead_errors = (WorkerDied,)
+    fut = submit(book, "p0")
+
+    def get(_):
+        raise ValueError("bad sampling params")
+
+    with pytest.raises(ValueError, match="bad sampling"):
+        book.finish(fut, get)
+    assert book.inflight() == 0  # forgotten either way: it will never be claimed twice
+
+
 def test_weight_group_layout_and_fanout():
     book, calls = make_book(3, ranks_per_worker=2)
     book.remove(1)
@@ -140,7 +189,8 @@ def test_weight_group_layout_and_fanout():
         ("w2", "init_weight_group", ("127.0.0.1", 1234, 3, 5, "gloo")),
     ]
     futs = book.receive_weights(plan)
-    assert [(h, m) for h, m, a, f in calls.calls if f in futs] == [("w0", "receive_weights"), ("w2", "receive_weights")]
+    assert [(h, m) for h, m, a, f in calls.calls if f in futs] == [
+        ("w0", "receive_weights"), ("w2", "receive_weights")]
     # Weight calls are not generate calls: they take no generate capacity.
     assert book.idle_capacity() == 4
     book.add("w3")

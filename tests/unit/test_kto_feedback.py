@@ -29,7 +29,8 @@ from tests.unit.test_offline_run import CharTokenizer, FakeLearner
 
 
 def pref_rows(n: int) -> list[PreferenceRow]:
-    return [PreferenceRow(prompt=f"p{i}:", chosen=f" good{i}", rejected=f" bad{i}", extra={}, source=f"f:{i + 1}")
+    return [PreferenceRow(prompt=f"p{i}:", chosen=f" good{i}", rejected=f" bad{i}", extra={},
+                          source=f"f:{i + 1}")
             for i in range(n)]
 
 
@@ -53,7 +54,8 @@ def test_preference_rows_give_both_answers_by_default_or_one_per_prompt(algo):
     rows = pref_rows(50)
     both, stats = encoder(algo).encode(rows)
     assert len(both) == 100 and (stats.desirable, stats.undesirable) == (50, 50)
-    assert stats.one_y_per_x_dropped is None and "data/train/one_y_per_x_dropped" not in stats.as_metrics("data/train")
+    assert stats.one_y_per_x_dropped is None
+    assert "data/train/one_y_per_x_dropped" not in stats.as_metrics("data/train")
 
     one, stats = encoder(algo, seed=7, one_y_per_x=True).encode(rows)
     picks = one_y_per_x_choices(50, seed=7)
@@ -69,7 +71,8 @@ def test_preference_rows_give_both_answers_by_default_or_one_per_prompt(algo):
 
 
 def test_one_y_per_x_leaves_labelled_rows_alone():
-    rows = [UnpairedRow(prompt="p:", completion=" x", label=bool(i % 2), extra={}, source=f"f:{i}") for i in range(6)]
+    rows = [UnpairedRow(prompt="p:", completion=" x", label=bool(i % 2), extra={}, source=f"f:{i}")
+            for i in range(6)]
     out, stats = encoder(one_y_per_x=True).encode(rows)
     assert [e.desirable for e in out] == [False, True] * 3 and stats.one_y_per_x_dropped == 0
 
@@ -126,7 +129,8 @@ def test_scored_rows_name_the_row_and_key_when_the_score_is_bad():
 
 def run_dir_cfg(tmp_path, algo: str, section: dict, data: str, steps: int = 2, **extra):
     return config_from_dict({
-        "algorithm": algo, "run": {"output_dir": str(tmp_path / "runs"), "name": algo, "steps": steps, "seed": 5},
+        "algorithm": algo,
+        "run": {"output_dir": str(tmp_path / "runs"), "name": algo, "steps": steps, "seed": 5},
         "data": {"path": data, **extra}, "offline": {"batch_size": 8, "max_length": 64},
         "learner": {"micro_batch_size": 4, "lr": 1e-3}, algo: section,
     })
@@ -137,8 +141,8 @@ def test_driver_reads_scored_rows_reports_them_and_sends_weights(tmp_path, capsy
     rows = [{"prompt": f"Rate {i}:", "completion": " " + "ab"[i % 2] * (i % 5 + 1), "stars": 1 + i % 5}
             for i in range(24)]
     write_jsonl(rows, tmp_path / "scored.jsonl")
-    cfg = run_dir_cfg(tmp_path, "kto", {"score_key": "stars", "score_threshold": 3.5, "score_weighting": "distance"},
-                      str(tmp_path / "scored.jsonl"), eval_fraction=0.25)
+    kto = {"score_key": "stars", "score_threshold": 3.5, "score_weighting": "distance"}
+    cfg = run_dir_cfg(tmp_path, "kto", kto, str(tmp_path / "scored.jsonl"), eval_fraction=0.25)
     run = OfflineRun(cfg, RunDir(cfg), CharTokenizer())
     n_good = sum(e.desirable for e in run.train)
     assert all(e.desirable == (e.score >= 3.5) for e in run.train + run.eval)

@@ -70,7 +70,8 @@ def test_micro_steps_per_mini_batch():
     with pytest.raises(ValueError, match=r"multiple of 2"):
         micro_steps_per_mini_batch(7, 2, 1)
     # The message shows the arithmetic and the field to change.
-    with pytest.raises(ValueError, match=r"12 / 2 = 6 sequences is not a multiple of learner.micro_batch_size=4"):
+    with pytest.raises(ValueError,
+                       match=r"12 / 2 = 6 sequences is not a multiple of learner.micro_batch_size=4"):
         micro_steps_per_mini_batch(12, 2, 4)
     with pytest.raises(ValueError, match="divisor of 6"):
         micro_steps_per_mini_batch(12, 2, 4)
@@ -106,7 +107,8 @@ def test_user_deepspeed_config_is_merged_last():
                                                                 "offload_param": {"device": "cpu"}},
                                           "gradient_clipping": 2.0})
     ds = train_ds_config(cfg, 1, 1, "float32", on_gpu=False)
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "offload_param": {"device": "cpu"}}
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000,
+                                       "offload_param": {"device": "cpu"}}
     assert ds["gradient_clipping"] == 2.0
     ref = reference_ds_config(cfg.model_copy(update={"zero_stage": 3}), 2, "float32")
     assert ref["zero_optimization"]["stage"] == 3 and "optimizer" not in ref

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fleetrl.algos.preference import dpo_loss, kto_reference_point, orpo_loss
+from fleetrl.learner.accumulate import Stats
 from fleetrl.learner.offline import (
-    _Sums,
     algorithm_config,
     kto_mismatched_rows,
     pad_to_width,
@@ -113,21 +113,27 @@ def test_reward_model_losses_and_accuracy():
 
 
 def test_stat_sums_reduce_to_global_means_over_ranks():
-    a, b = _Sums(), _Sums()  # two ranks, each one micro-batch
-    a.add_examples({"loss": torch.tensor([1.0, 3.0])})
-    a.add_examples({"rewards/chosen": torch.tensor([4.0, 8.0])}, select=torch.tensor([True, False]))
-    b.add_examples({"loss": torch.tensor([5.0, 7.0])})
-    b.add_examples({"rewards/chosen": torch.tensor([0.0, 2.0])}, select=torch.tensor([False, True]))
+    a, b = Stats(), Stats()  # two ranks, each one micro-batch
+    for s, loss, chosen, select, tokens, peak in ((a, [1.0, 3.0], [4.0, 8.0], [True, False], 10, 1.5),
+                                                  (b, [5.0, 7.0], [0.0, 2.0], [False, True], 6, 2.5)):
+        s.examples({"loss": torch.tensor(loss)})
+        s.examples({"rewards/chosen": torch.tensor(chosen)}, select=torch.tensor(select))
+        s.sum("num_tokens", tokens)
+        s.max("ratio_max", peak)
 
-    def all_reduce(t):  # what a SUM all-reduce over the two ranks returns
-        other = torch.tensor([b.values[k] for k in sorted(b.values)], dtype=torch.float64)
-        return t + other
+    def all_reduce(t, op="sum"):  # what an all-reduce over the two ranks returns (b's tensor built alike)
+        flat_b = [v for k in sorted(b.means) for v in b.means[k]] + [b.sums[k] for k in sorted(b.sums)]
+        if op == "max":
+            return torch.maximum(t, torch.tensor([b.maxes[k] for k in sorted(b.maxes)], dtype=torch.float64))
+        return t + torch.tensor(flat_b, dtype=torch.float64)
 
     out = a.reduce(all_reduce)
-    assert out == {"loss": 4.0, "rewards/chosen": 3.0}
-    empty = _Sums()
-    empty.add("kl", 0.0, 0.0)
-    assert math.isnan(empty.reduce(lambda t: t)["kl"])
+    assert out == {"loss": 4.0, "rewards/chosen": 3.0, "num_tokens": 16.0, "ratio_max": 2.5}
+    empty = Stats()
+    empty.mean("kl", 0.0, 0.0)
+    empty.mean("clip_frac", 0.0, 0.0, empty=0.0)
+    reduced = empty.reduce(lambda t, op="sum": t)
+    assert math.isnan(reduced["kl"]) and reduced["clip_frac"] == 0.0
 
 
 def test_algorithm_config_validates_and_pad_to_width():
@@ -138,3 +144,16 @@ def test_algorithm_config_validates_and_pad_to_width():
         algorithm_config("kto", {"desirable_weight": 2.0})
     out = pad_to_width({"input_ids": torch.ones(1, 2, dtype=torch.long), "loss_mask": torch.ones(1, 2)}, 4, 9)
     assert out["input_ids"].tolist() == [[1, 1, 9, 9]] and out["loss_mask"].tolist() == [[1, 1, 0, 0]]
+
+
+def test_every_offline_algorithm_has_an_objective_that_agrees_with_the_config_table():
+    from fleetrl.learner.config import LearnerConfig
+    from fleetrl.learner.offline_config import OFFLINE_ALGORITHMS, REFERENCE_ALGORITHMS
+    from fleetrl.learner.rank import objective_class
+
+    for name in OFFLINE_ALGORITHMS:
+        cls = objective_class(name)
+        assert cls.needs_reference(name, LearnerConfig()) == (name in REFERENCE_ALGORITHMS), name
+        assert (cls.reference_inputs(name) is not None) == (name in REFERENCE_ALGORITHMS), name
+    with pytest.raises(KeyError, match="did you mean 'simpo'"):
+        objective_class("simpoo")

@@ -10,9 +10,12 @@ import math
 import pytest
 import torch
 
-from fleetrl.algos.losses import masked_sum, token_logprobs
+from fleetrl.algos.logprobs import token_logprobs
 from fleetrl.algos.preference import offline_binary_ppo_loss
-from fleetrl.learner.offline import OfflineLearner, _Sums, algorithm_config, offline_ppo_losses
+from fleetrl.algos.reduce import masked_sum
+from fleetrl.learner.accumulate import Stats
+from fleetrl.learner.objective import LocalModels
+from fleetrl.learner.offline import OfflinePPOObjective, offline_ppo_losses
 from fleetrl.offline.loop import OfflineRun, place_token_values
 from fleetrl.run.config import config_from_dict
 from fleetrl.run.runtime import RunDir
@@ -60,16 +63,10 @@ def tiny_lm(seed: int) -> torch.nn.Module:
     return Qwen2ForCausalLM(cfg).float().eval()
 
 
-def bare_learner(policy, reference, clip: float = 0.2) -> OfflineLearner:
-    """An OfflineLearner whose engine and reference are plain modules (no DeepSpeed): enough to run
-    the per-micro-batch loss, which is what this test pins."""
-    learner = object.__new__(OfflineLearner)
-    learner.algorithm = "offline_ppo"
-    learner.algo_cfg = algorithm_config("offline_ppo", {"clip": clip})
-    learner.device = torch.device("cpu")
-    learner.world_size = 1
-    learner.engine, learner.ref_module, learner.ref_engine = policy, reference, None
-    return learner
+def objective(policy, reference, clip: float = 0.2) -> OfflinePPOObjective:
+    """The offline PPO objective over plain modules (no DeepSpeed): its per-micro-batch loss is what
+    this test pins; the learner rank runs the same object over its engine."""
+    return OfflinePPOObjective(LocalModels(policy, reference), options={"clip": clip}, name="offline_ppo")
 
 
 def ppo_batch() -> dict[str, torch.Tensor]:
@@ -94,9 +91,10 @@ def test_learner_micro_loss_is_the_pure_loss_on_the_models_token_logps(precomput
         with torch.no_grad():
             batch["old_logprobs"] = hf_token_logps(reference, batch)
         reference = None
-    learner = bare_learner(policy, reference)
-    sums = _Sums()
-    loss, tokens = learner._micro_loss(batch, sums)
+    obj = objective(policy, reference)
+    stats = Stats()
+    loss = obj.loss(batch, stats)
+    assert obj.units(batch) == 3.0  # one unit per example
 
     mask = (batch["loss_mask"] * batch["attention_mask"]).float()
     logp = hf_token_logps(policy, batch)
@@ -104,8 +102,8 @@ def test_learner_micro_loss_is_the_pure_loss_on_the_models_token_logps(precomput
         old = hf_token_logps(tiny_lm(1), batch)
     expected = offline_binary_ppo_loss(logp, old, T([1.0, -1.0, 1.0]), mask) * batch["weight"]
     torch.testing.assert_close(loss, expected.mean(), atol=1e-5, rtol=1e-5)
-    assert tokens == float(batch["attention_mask"].sum())
-    out = sums.reduce(lambda t: t)
+    out = obj.finish(stats.reduce(lambda t, op="sum": t))
+    assert out["num_tokens"] == float(batch["attention_mask"].sum())
     ratio = masked_sum(logp - old, mask, dim=-1).detach()
     assert out["rewards/chosen"] == pytest.approx(float((ratio[0] + ratio[2]) / 2), abs=1e-5)
     assert out["rewards/rejected"] == pytest.approx(float(ratio[1]), abs=1e-5)
@@ -165,15 +163,18 @@ def test_driver_precomputes_old_logprobs_once_and_lines_them_up_with_every_batch
 
 def test_offline_ppo_on_the_fly_sends_no_old_logprobs_and_config_rules(tmp_path):
     write_jsonl(unpaired_task(16, seed=1), tmp_path / "train.jsonl")
-    base = {"algorithm": "offline_ppo", "run": {"output_dir": str(tmp_path / "runs"), "name": "otf", "steps": 1},
-            "data": {"path": str(tmp_path / "train.jsonl")}, "offline": {"batch_size": 8, "max_length": 64,
-            "reference_logps": "on_the_fly"}, "learner": {"micro_batch_size": 4}}
+    base = {"algorithm": "offline_ppo",
+            "run": {"output_dir": str(tmp_path / "runs"), "name": "otf", "steps": 1},
+            "data": {"path": str(tmp_path / "train.jsonl")},
+            "offline": {"batch_size": 8, "max_length": 64, "reference_logps": "on_the_fly"},
+            "learner": {"micro_batch_size": 4}}
     cfg = config_from_dict(base)
     run = OfflineRun(cfg, RunDir(cfg), CharTokenizer())
     fake = TokenFakeLearner("offline_ppo")
     run.run(fake)
     assert "old_logprobs" not in fake.batches[0] and "release" not in fake.log
     with pytest.raises(ValueError, match="learner.reference"):
-        config_from_dict({**base, "learner": {"micro_batch_size": 4, "reference": False, "loss": {"kl_coef": 0}}})
+        config_from_dict({**base,
+                          "learner": {"micro_batch_size": 4, "reference": False, "loss": {"kl_coef": 0}}})
     with pytest.raises(ValueError, match="offline_ppo.clip"):
         config_from_dict({**base, "offline_ppo": {"clip": 1.5}})

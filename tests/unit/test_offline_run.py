@@ -58,7 +58,8 @@ class FakeLearner:
 
     def kl_reference_logps(self, batch):
         self.log.append("kl_reference")
-        return fake_logps(kto_mismatched_rows(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))["logps"]
+        rows = kto_mismatched_rows(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        return fake_logps(rows)["logps"]
 
     def train_step(self, batch):
         self.log.append("train")
@@ -124,7 +125,8 @@ def test_dpo_precompute_scores_everything_once_then_trains_on_aligned_reference(
     assert evals == [0, 3, 6]
     last = rows[-1]
     assert last["eval/rewards/chosen"] != 0.0  # the policy moved away from the reference
-    assert last["eval/rewards/margins"] == pytest.approx(last["eval/rewards/chosen"] - last["eval/rewards/rejected"])
+    assert last["eval/rewards/margins"] == pytest.approx(
+        last["eval/rewards/chosen"] - last["eval/rewards/rejected"])
     assert rows[1]["train/loss"] == 1.0 and rows[1]["tokens_per_s"] > 0 and rows[2]["epoch"] == 0
     assert rows[4]["epoch"] == 1
     assert (out / "final_model" / "config.json").is_file()
@@ -142,7 +144,8 @@ def test_on_the_fly_keeps_the_reference_and_sends_no_reference_values(tmp_path):
 
 
 def test_kto_weights_follow_the_rule_are_logged_and_reach_the_learner(tmp_path, capsys):
-    rows = [r for r in unpaired_task(16) if r["label"]][:6] + [r for r in unpaired_task(16) if not r["label"]][:2]
+    task = unpaired_task(16)
+    rows = [r for r in task if r["label"]][:6] + [r for r in task if not r["label"]][:2]
     run = make_run(tmp_path, "kto", rows)
     assert run.weights == (1.0, 2.0)  # 6 desirable : 2 undesirable -> ratio 1.5 after lambda_U = 2
     out = capsys.readouterr().out
@@ -160,7 +163,8 @@ def test_kto_weights_follow_the_rule_are_logged_and_reach_the_learner(tmp_path, 
 
 
 def test_kto_weights_from_the_config_win_and_preference_rows_are_split(tmp_path, capsys):
-    run = make_run(tmp_path, "kto", preference_task(4), kto={"desirable_weight": 3.0, "undesirable_weight": 0.5})
+    run = make_run(tmp_path, "kto", preference_task(4),
+                   kto={"desirable_weight": 3.0, "undesirable_weight": 0.5})
     assert run.weights == (3.0, 0.5) and len(run.train) == 8
     assert "from the config" in capsys.readouterr().out
 
@@ -171,7 +175,8 @@ def test_kto_unpaired_eval_reports_cross_pair_accuracy(tmp_path):
     first, last = metrics(run)[0], metrics(run)[-1]
     assert first["eval/accuracy"] == 0.0  # policy == reference: no example outscores another
     assert 0.0 < last["eval/accuracy"] <= 1.0
-    assert last["eval/rewards/margins"] == pytest.approx(last["eval/rewards/chosen"] - last["eval/rewards/rejected"])
+    assert last["eval/rewards/margins"] == pytest.approx(
+        last["eval/rewards/chosen"] - last["eval/rewards/rejected"])
 
 
 def test_sft_packing_trains_on_packed_rows_and_eval_nll_is_per_token(tmp_path):

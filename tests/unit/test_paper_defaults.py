@@ -27,7 +27,8 @@ def cfg_of(algo: str, *overrides: str, **sections):
 def test_unset_keys_take_the_papers_values(algo, lr, opt):
     cfg = cfg_of(algo)
     assert (cfg.learner.lr, cfg.learner.optimizer, cfg.offline.batch_size) == (lr, opt, 32)
-    assert cfg.paper_defaults_applied == {"learner.lr": lr, "learner.optimizer": opt, "offline.batch_size": 32}
+    assert cfg.paper_defaults_applied == {"learner.lr": lr, "learner.optimizer": opt,
+                                          "offline.batch_size": 32}
     assert PAPER_DEFAULTS[algo] == cfg.paper_defaults_applied
 
 
@@ -65,17 +66,19 @@ def test_config_show_prints_the_values_used_and_where_they_came_from(capsys):
     assert shown["learner"]["lr"] == 2e-3 and shown["learner"]["optimizer"] == "rmsprop"
     assert shown["offline"]["batch_size"] == 16
     # The printed config reloads to the same run (the defaults are now written down).
-    assert config_from_dict(yaml.safe_load(out)) == load_config(EXAMPLES / "dpo_tiny.yaml", ["learner.lr=2e-3"])
+    assert config_from_dict(yaml.safe_load(out)) == load_config(EXAMPLES / "dpo_tiny.yaml",
+                                                                 ["learner.lr=2e-3"])
 
 
 def test_clashes_with_a_paper_default_say_which_default_and_how_to_fix():
-    with pytest.raises(ConfigError, match=r"offline.batch_size=32 must be a multiple .* = 3 .*32 is the dpo paper "
-                                          r"default: set offline.batch_size"):
+    with pytest.raises(ConfigError, match=r"offline.batch_size=32 must be a multiple .* = 3 .*32 is the dpo "
+                                          r"paper default: set offline.batch_size"):
         cfg_of("dpo", "learner.micro_batch_size=3")
     with pytest.raises(ConfigError, match=r"learner.optimizer=rmsprop is the dpo paper default .* Set "
                                           r"learner.optimizer explicitly"):
         cfg_of("dpo", "learner.offload_optimizer=true")
-    assert cfg_of("dpo", "learner.offload_optimizer=true", "learner.optimizer=adamw").learner.optimizer == "adamw"
+    explicit = cfg_of("dpo", "learner.offload_optimizer=true", "learner.optimizer=adamw")
+    assert explicit.learner.optimizer == "adamw"
 
 
 def test_optimizer_choice_reaches_the_client_optimizer_and_deepspeed_config():
@@ -87,7 +90,8 @@ def test_optimizer_choice_reaches_the_client_optimizer_and_deepspeed_config():
     assert isinstance(adam, torch.optim.AdamW) and adam.param_groups[0]["betas"] == (0.8, 0.9)
     # On GPU, AdamW is DeepSpeed's fused Adam; RMSprop stays a client optimizer (no "optimizer" key).
     assert "optimizer" in train_ds_config(LearnerConfig(), 1, 1, "bfloat16", on_gpu=True)
-    assert "optimizer" not in train_ds_config(LearnerConfig(optimizer="rmsprop"), 1, 1, "bfloat16", on_gpu=True)
+    rmsprop = LearnerConfig(optimizer="rmsprop")
+    assert "optimizer" not in train_ds_config(rmsprop, 1, 1, "bfloat16", on_gpu=True)
     with pytest.raises(ValueError, match="CPU Adam"):
         LearnerConfig(optimizer="rmsprop", offload_optimizer=True)
     with pytest.raises(ValueError):

@@ -8,17 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fleetrl.algos.advantages import (
-    AdaptiveKLController,
-    FixedKLController,
-    masked_whiten,
-    reinforce_pp_advantages,
-    reinforce_pp_baseline_advantages,
-)
+from fleetrl.algos import ADVANTAGE_ESTIMATORS
+from fleetrl.algos.kl import AdaptiveKLController, FixedKLController
+from fleetrl.algos.reduce import masked_whiten
 from fleetrl.learner.config import LearnerConfig
 from fleetrl.learner.critic import align_values, load_value_model
 from fleetrl.learner.critic_config import CriticConfig
-from fleetrl.online.token_rl import (
+from fleetrl.online.advantages import (
     completion_mask,
     critic_batch,
     make_kl_controller,
@@ -37,6 +33,15 @@ from fleetrl.run.config import (
 
 T = torch.tensor
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def reinforce_pp_advantages(scores, kl, mask, kl_coef, gamma):
+    return ADVANTAGE_ESTIMATORS.get("reinforce_pp")(scores, mask, kl=kl, kl_coef=kl_coef, gamma=gamma)[0]
+
+
+def reinforce_pp_baseline_advantages(scores, group_size, kl, mask, kl_coef, gamma):
+    estimator = ADVANTAGE_ESTIMATORS.get("reinforce_pp_baseline")
+    return estimator(scores, mask, kl=kl, kl_coef=kl_coef, group_size=group_size, gamma=gamma)[0]
 
 
 def close(a, b, tol=1e-5):
@@ -58,7 +63,7 @@ def test_ppo_reward_at_last_token_kl_per_token_and_gae_by_hand():
     # row 1: A4 = -2.03 + 1 = -1.03; A3 = (0 - 1 + 1.5) + 0.5 * -1.03 = -0.015;
     #        A2 = (-0.02 - 1.5 + 1) + 0.5 * -0.015 = -0.5275
     section = PPOConfig(gamma=1.0, lam=0.5, whiten_advantages=False)
-    out = token_advantages("ppo", section, SCORES, MASK, KL, 0.1, values=VALUES)
+    out = token_advantages("gae", section, SCORES, MASK, KL, 0.1, values=VALUES)
     close(out.advantages, [[0, 0, 0.345, 0.19, 0], [0, 0, -0.5275, -0.015, -1.03]])
     close(out.returns, [[0, 0, 0.845, 0.99, 0], [0, 0, -1.5275, -1.515, -2.03]])
     m = out.metrics
@@ -71,9 +76,9 @@ def test_ppo_reward_at_last_token_kl_per_token_and_gae_by_hand():
 
 
 def test_ppo_whitens_over_valid_tokens_only_and_reports_raw_stats():
-    out = token_advantages("ppo", PPOConfig(gamma=1.0, lam=0.5), SCORES, MASK, KL, 0.1, values=VALUES)
-    raw = token_advantages("ppo", PPOConfig(gamma=1.0, lam=0.5, whiten_advantages=False), SCORES, MASK, KL, 0.1,
-                           values=VALUES)
+    out = token_advantages("gae", PPOConfig(gamma=1.0, lam=0.5), SCORES, MASK, KL, 0.1, values=VALUES)
+    raw = token_advantages("gae", PPOConfig(gamma=1.0, lam=0.5, whiten_advantages=False), SCORES, MASK, KL,
+                           0.1, values=VALUES)
     close(out.advantages, masked_whiten(raw.advantages, MASK))
     valid = out.advantages[MASK]
     close(valid.mean(), 0.0)
@@ -84,23 +89,23 @@ def test_ppo_whitens_over_valid_tokens_only_and_reports_raw_stats():
 
 
 def test_explained_variance_metric_uses_completion_tokens_only():
-    perfect = token_advantages("ppo", PPOConfig(gamma=1.0, lam=1.0), SCORES, MASK, KL, 0.1, values=VALUES)
+    perfect = token_advantages("gae", PPOConfig(gamma=1.0, lam=1.0), SCORES, MASK, KL, 0.1, values=VALUES)
     # Values equal to the returns explain them fully, whatever sits at the padding.
-    again = token_advantages("ppo", PPOConfig(gamma=1.0, lam=1.0), SCORES, MASK, KL, 0.1,
+    again = token_advantages("gae", PPOConfig(gamma=1.0, lam=1.0), SCORES, MASK, KL, 0.1,
                              values=torch.where(MASK, perfect.returns, T(1e6)))
     close(again.metrics["critic/explained_variance"], 1.0)
 
 
 def test_reward_clip_and_no_kl():
     section = PPOConfig(gamma=1.0, lam=1.0, whiten_advantages=False, reward_clip=1.5)
-    out = token_advantages("ppo", section, SCORES, MASK, None, 0.1, values=torch.zeros(2, 5))
+    out = token_advantages("gae", section, SCORES, MASK, None, 0.1, values=torch.zeros(2, 5))
     # gamma = lam = 1, V = 0: every token's advantage is the (clipped) score; no KL term at all.
     close(out.advantages, [[0, 0, 1, 1, 0], [0, 0, -1.5, -1.5, -1.5]])
     close(out.metrics["reward/clip_frac"], 0.5)
     close(out.metrics["kl/coef"], 0.0)
     assert "kl/seq_mean" not in out.metrics
     # kl_in: loss -> the coefficient passed is 0 but the observed KL is still reported.
-    out = token_advantages("ppo", section, SCORES, MASK, KL, 0.0, values=torch.zeros(2, 5))
+    out = token_advantages("gae", section, SCORES, MASK, KL, 0.0, values=torch.zeros(2, 5))
     close(out.advantages, [[0, 0, 1, 1, 0], [0, 0, -1.5, -1.5, -1.5]])
     close(out.metrics["kl/seq_mean"], 0.55)
 
@@ -123,11 +128,12 @@ def test_reinforce_pp_matches_the_pure_estimators():
 
 def test_token_advantages_errors():
     with pytest.raises(ValueError, match="values"):
-        token_advantages("ppo", PPOConfig(), SCORES, MASK, KL, 0.1)
-    with pytest.raises(ValueError, match="no per-token advantages"):
+        token_advantages("gae", PPOConfig(), SCORES, MASK, KL, 0.1)
+    with pytest.raises(ValueError, match="not a per-token advantage estimator"):
         token_advantages("grpo", ReinforcePPConfig(), SCORES, MASK, KL, 0.1)
     with pytest.raises(ValueError, match="no valid token"):
-        token_advantages("reinforce_pp", ReinforcePPConfig(), SCORES, torch.zeros(2, 5, dtype=torch.bool), KL, 0.1)
+        no_tokens = torch.zeros(2, 5, dtype=torch.bool)
+        token_advantages("reinforce_pp", ReinforcePPConfig(), SCORES, no_tokens, KL, 0.1)
 
 
 def test_token_kl_and_masks_from_a_batch():
@@ -158,10 +164,8 @@ def test_align_values_shifts_by_one_and_zeroes_tokens_without_context():
 
 
 @pytest.fixture(scope="module")
-def tiny_paths():
-    from fleetrl.testing.tiny import ensure_tiny_model
-
-    return ensure_tiny_model("policy"), ensure_tiny_model("reward")
+def tiny_paths(tiny_policy, tiny_reward):
+    return tiny_policy, tiny_reward
 
 
 def test_value_model_from_a_reward_model_starts_at_its_scores(tiny_paths):
@@ -226,7 +230,8 @@ def test_ppo_config_errors_say_what_to_change():
     with pytest.raises(ConfigError, match="critic.model_path"):
         config_from_dict(ppo_tree(reward={"functions": [{"name": "l", "kind": "builtin",
                                                         "builtin": "letter_fraction"}]}))
-    cfg = config_from_dict(ppo_tree(reward={"functions": [{"name": "l", "kind": "builtin", "builtin": "letter_fraction"}]},
+    cfg = config_from_dict(ppo_tree(reward={"functions": [{"name": "l", "kind": "builtin",
+                                                           "builtin": "letter_fraction"}]},
                                     critic={"init": "policy"}))
     assert cfg.critic_init_path() == cfg.model.path
     with pytest.raises(ConfigError, match="kl_in: reward"):

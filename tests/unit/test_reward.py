@@ -1,4 +1,5 @@
-"""Unit tests of the reward service: config, built-ins, rule loading, error policies, HTTP and model scorers."""
+"""Unit tests of the reward service: config, built-ins, rule loading, error policies, HTTP and model
+scorers."""
 
 from __future__ import annotations
 
@@ -50,11 +51,13 @@ def test_config_validation_messages():
     with pytest.raises(ValidationError, match="path/to/file.py:function_name"):
         RewardConfig(functions=[{"name": "a", "kind": "rule", "path": "f.py"}])
     with pytest.raises(ValidationError, match=r"builtin\.kwargs[\s\S]*no option\(s\) \['answer'\]"):
-        RewardConfig(functions=[{"name": "a", "kind": "builtin", "builtin": "exact_match", "kwargs": {"answer": 1}}])
+        RewardConfig(functions=[{"name": "a", "kind": "builtin", "builtin": "exact_match",
+                                 "kwargs": {"answer": 1}}])
     with pytest.raises(ValidationError, match=r"kwargs\.pattern"):
         RewardConfig(functions=[{"name": "a", "kind": "builtin", "builtin": "format_regex"}])
     with pytest.raises(ValidationError, match="not a valid regular expression"):
-        RewardConfig(functions=[{"name": "a", "kind": "builtin", "builtin": "format_regex", "kwargs": {"pattern": "("}}])
+        RewardConfig(functions=[{"name": "a", "kind": "builtin", "builtin": "format_regex",
+                                 "kwargs": {"pattern": "("}}])
     with pytest.raises(ValidationError, match="num_gpus"):
         RewardConfig(functions=[{"name": "rm", "kind": "model", "model_path": "m", "device": "cuda"}])
     with pytest.raises(ValidationError, match=r"http\.url"):
@@ -87,9 +90,8 @@ def call(name, completions, kwargs=None, **columns):
 
 
 def test_exact_match():
-    assert call("exact_match", [" Paris\n", "paris", "Rome"], answer=["Paris", "Paris", ["Rome", "Roma"]]) == [
-        1.0, 0.0, 1.0,
-    ]
+    answers = ["Paris", "Paris", ["Rome", "Roma"]]
+    assert call("exact_match", [" Paris\n", "paris", "Rome"], answer=answers) == [1.0, 0.0, 1.0]
     assert call("exact_match", ["4"], {"answer_key": "label"}, label=[4]) == [1.0]
     with pytest.raises(ValueError, match=r"column 'answer'.*columns \['label'\].*kwargs.answer_key"):
         call("exact_match", ["4"], label=["4"])
@@ -140,7 +142,8 @@ def test_format_regex():
     kwargs = {"pattern": r"#### \d+"}
     assert call("format_regex", ["so #### 4", "4"], kwargs) == [1.0, 0.0]
     full = {"pattern": r"(?s)<think>.*</think>\s*#### \d+", "fullmatch": True}
-    assert call("format_regex", ["<think>a\nb</think> #### 3", "x <think></think> #### 3"], full) == [1.0, 0.0]
+    completions = ["<think>a\nb</think> #### 3", "x <think></think> #### 3"]
+    assert call("format_regex", completions, full) == [1.0, 0.0]
 
 
 def test_letter_fraction():
@@ -207,13 +210,15 @@ def test_rule_path_resolution(rules_dir, tmp_path, monkeypatch):
     absolute = load_rule_function(f"{rules_dir / 'rules.py'}:batched", base_dir="/nonexistent")
     assert absolute(["p"], ["abc"], answer=[1]) == [4.0]
     monkeypatch.chdir(tmp_path)  # falls back to the CWD when not under base_dir
-    assert load_rule_function("cfg/rules.py:named", base_dir=tmp_path / "elsewhere")(["p"], ["a"], answer=["a"]) == [1.0]
+    named = load_rule_function("cfg/rules.py:named", base_dir=tmp_path / "elsewhere")
+    assert named(["p"], ["a"], answer=["a"]) == [1.0]
 
 
 def test_rule_loading_errors(rules_dir):
     with pytest.raises(RewardLoadError, match=r"'missing.py:f'.*not found \(tried .*cfg/missing.py"):
         load_rule_function("missing.py:f", rules_dir)
-    with pytest.raises(RewardLoadError, match=r"has no function 'nope' \(functions defined there: \[.*'batched'"):
+    with pytest.raises(RewardLoadError,
+                       match=r"has no function 'nope' \(functions defined there: \[.*'batched'"):
         load_rule_function("rules.py:nope", rules_dir)
     with pytest.raises(RewardLoadError, match="'NOT_A_FUNCTION'.*is a int, not a function"):
         load_rule_function("rules.py:NOT_A_FUNCTION", rules_dir)
@@ -239,7 +244,8 @@ def test_weighted_sum_of_functions(rules_dir):
     cfg = {
         "functions": [
             {"name": "len", "kind": "rule", "path": "rules.py:batched", "weight": 0.5},
-            {"name": "fmt", "kind": "builtin", "builtin": "format_regex", "kwargs": {"pattern": "a"}, "weight": -2},
+            {"name": "fmt", "kind": "builtin", "builtin": "format_regex", "kwargs": {"pattern": "a"},
+             "weight": -2},
         ]
     }
     result = RewardScorer(cfg, base_dir=rules_dir).score(["p", "q"], ["aa", "bbbb"], {"answer": [0, 1]})
@@ -479,9 +485,11 @@ def build_tiny_reward_model(out: Path, num_labels: int = 1, with_pad: bool = Tru
 
     specials = ["<pad>", "<eos>", "<unk>"]
     vocab = {tok: i for i, tok in enumerate(specials + list(CHARS))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per char
+    # No merges: one token per char.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>" if with_pad else None
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+        pad_token="<pad>" if with_pad else None,
     )
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -541,7 +549,8 @@ def test_reward_model_truncation(tiny_rm, side):
     ids = AutoTokenizer.from_pretrained(tiny_rm)(prompt + completion)["input_ids"]
     assert len(ids) > 32
     kept = ids[-32:] if side == "left" else ids[:32]
-    got = RewardScorer(rm_cfg(tiny_rm, max_length=32, truncation_side=side)).score([prompt], [completion]).rewards
+    scorer = RewardScorer(rm_cfg(tiny_rm, max_length=32, truncation_side=side))
+    got = scorer.score([prompt], [completion]).rewards
     assert got == pytest.approx([direct_score(tiny_rm, kept)], abs=1e-5)
 
 
@@ -568,7 +577,8 @@ def test_reward_model_without_pad_token_pads_with_eos(tmp_path):
     path = build_tiny_reward_model(tmp_path / "nopad", with_pad=False)
     scorer = RewardScorer(rm_cfg(path, batch_size=4))
     out = scorer.score(PROMPTS[:3], COMPLETIONS[:3]).rewards
-    singles = [RewardScorer(rm_cfg(path)).score([p], [c]).rewards[0] for p, c in zip(PROMPTS[:3], COMPLETIONS[:3])]
+    singles = [RewardScorer(rm_cfg(path)).score([p], [c]).rewards[0]
+               for p, c in zip(PROMPTS[:3], COMPLETIONS[:3])]
     assert out == pytest.approx(singles, abs=1e-5) and all(math.isfinite(v) for v in out)
 
 

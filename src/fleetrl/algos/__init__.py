@@ -7,9 +7,19 @@ in it, so each algorithm file's registrations (``registry.py``) are in place.
 import importlib
 import pkgutil
 
-from fleetrl.algos.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, Registry
+from fleetrl.algos.registry import (
+    ADVANTAGE_ESTIMATORS,
+    ONLINE_ALGORITHMS,
+    POLICY_LOSSES,
+    PREFERENCE_LOSSES,
+    OnlineAlgorithm,
+    Registry,
+    check_online_algorithms,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+check_online_algorithms()
 
-__all__ = ["ADVANTAGE_ESTIMATORS", "POLICY_LOSSES", "PREFERENCE_LOSSES", "Registry"]
+__all__ = ["ADVANTAGE_ESTIMATORS", "ONLINE_ALGORITHMS", "POLICY_LOSSES", "PREFERENCE_LOSSES",
+           "OnlineAlgorithm", "Registry"]

@@ -3,16 +3,31 @@
 Conventions as in ``fleetrl.algos.losses``: inputs are per-example sequence log-probs ``[B]`` (or
 per-token ``[B, T]`` with a mask), and every loss is UNREDUCED, one value per example ``[B]``;
 the trainer reduces.
+
+Pair losses (trained on chosen / rejected pairs, scored by the policy's log-probs) are registered
+in ``PREFERENCE_LOSSES`` under their algorithm's name, all with one signature::
+
+    fn(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
+       ref_chosen_logps=None, ref_rejected_logps=None, **hyperparameters) -> (losses [B], stats)
+
+Log-probs are SUMMED over each completion's tokens, ``*_tokens`` are the completion lengths (a loss
+that length-normalises divides by them); ``hyperparameters`` are the fields of the algorithm's
+config section (e.g. ``dpo.beta``). ``stats`` holds per-pair detached ``[B]`` tensors, at least the
+implicit rewards ``rewards/chosen`` and ``rewards/rejected``. Metadata: ``needs_reference`` (the
+trainer supplies the frozen reference's log-probs, else passes None).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from fleetrl.algos.losses import LOG_RATIO_CLAMP, masked_mean
+from fleetrl.algos.kl import LOG_RATIO_CLAMP
+from fleetrl.algos.reduce import masked_mean
+from fleetrl.algos.registry import PREFERENCE_LOSSES
 
 # ---------------------------------------------------------------------------------------------
 # preference losses (unreduced, one value per example)
@@ -156,6 +171,48 @@ def orpo_loss(
     log_odds = (a_c - _log1mexp(a_c)) - (a_r - _log1mexp(a_r))
     losses = chosen_nll.float() - beta * F.logsigmoid(log_odds)
     return losses, log_odds.detach()
+
+
+def _require_reference(name: str, ref_chosen_logps, ref_rejected_logps) -> None:
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError(f"{name} needs the reference log-probs of chosen and rejected")
+
+
+@PREFERENCE_LOSSES.register("dpo", needs_reference=True)
+def dpo_pair_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
+                  ref_chosen_logps=None, ref_rejected_logps=None, *, beta: float = 0.1,
+                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO / cDPO on summed log-probs; rewards beta * (policy - reference) of each answer."""
+    _require_reference("dpo", ref_chosen_logps, ref_rejected_logps)
+    losses, rc, rr = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                              beta=beta, label_smoothing=label_smoothing)
+    return losses, {"rewards/chosen": rc, "rewards/rejected": rr}
+
+
+@PREFERENCE_LOSSES.register("ipo", needs_reference=True)
+def ipo_pair_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
+                  ref_chosen_logps=None, ref_rejected_logps=None, *,
+                  beta: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """IPO on LENGTH-AVERAGED log-probs; rewards beta * (policy - reference) of the averages."""
+    _require_reference("ipo", ref_chosen_logps, ref_rejected_logps)
+    nc, nr = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
+    losses, rc, rr = ipo_loss(chosen_logps / nc, rejected_logps / nr, ref_chosen_logps / nc,
+                              ref_rejected_logps / nr, beta=beta)
+    return losses, {"rewards/chosen": rc, "rewards/rejected": rr}
+
+
+@PREFERENCE_LOSSES.register("orpo", needs_reference=False)
+def orpo_pair_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
+                   ref_chosen_logps=None, ref_rejected_logps=None, *,
+                   beta: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO on length-averaged log-probs (no reference); reward beta * average log-prob, plus its
+    two terms (orpo/nll, orpo/or_loss) and the log odds ratio."""
+    avg_c = chosen_logps / chosen_tokens.clamp(min=1)
+    avg_r = rejected_logps / rejected_tokens.clamp(min=1)
+    losses, log_odds = orpo_loss(avg_c, avg_r, -avg_c, beta=beta)
+    nll = (-avg_c).detach().float()
+    return losses, {"rewards/chosen": (beta * avg_c).detach(), "rewards/rejected": (beta * avg_r).detach(),
+                    "orpo/nll": nll, "orpo/or_loss": losses.detach() - nll, "orpo/log_odds_ratio": log_odds}
 
 
 def pairwise_reward_loss(

@@ -176,7 +176,8 @@ def relative_config(config_path: str | Path, working_dir: str | Path) -> str:
     if not cfg.is_file():
         hint = ""
         if not Path(config_path).is_absolute() and (wd / config_path).is_file():
-            hint = f" (paths are relative to the current directory, not the working dir: did you mean {wd / config_path}?)"
+            hint = (" (paths are relative to the current directory, not the working dir: "
+                    f"did you mean {wd / config_path}?)")
         raise DeployError(f"config file not found: {config_path}{hint}")
     try:
         rel = cfg.relative_to(wd)

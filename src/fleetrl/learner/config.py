@@ -17,9 +17,13 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 class PolicyLossConfig(StrictModel):
-    """PPO-style clipped policy loss plus optional KL and entropy terms (see learner/losses.py)."""
+    """The policy loss (a fleetrl.algos POLICY_LOSSES name) plus optional KL and entropy terms."""
 
-    clip_low: float = Field(0.2, ge=0.0, lt=1.0)
+    # ppo (clipped surrogate), gspo (sequence-level ratio and clip), cispo (clipped, detached IS
+    # weight on every token's log-prob). The online algorithm sets its own when this is unset.
+    policy_loss: str = "ppo"
+    # The ratio is clipped to [1 - clip_low, 1 + clip_high]; clip_low 1.0 = no lower bound (CISPO).
+    clip_low: float = Field(0.2, ge=0.0, le=1.0)
     # clip_high > clip_low is DAPO's clip-higher: low-probability tokens may grow more.
     clip_high: float = Field(0.2, ge=0.0)
     # Dual-clip PPO: caps the loss of negative-advantage tokens at -dual_clip * A. None = off.
@@ -31,6 +35,17 @@ class PolicyLossConfig(StrictModel):
     # subtracts kl_coef * KL from the rewards and the learner adds nothing.
     kl_in: Literal["loss", "reward"] = "loss"
     entropy_coef: float = 0.0
+
+    @model_validator(mode="after")
+    def _check_policy_loss(self) -> PolicyLossConfig:
+        from fleetrl.algos import POLICY_LOSSES  # torch-only; registers every loss
+
+        if self.policy_loss not in POLICY_LOSSES:
+            try:
+                POLICY_LOSSES.entry(self.policy_loss)
+            except KeyError as e:
+                raise ValueError(f"learner.loss.policy_loss: {e.args[0]}") from None
+        return self
 
     @model_validator(mode="after")
     def _check_dual_clip(self) -> PolicyLossConfig:

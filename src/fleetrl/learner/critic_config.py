@@ -15,7 +15,8 @@ from fleetrl.learner.config import LearnerConfig, PolicyLossConfig
 
 # LearnerConfig fields a critic may set; None = the policy learner's value.
 INHERITED = (
-    "num_ranks", "num_cpus_per_rank", "num_gpus_per_rank", "resources_per_rank", "backend", "zero_stage", "dtype", "lr",
+    "num_ranks", "num_cpus_per_rank", "num_gpus_per_rank", "resources_per_rank", "backend", "zero_stage",
+    "dtype", "lr",
     "weight_decay", "adam_betas", "adam_eps", "lr_warmup_steps", "lr_schedule", "min_lr_ratio",
     "max_grad_norm", "micro_batch_size", "gradient_checkpointing", "offload_optimizer", "seed",
     "deepspeed_config",

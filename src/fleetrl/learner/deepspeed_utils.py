@@ -107,7 +107,7 @@ def lr_lambda(cfg: LearnerConfig, total_steps: int | None) -> Callable[[int], fl
     if cfg.lr_schedule == "cosine" and not total_steps:
         raise ValueError(
             "learner.lr_schedule is 'cosine' but the learner was built without total_steps: pass the "
-            "run's number of optimizer steps (PolicyLearner(total_steps=...)) or use lr_schedule: constant"
+            "run's number of optimizer steps (Learner(total_steps=...)) or use lr_schedule: constant"
         )
 
     def factor(step: int) -> float:

@@ -1,6 +1,7 @@
 """`LearnerGroup`: the DeepSpeed ranks of one learner as Ray actors in one placement group.
 
-Ray is only the transport: each actor is a `PolicyLearner` (learner/policy.py). The group
+Ray is only the transport: each actor is a `Learner` (learner/rank.py) running one objective
+(the policy by default; the critic and offline groups name theirs). The group
 splits batches across ranks, fans every call out to all ranks (they run collectives
 together) and gathers the answers. Weight-sync calls return ObjectRefs, because the vLLM
 receivers must join and receive at the same time as the learner sends.
@@ -77,9 +78,9 @@ class LearnerGroup:
         """Start `cfg.num_ranks` actors named `{name_prefix}{role}-rank-{i}` and wait until all are built.
 
         `mini_batch_size` (global sequences per optimizer step) and `total_steps` (optimizer
-        steps of the run) are fixed here; see PolicyLearner. `learner_cls` (default
-        PolicyLearner, or a subclass of it) is what each rank runs; `learner_kwargs` go to its
-        constructor after PolicyLearner's own arguments.
+        steps of the run) are fixed here; see Engine. `learner_cls` (default `Learner`) is what
+        each rank runs; `learner_kwargs` go to its constructor after the engine's arguments
+        (e.g. {"objective": "critic", "objective_cfg": {...}}).
 
         Colocation: `reserve` adds these resources to every rank's bundle, room for the ranks of a
         group built later with `colocate_with=this group`, which places its rank i in bundle i
@@ -92,7 +93,7 @@ class LearnerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from fleetrl.learner.policy import PolicyLearner
+        from fleetrl.learner.rank import Learner
 
         self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
         cfg = self.cfg
@@ -122,14 +123,15 @@ class LearnerGroup:
                 ray.util.remove_placement_group(self._pg)
                 raise TimeoutError(
                     f"the {role}'s placement group ({self.num_ranks} x {bundle}) was not placed within "
-                    f"{ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}: lower {role}.num_ranks, "
+                    f"{ready_timeout_s:.0f}s; the cluster has {ray.cluster_resources()}: "
+                    f"lower {role}.num_ranks, "
                     f"{role}.num_cpus_per_rank or {role}.num_gpus_per_rank, or add nodes"
                 )
         self._in_bundle = lambda i: PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
         self._node_address = ray.remote(num_cpus=0)(_node_address)
         master_addr, master_port = self._address_of_rank0()
 
-        remote_cls = ray.remote(learner_cls or PolicyLearner)
+        remote_cls = ray.remote(learner_cls or Learner)
         env = learner_env(cfg, gpus)
         self.actors = [
             remote_cls.options(
@@ -150,7 +152,7 @@ class LearnerGroup:
             self.wait_ready()
 
     def wait_ready(self) -> list[dict[str, Any]]:
-        """Every rank's `info()` once its model and engine are built; a rank that fails shuts the group down."""
+        """Every rank's `info()` once its model and engine are built; a failing rank shuts the group down."""
         if not self.rank_info:
             try:
                 self.rank_info = self._gather(self._info_refs, timeout_s=self._ready_timeout_s)
@@ -230,7 +232,8 @@ class LearnerGroup:
         """Rank 0's answer of a call started on every rank (they all answer the same)."""
         return self._gather(refs)[0]
 
-    def _padded_shards(self, batch: dict[str, torch.Tensor], keys: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
+    def _padded_shards(self, batch: dict[str, torch.Tensor],
+                       keys: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
         """One shard per rank of `keys`, rows padded (last row repeated) to a multiple of the rank
         count: ZeRO-3 ranks gather parameters together, so they must run the same forwards."""
         n = batch["input_ids"].shape[0]

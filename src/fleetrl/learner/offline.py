@@ -1,71 +1,59 @@
-"""Offline trainers on the DeepSpeed learner: SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO.
+"""Offline trainers as learner objectives: SFT, reward model, pair losses (DPO/cDPO, IPO, ORPO, SimPO,
+...), KTO, offline PPO.
 
-`OfflineLearner` is a `PolicyLearner` (same engine, ZeRO stages, reference model, checkpoints,
-save_hf) with one optimizer step per call of `train_step`; `OfflineLearnerGroup` runs one per
-rank on Ray. The losses are the pure functions of learner/losses.py; this file only builds their
-inputs from batches and reduces their outputs exactly over micro-batches and ranks.
+Each is an `Objective` (learner/objective.py) registered by its algorithm's name; a learner rank
+(learner/rank.py) runs it with one optimizer step per `train_step`; `OfflineLearnerGroup` runs one
+rank per Ray actor. Every pair loss registered in `fleetrl.algos.PREFERENCE_LOSSES` is trained by
+`PairObjective` with no code here: adding one is its algos file and its config section. The losses
+are pure functions (fleetrl.algos); this file builds their inputs from batches and records their
+statistics, which learner/accumulate.py reduces exactly over micro-batches and ranks.
 
 Batch layouts (CPU tensors, rows right-padded, prompt tokens then completion tokens):
 - sft:  input_ids, attention_mask, loss_mask [B, T] (+ position_ids for packed rows)
 - kto:  input_ids, attention_mask, loss_mask [B, T], desirable [B] bool
         (+ ref_logps, ref_kl_logps [B] when precomputed; + weight [B], each example's loss weight)
 - offline_ppo: as kto (+ old_logprobs [B, T], the reference's token log-probs, when precomputed)
-- rm, dpo, ipo, orpo: chosen_input_ids, chosen_attention_mask, chosen_loss_mask, and the same
+- rm and pair losses: chosen_input_ids, chosen_attention_mask, chosen_loss_mask, and the same
         three for rejected, all [B, T] with one T (+ ref_chosen_logps, ref_rejected_logps [B]
         when precomputed; + margin [B] for rm)
 `loss_mask` marks the completion tokens whose log-probs make a sequence's log-prob.
+
+What the offline driver (offline/loop.py) needs to know of an objective is on its class:
+`reference_inputs(name)` (which precomputed reference values its batches carry: None, "pair",
+"kto" or "tokens") and `evaluation` (how held-out data is scored: "nll", "scores" or "pairs").
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from fleetrl.algos.losses import masked_sum
 from fleetrl.algos.preference import (
-    dpo_loss,
-    ipo_loss,
     kto_loss,
     kto_reference_point,
     kto_shifted_pairs,
     offline_binary_ppo_loss,
-    orpo_loss,
     pairwise_reward_loss,
 )
+from fleetrl.algos.reduce import masked_sum
+from fleetrl.algos.registry import PREFERENCE_LOSSES
+from fleetrl.learner.accumulate import Stats
 from fleetrl.learner.config import LearnerConfig
+from fleetrl.learner.forward import sequence_logps, sequence_scores, token_logps
 from fleetrl.learner.group import LearnerGroup, _split_rows
-from fleetrl.learner.offline_config import (
-    OFFLINE_ALGORITHMS,
-    REFERENCE_ALGORITHMS,
-    UNPAIRED_ALGORITHMS,
-    DPOConfig,
-    IPOConfig,
-    KTOConfig,
-    OfflinePPOConfig,
-    ORPOConfig,
-    RMConfig,
-    SFTConfig,
-)
-from fleetrl.learner.policy import PolicyLearner
+from fleetrl.learner.objective import OBJECTIVES, Objective
+from fleetrl.learner.offline_config import OFFLINE_TABLE, algorithm_config
+from fleetrl.learner.rank import Learner, objective_class
 
-PAIR_ALGORITHMS = ("rm", "dpo", "ipo", "orpo")
+__all__ = ["OfflineLearner", "OfflineLearnerGroup", "PairObjective", "algorithm_config",
+           "kto_mismatched_rows", "offline_ppo_losses", "pad_to_width", "preference_losses",
+           "reward_model_losses"]
+
 _SIDES = ("chosen", "rejected")
 _ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
-_ALGO_CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ipo": IPOConfig, "kto": KTOConfig,
-                 "orpo": ORPOConfig, "offline_ppo": OfflinePPOConfig}
-
-
-def algorithm_config(algorithm: str, algo_cfg: Any) -> Any:
-    """The validated config of `algorithm` (from a dict, the model itself, or None for defaults)."""
-    if algorithm not in OFFLINE_ALGORITHMS:
-        raise ValueError(f"unknown offline algorithm {algorithm!r}; allowed: {', '.join(OFFLINE_ALGORITHMS)}")
-    cls = _ALGO_CONFIGS[algorithm]
-    if isinstance(algo_cfg, cls):
-        return algo_cfg
-    return cls.model_validate(algo_cfg or {})
+PAIR_KEYS = tuple(f"{s}_{k}" for s in _SIDES for k in _ROW_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,40 +108,26 @@ def preference_losses(
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses [B] of dpo / ipo / orpo and per-pair statistics (detached [B] tensors).
+    """Per-pair losses [B] of the pair loss registered as `algorithm` and per-pair statistics
+    (detached [B] tensors): the loss's own, plus rewards/margins, rewards/accuracies, logps/chosen,
+    logps/rejected.
 
-    Inputs are SUMMED completion log-probs and completion token counts; IPO and ORPO use the
-    length-averaged log-probs. The implicit rewards are beta * (policy - reference) (on sums for
-    DPO, averages for IPO) and beta * average log-prob for ORPO, which has no reference.
+    Inputs are SUMMED completion log-probs and completion token counts (see fleetrl.algos.preference).
     """
+    entry = PREFERENCE_LOSSES.entry(algorithm)
+    if entry.meta.get("needs_reference") and (ref_chosen_logps is None or ref_rejected_logps is None):
+        raise ValueError(f"{algorithm} needs the reference log-probs of chosen and rejected")
     cfg = algorithm_config(algorithm, algo_cfg)
-    nc, nr = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
-    stats: dict[str, torch.Tensor] = {}
-    if algorithm in ("dpo", "ipo"):
-        if ref_chosen_logps is None or ref_rejected_logps is None:
-            raise ValueError(f"{algorithm} needs the reference log-probs of chosen and rejected")
-        if algorithm == "dpo":
-            losses, rc, rr = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                                      beta=cfg.beta, label_smoothing=cfg.label_smoothing)
-        else:
-            losses, rc, rr = ipo_loss(chosen_logps / nc, rejected_logps / nr, ref_chosen_logps / nc,
-                                      ref_rejected_logps / nr, beta=cfg.beta)
-    elif algorithm == "orpo":
-        avg_c, avg_r = chosen_logps / nc, rejected_logps / nr
-        losses, log_odds = orpo_loss(avg_c, avg_r, -avg_c, beta=cfg.beta)
-        rc, rr = (cfg.beta * avg_c).detach(), (cfg.beta * avg_r).detach()
-        nll = (-avg_c).detach().float()
-        stats.update({"orpo/nll": nll, "orpo/or_loss": losses.detach() - nll, "orpo/log_odds_ratio": log_odds})
-    else:
-        raise ValueError(f"preference_losses: {algorithm!r} is not a pairwise log-prob algorithm (dpo, ipo, orpo)")
-    stats.update({
-        "rewards/chosen": rc,
-        "rewards/rejected": rr,
+    losses, stats = entry.fn(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
+                             ref_chosen_logps, ref_rejected_logps, **cfg.model_dump())
+    rc, rr = stats["rewards/chosen"], stats["rewards/rejected"]
+    stats = {
+        **stats,
         "rewards/margins": rc - rr,
         "rewards/accuracies": (rc > rr).float(),
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),
-    })
+    }
     return losses, stats
 
 
@@ -209,325 +183,221 @@ def pad_to_width(rows: dict[str, torch.Tensor], width: int, pad_token_id: int) -
 
 
 # ---------------------------------------------------------------------------------------------
-# one rank
+# the objectives
 # ---------------------------------------------------------------------------------------------
 
 
-class _Sums:
-    """Named sums and counts of per-example statistics, all-reduced in one tensor."""
+class OfflineObjective(Objective):
+    """What the offline objectives share: the algorithm's validated config section, one unit per example."""
 
-    def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {}
+    evaluation: ClassVar[str] = "pairs"
 
-    def add(self, key: str, total: torch.Tensor | float, count: torch.Tensor | float) -> None:
-        cur = self.values.setdefault(key, [0.0, 0.0])
-        cur[0] += float(total)
-        cur[1] += float(count)
+    def __init__(self, models, learner_cfg: LearnerConfig | dict | None = None, options: Any = None, *,
+                 name: str, **kw: Any):
+        super().__init__(models, learner_cfg, options, name=name, **kw)
+        self.algo_cfg = algorithm_config(name, options)
 
-    def add_examples(self, stats: dict[str, torch.Tensor], select: torch.Tensor | None = None) -> None:
-        for key, v in stats.items():
-            v = v.detach().double().cpu()
-            if select is None:
-                self.add(key, v.sum(), v.numel())
-            else:
-                self.add(key, v[select].sum(), select.sum())
+    @classmethod
+    def needs_reference(cls, name: str, learner_cfg: LearnerConfig) -> bool:
+        return OFFLINE_TABLE[name].reference
 
-    def reduce(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        keys = sorted(self.values)  # every rank has the same keys: the tensor lines up
-        flat = torch.tensor([self.values[k] for k in keys], dtype=torch.float64).reshape(-1, 2)
-        flat = all_reduce(flat)
-        return {k: float(flat[i, 0] / flat[i, 1]) if flat[i, 1] > 0 else float("nan")
-                for i, k in enumerate(keys)}
-
-
-class OfflineLearner(PolicyLearner):
-    """One DeepSpeed rank of an offline trainer. Every rank calls every method in the same order."""
-
-    def __init__(
-        self,
-        cfg: LearnerConfig | dict,
-        model_path: str | os.PathLike,
-        rank: int = 0,
-        world_size: int = 1,
-        master_addr: str = "127.0.0.1",
-        master_port: int = 29500,
-        total_steps: int | None = None,
-        mini_batch_size: int | None = None,
-        local_rank: int | None = None,
-        *,
-        algorithm: str,
-        algo_cfg: Any = None,
-        pad_token_id: int = 0,
-        max_length: int | None = None,
-    ):
-        """`mini_batch_size`: examples (pairs for rm/dpo/ipo/orpo) per optimizer step over all ranks.
-
-        The reference model is loaded exactly when the algorithm needs one (dpo, ipo, kto, offline_ppo);
-        `learner.reference` is not consulted. `pad_token_id` pads rows built here (KTO's KL rows)
-        and tells a reward model's head where sequences end. `max_length` bounds KTO's KL rows.
-        """
-        self.algorithm = algorithm
-        self.algo_cfg = algorithm_config(algorithm, algo_cfg)
-        self.pad_token_id = int(pad_token_id)
-        self.max_length = max_length
-        cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
-        cfg = cfg.model_copy(update={"reference": algorithm in REFERENCE_ALGORITHMS})
-        if algorithm == "kto" and cfg.micro_batch_size < 2:
-            raise ValueError(
-                f"kto needs learner.micro_batch_size >= 2 (got {cfg.micro_batch_size}): its KL reference "
-                "point pairs each prompt with another example's completion inside the micro-batch"
-            )
-        super().__init__(cfg, model_path, rank, world_size, master_addr, master_port, total_steps,
-                         mini_batch_size, local_rank)
-
-    def _load_model(self, path: str) -> torch.nn.Module:
-        if self.algorithm != "rm":
-            return super()._load_model(path)
-        from transformers import AutoModelForSequenceClassification
-
-        # From a causal LM checkpoint (e.g. an SFT run) this adds a fresh one-output score head.
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=self.dtype)
-        # The head reads each row at its last token that is not the pad id: rows are padded with it.
-        model.config.pad_token_id = self.pad_token_id
-        return model
+    @classmethod
+    def reference_inputs(cls, name: str) -> str | None:
+        """Which precomputed reference values a batch may carry (see the module doc)."""
+        return None
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "algorithm": self.algorithm}
+        return {**super().info(), "algorithm": self.name}
 
-    # ------------------------------------------------------------------ helpers
+    def units(self, micro: dict[str, torch.Tensor]) -> float:
+        return float(micro[self.train_keys[0]].shape[0])
 
-    def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        device = t.device
-        return (self._all_reduce(t.detach().float().cpu()) / self.world_size).to(device)
-
-    def _ref_fn(self):
-        if self.ref_module is None:
-            raise ValueError(
-                f"{self.algorithm}: the reference model was released (offline.reference_logps: precompute) "
-                "but this batch carries no precomputed reference log-probs"
-            )
-        return self.ref_engine if self.ref_engine is not None else self.ref_module
-
-    def _seq_logps(self, fn, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs [b] and completion token counts [b] of rows (on self.device)."""
-        logp, _ = self._forward(fn, rows["input_ids"], rows["attention_mask"], 1.0,
-                                position_ids=rows.get("position_ids"))
-        mask = (rows["loss_mask"].float() * rows["attention_mask"].float()).to(self.device)
-        return masked_sum(logp, mask, dim=-1), mask.sum(-1)
-
-    def _scores(self, fn, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A reward model's scalar score per row [b] (rows right-padded with the pad id)."""
-        ids, attn = rows["input_ids"], rows["attention_mask"]
-        cols = attn.bool().any(0).nonzero().flatten()
-        hi = int(cols[-1]) + 1 if cols.numel() else 1
-        ids_t, attn_t = ids[:, :hi].to(self.device), attn[:, :hi].to(self.device).long()
-        positions = (attn_t.cumsum(-1) - 1).clamp(min=0)
-        out = fn(input_ids=ids_t, attention_mask=attn_t, position_ids=positions, use_cache=False)
-        return out.logits[:, 0].float()
-
-    def _both_sides(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def both_sides(self, micro: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Chosen rows then rejected rows, as one batch (one forward for both)."""
-        sides = [{k: mb[f"{s}_{k}"] for k in _ROW_KEYS} for s in _SIDES]
+        sides = [{k: micro[f"{s}_{k}"] for k in _ROW_KEYS} for s in _SIDES]
         width = max(side["input_ids"].shape[1] for side in sides)
         c, r = (pad_to_width(side, width, self.pad_token_id) for side in sides)
         return {k: torch.cat([c[k], r[k]]) for k in _ROW_KEYS}
 
-    def _batch_rows(self, batch: dict[str, torch.Tensor]) -> int:
-        key = "chosen_input_ids" if self.algorithm in PAIR_ALGORITHMS else "input_ids"
-        needed = ([f"{s}_{k}" for s in _SIDES for k in _ROW_KEYS] if self.algorithm in PAIR_ALGORITHMS
-                  else list(_ROW_KEYS) + (["desirable"] if self.algorithm in UNPAIRED_ALGORITHMS else []))
-        missing = [k for k in needed if k not in batch]
-        if missing:
-            raise KeyError(f"{self.algorithm} batch is missing {missing}; it has {sorted(batch)}")
-        n = batch[key].shape[0]
-        for k, v in batch.items():
-            if v.shape[0] != n:
-                raise ValueError(f"{self.algorithm} batch[{k!r}] has {v.shape[0]} rows, {key} has {n}")
-        return n
 
-    def _micro_batches(self, batch: dict[str, torch.Tensor], size: int):
-        n = next(iter(batch.values())).shape[0]
-        for i in range(0, n, size):
-            yield {k: v[i : i + size] for k, v in batch.items()}
+@OBJECTIVES.register("sft", role="offline")
+class SFTObjective(OfflineObjective):
+    """Token-mean negative log-likelihood of the completion tokens (of every token without
+    sft.completion_only_loss)."""
 
-    # ------------------------------------------------------------------ training
+    evaluation = "nll"
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer step on this rank's shard (mini_batch_size / world_size examples).
+    def units(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (micro["loss_mask"].float() * micro["attention_mask"].float()).sum()
 
-        Returns the step's statistics averaged over the whole global batch (identical on every
-        rank): loss, grad_norm, lr, num_tokens (real tokens through the forward, all ranks) and
-        the algorithm's own (rewards/..., logps/..., kl, orpo/..., scores/...).
-        """
-        n = self._batch_rows(batch)
-        if n != self.mini_per_rank:
-            raise ValueError(
-                f"train_step got {n} examples on this rank; it takes exactly the per-rank batch "
-                f"{self.mini_per_rank} (= batch size {self.mini_batch_size} / {self.world_size} ranks)"
-            )
-        self.engine.train()
-        mb = self.cfg.micro_batch_size
-        scale = self.world_size * self.grad_accum
-        units = self._units(batch)
-        units_total = float(self._all_reduce(units.sum().double().reshape(1))[0])
-        lr = float(self.engine.get_lr()[0])
-        sums = _Sums()
-        tokens = 0.0
-        own_norm = None
-        for k, micro in enumerate(self._micro_batches(batch, mb)):
-            loss, micro_tokens = self._micro_loss(micro, sums)
-            u = float(units[k * mb : (k + 1) * mb].sum())
-            # Weighted by the micro-batch's share of the global batch's units (examples, or tokens
-            # for sft): accumulation + DeepSpeed's mean over ranks and micro-steps is then exact.
-            weight = u / units_total * scale if units_total > 0 else 0.0
-            norm = self._backward_step(loss * weight, last=(k + 1) * mb >= self.mini_per_rank)
-            own_norm = norm if norm is not None else own_norm
-            tokens += micro_tokens
-        out = sums.reduce(self._all_reduce)
-        if "rewards/chosen" in out and "rewards/margins" not in out:
-            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-        out.update({
-            "grad_norm": self._grad_norm(own_norm),
-            "lr": lr,
-            "num_tokens": float(self._all_reduce(torch.tensor([tokens], dtype=torch.float64))[0]),
-        })
+    def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
+        logps, ntok = sequence_logps(self.models.policy, micro, self.device)
+        total = ntok.sum()
+        stats.mean("loss", -logps.detach().sum().cpu(), total.cpu())
+        stats.sum("num_tokens", micro["attention_mask"].sum())
+        return -logps.sum() / total.clamp(min=1)
+
+
+@OBJECTIVES.register("rm", role="offline")
+class RewardModelObjective(OfflineObjective):
+    """Bradley-Terry loss of a reward model's scores of chosen vs rejected (with an optional margin)."""
+
+    model_kind = "score"
+    evaluation = "scores"
+    train_keys = PAIR_KEYS
+
+    def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
+        rows = self.both_sides(micro)
+        b = micro["chosen_input_ids"].shape[0]
+        scores = sequence_scores(self.models.policy, rows, self.device)
+        margin = micro["margin"].to(self.device).float() if "margin" in micro else None
+        losses, st = reward_model_losses(scores[:b], scores[b:], margin)
+        stats.examples({"loss": losses.detach(), **st})
+        stats.sum("num_tokens", rows["attention_mask"].sum())
+        return losses.mean()
+
+
+class PairObjective(OfflineObjective):
+    """Any pair loss of PREFERENCE_LOSSES (dpo, ipo, orpo, simpo, ...) on the policy's summed
+    completion log-probs of chosen and rejected, with the reference's when the loss needs them."""
+
+    train_keys = PAIR_KEYS
+
+    @classmethod
+    def needs_reference(cls, name: str, learner_cfg: LearnerConfig) -> bool:
+        return bool(PREFERENCE_LOSSES.meta(name).get("needs_reference", False))
+
+    @classmethod
+    def reference_inputs(cls, name: str) -> str | None:
+        return "pair" if cls.needs_reference(name, LearnerConfig()) else None
+
+    def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
+        rows = self.both_sides(micro)
+        b = micro["chosen_input_ids"].shape[0]
+        logps, ntok = sequence_logps(self.models.policy, rows, self.device)
+        ref_c = ref_r = None
+        if self.needs_reference(self.name, self.cfg):
+            if "ref_chosen_logps" in micro:
+                ref_c = micro["ref_chosen_logps"].to(self.device).float()
+                ref_r = micro["ref_rejected_logps"].to(self.device).float()
+            else:
+                with torch.no_grad():
+                    ref, _ = sequence_logps(self.models.reference(), rows, self.device)
+                ref_c, ref_r = ref[:b], ref[b:]
+        losses, st = preference_losses(self.name, self.algo_cfg, logps[:b], logps[b:], ntok[:b], ntok[b:],
+                                       ref_c, ref_r)
+        stats.examples({"loss": losses.detach(), **st})
+        stats.sum("num_tokens", rows["attention_mask"].sum())
+        return losses.mean()
+
+
+class UnpairedObjective(OfflineObjective):
+    """Desirable / undesirable single completions (KTO, offline PPO): implicit rewards per class."""
+
+    train_keys = (*_ROW_KEYS, "desirable")
+
+    def _record(self, stats: Stats, losses: torch.Tensor, rewards: torch.Tensor, logps: torch.Tensor,
+                desirable: torch.Tensor) -> None:
+        d = desirable.cpu()
+        stats.examples({"rewards/chosen": rewards, "logps/chosen": logps.detach()}, select=d)
+        stats.examples({"rewards/rejected": rewards, "logps/rejected": logps.detach()}, select=~d)
+
+    def _weighted(self, losses: torch.Tensor, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "weight" in micro:  # per-example weights of scored feedback
+            return losses * micro["weight"].to(self.device).to(losses.dtype)
+        return losses
+
+    def finish(self, out: dict[str, float]) -> dict[str, float]:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
 
-    def _units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """What the loss averages over, per row: completion tokens (sft) or 1 (one example)."""
-        if self.algorithm == "sft":
-            return (batch["loss_mask"].float() * batch["attention_mask"].float()).sum(-1)
-        return torch.ones(self._batch_rows(batch))
 
-    def _micro_loss(self, mb: dict[str, torch.Tensor], sums: _Sums) -> tuple[torch.Tensor, float]:
-        """The micro-batch's mean loss (over its units) and the real tokens it ran; adds its stats."""
-        algo = self.algorithm
-        if algo == "sft":
-            logps, ntok = self._seq_logps(self.engine, mb)
-            total = ntok.sum()
-            loss = -logps.sum() / total.clamp(min=1)
-            sums.add("loss", -logps.detach().sum().cpu(), total.cpu())
-            return loss, float(mb["attention_mask"].sum())
-        if algo == "kto":
-            return self._kto_micro_loss(mb, sums)
-        if algo == "offline_ppo":
-            return self._ppo_micro_loss(mb, sums)
-        rows = self._both_sides(mb)
-        b = mb["chosen_input_ids"].shape[0]
-        if algo == "rm":
-            scores = self._scores(self.engine, rows)
-            margin = mb["margin"].to(self.device).float() if "margin" in mb else None
-            losses, stats = reward_model_losses(scores[:b], scores[b:], margin)
-        else:
-            logps, ntok = self._seq_logps(self.engine, rows)
-            ref_c = ref_r = None
-            if algo in REFERENCE_ALGORITHMS:
-                if "ref_chosen_logps" in mb:
-                    ref_c = mb["ref_chosen_logps"].to(self.device).float()
-                    ref_r = mb["ref_rejected_logps"].to(self.device).float()
-                else:
-                    with torch.no_grad():
-                        ref, _ = self._seq_logps(self._ref_fn(), rows)
-                    ref_c, ref_r = ref[:b], ref[b:]
-            losses, stats = preference_losses(algo, self.algo_cfg, logps[:b], logps[b:], ntok[:b], ntok[b:],
-                                              ref_c, ref_r)
-        sums.add_examples({"loss": losses.detach(), **stats})
-        return losses.mean(), float(rows["attention_mask"].sum())
+@OBJECTIVES.register("kto", role="offline")
+class KTOObjective(UnpairedObjective):
+    """KTO with its reference point z0 from mismatched (prompt, other completion) pairs of the micro-batch."""
 
-    def _kto_micro_loss(self, mb: dict[str, torch.Tensor], sums: _Sums) -> tuple[torch.Tensor, float]:
-        cfg = self.algo_cfg
-        kl_rows = kto_mismatched_rows(mb["input_ids"], mb["attention_mask"], mb["loss_mask"],
-                                      self.pad_token_id, self.max_length)
-        logps, _ = self._seq_logps(self.engine, mb)
+    @classmethod
+    def check_config(cls, name: str, learner_cfg: LearnerConfig) -> None:
+        if learner_cfg.micro_batch_size < 2:
+            raise ValueError(
+                f"kto needs learner.micro_batch_size >= 2 (got {learner_cfg.micro_batch_size}): its KL "
+                "reference point pairs each prompt with another example's completion inside the micro-batch"
+            )
+
+    @classmethod
+    def reference_inputs(cls, name: str) -> str | None:
+        return "kto"
+
+    def kl_rows(self, micro: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The micro-batch's mismatched KL rows (see kto_mismatched_rows)."""
+        return kto_mismatched_rows(micro["input_ids"], micro["attention_mask"], micro["loss_mask"],
+                                   self.pad_token_id, self.max_length)
+
+    def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return (self.models.all_reduce(t.detach().float().cpu()) / self.models.world_size).to(t.device)
+
+    def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
+        cfg, dev, policy = self.algo_cfg, self.device, self.models.policy
+        kl_rows = self.kl_rows(micro)
+        logps, _ = sequence_logps(policy, micro, dev)
         with torch.no_grad():
-            kl_logps, _ = self._seq_logps(self.engine, kl_rows)
-            if "ref_logps" in mb:
-                ref = mb["ref_logps"].to(self.device).float()
-                ref_kl = mb["ref_kl_logps"].to(self.device).float()
+            kl_logps, _ = sequence_logps(policy, kl_rows, dev)
+            if "ref_logps" in micro:
+                ref = micro["ref_logps"].to(dev).float()
+                ref_kl = micro["ref_kl_logps"].to(dev).float()
             else:
-                ref, _ = self._seq_logps(self._ref_fn(), mb)
-                ref_kl, _ = self._seq_logps(self._ref_fn(), kl_rows)
+                ref, _ = sequence_logps(self.models.reference(), micro, dev)
+                ref_kl, _ = sequence_logps(self.models.reference(), kl_rows, dev)
         # z0 from this micro-batch's mismatched pairs, averaged over ranks (same micro-step everywhere).
         z0 = kto_reference_point(kl_logps, ref_kl, all_reduce_mean=self._all_reduce_mean)
-        desirable = mb["desirable"].to(self.device).bool()
+        desirable = micro["desirable"].to(dev).bool()
         wd = cfg.desirable_weight if cfg.desirable_weight is not None else 1.0
         wu = cfg.undesirable_weight if cfg.undesirable_weight is not None else 1.0
         losses, rewards = kto_loss(logps, ref, desirable, z0, beta=cfg.beta,
                                    desirable_weight=wd, undesirable_weight=wu)
-        if "weight" in mb:  # per-example weights of scored feedback
-            losses = losses * mb["weight"].to(self.device).to(losses.dtype)
-        sums.add_examples({"loss": losses.detach()})
-        sums.add("kl", float(z0), 1.0)
-        d = desirable.cpu()
-        sums.add_examples({"rewards/chosen": rewards, "logps/chosen": logps.detach()}, select=d)
-        sums.add_examples({"rewards/rejected": rewards, "logps/rejected": logps.detach()}, select=~d)
-        tokens = float(mb["attention_mask"].sum() + kl_rows["attention_mask"].sum())
-        return losses.mean(), tokens
+        losses = self._weighted(losses, micro)
+        stats.examples({"loss": losses.detach()})
+        stats.mean("kl", float(z0), 1.0)
+        self._record(stats, losses, rewards, logps, desirable)
+        stats.sum("num_tokens", micro["attention_mask"].sum() + kl_rows["attention_mask"].sum())
+        return losses.mean()
 
-    def _ppo_micro_loss(self, mb: dict[str, torch.Tensor], sums: _Sums) -> tuple[torch.Tensor, float]:
-        ids, attn = mb["input_ids"], mb["attention_mask"]
-        logp, _ = self._forward(self.engine, ids, attn, 1.0)
-        mask = (mb["loss_mask"].float() * attn.float()).to(self.device)
-        if "old_logprobs" in mb:
-            old = mb["old_logprobs"].to(self.device).to(logp.dtype)
+
+@OBJECTIVES.register("offline_ppo", role="offline")
+class OfflinePPOObjective(UnpairedObjective):
+    """PPO's clipped objective, reward +1 / -1 on every completion token; the reference is the old policy."""
+
+    @classmethod
+    def reference_inputs(cls, name: str) -> str | None:
+        return "tokens"
+
+    def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
+        dev = self.device
+        ids, attn = micro["input_ids"], micro["attention_mask"]
+        logp, _ = token_logps(self.models.policy, ids, attn, dev, 1.0)
+        mask = (micro["loss_mask"].float() * attn.float()).to(dev)
+        if "old_logprobs" in micro:
+            old = micro["old_logprobs"].to(dev).to(logp.dtype)
         else:
             with torch.no_grad():
-                old, _ = self._forward(self._ref_fn(), ids, attn, 1.0)
-        desirable = mb["desirable"].to(self.device).bool()
-        losses, stats = offline_ppo_losses(logp, old.detach(), desirable, mask, clip=self.algo_cfg.clip)
-        if "weight" in mb:
-            losses = losses * mb["weight"].to(self.device).to(losses.dtype)
-        logps = masked_sum(logp.detach(), mask, dim=-1)
-        sums.add_examples({"loss": losses.detach(), "clip_frac": stats["clip_frac"]})
-        d = desirable.cpu()
-        sums.add_examples({"rewards/chosen": stats["rewards"], "logps/chosen": logps}, select=d)
-        sums.add_examples({"rewards/rejected": stats["rewards"], "logps/rejected": logps}, select=~d)
-        return losses.mean(), float(attn.sum())
+                old, _ = token_logps(self.models.reference(), ids, attn, dev, 1.0)
+        desirable = micro["desirable"].to(dev).bool()
+        losses, st = offline_ppo_losses(logp, old.detach(), desirable, mask, clip=self.algo_cfg.clip)
+        losses = self._weighted(losses, micro)
+        stats.examples({"loss": losses.detach(), "clip_frac": st["clip_frac"]})
+        self._record(stats, losses, st["rewards"], masked_sum(logp.detach(), mask, dim=-1), desirable)
+        stats.sum("num_tokens", attn.sum())
+        return losses.mean()
 
-    # ------------------------------------------------------------------ scoring (no gradients)
 
-    @torch.no_grad()
-    def sequence_logps(self, batch: dict[str, torch.Tensor], which: str = "policy") -> dict[str, torch.Tensor]:
-        """{"logps": summed completion log-probs [B], "tokens": completion token counts [B]} of rows
-        (input_ids, attention_mask, loss_mask), under the policy or the reference."""
-        fn = self._which(which)
-        out_lp, out_n = [], []
-        for micro in self._micro_batches(batch, self.cfg.micro_batch_size):
-            lp, n = self._seq_logps(fn, micro)
-            out_lp.append(lp.float().cpu())
-            out_n.append(n.float().cpu())
-        self.engine.train()
-        return {"logps": torch.cat(out_lp), "tokens": torch.cat(out_n)}
+def OfflineLearner(cfg: LearnerConfig | dict, model_path: str | os.PathLike, *args: Any,  # noqa: N802
+                   algorithm: str, algo_cfg: Any = None, **kwargs: Any) -> Learner:
+    """One offline rank in this process: `Learner(..., objective=algorithm, objective_cfg=algo_cfg)`.
 
-    @torch.no_grad()
-    def sequence_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A reward model's scores [B] of rows (input_ids, attention_mask)."""
-        if self.algorithm != "rm":
-            raise ValueError(f"sequence_scores is for reward models; this learner trains {self.algorithm}")
-        fn = self._which("policy")
-        out = [self._scores(fn, micro).cpu() for micro in self._micro_batches(batch, self.cfg.micro_batch_size)]
-        self.engine.train()
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def kl_reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """KTO: the reference's summed log-probs [B] of the mismatched KL rows that `train_step`
-        builds from this exact shard (same micro-batches), for offline.reference_logps: precompute."""
-        fn = self._which("reference")
-        out = []
-        for micro in self._micro_batches(batch, self.cfg.micro_batch_size):
-            kl_rows = kto_mismatched_rows(micro["input_ids"], micro["attention_mask"], micro["loss_mask"],
-                                          self.pad_token_id, self.max_length)
-            out.append(self._seq_logps(fn, kl_rows)[0].float().cpu())
-        return torch.cat(out)
-
-    def _which(self, which: str):
-        if which == "policy":
-            self.engine.eval()
-            return self.engine
-        if which == "reference":
-            return self._ref_fn()
-        raise ValueError(f"which must be 'policy' or 'reference', got {which!r}")
+    `mini_batch_size`: examples (pairs for rm and pair losses) per optimizer step over all ranks. The
+    reference model is loaded exactly when the algorithm needs one; `learner.reference` is not consulted.
+    """
+    return Learner(cfg, model_path, *args, objective=algorithm, objective_cfg=algo_cfg, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,11 +431,12 @@ class OfflineLearnerGroup(LearnerGroup):
         ready_timeout_s: float = 900.0,
     ):
         self.algorithm = algorithm
+        objective_class(algorithm)  # unknown names fail here, in the driver
         algo_cfg = algorithm_config(algorithm, algo_cfg)
         super().__init__(
             cfg, model_path, total_steps=total_steps, mini_batch_size=batch_size, name_prefix=name_prefix,
-            ready_timeout_s=ready_timeout_s, learner_cls=OfflineLearner,
-            learner_kwargs={"algorithm": algorithm, "algo_cfg": algo_cfg.model_dump(),
+            ready_timeout_s=ready_timeout_s,
+            learner_kwargs={"objective": algorithm, "objective_cfg": algo_cfg.model_dump(),
                             "pad_token_id": pad_token_id, "max_length": max_length},
         )
 
@@ -582,7 +453,8 @@ class OfflineLearnerGroup(LearnerGroup):
                              f"batch_size={self.mini_batch_size}")
         return self._sharded("train_step", batch)[0]
 
-    def sequence_logps(self, batch: dict[str, torch.Tensor], which: str = "policy") -> dict[str, torch.Tensor]:
+    def sequence_logps(self, batch: dict[str, torch.Tensor],
+                       which: str = "policy") -> dict[str, torch.Tensor]:
         padded, n = _pad_rows(batch, self.num_ranks)  # equal shards: ZeRO-3 ranks gather together
         parts = self._sharded("sequence_logps", padded, which)
         return {k: torch.cat([p[k] for p in parts])[:n] for k in ("logps", "tokens")}
@@ -592,10 +464,11 @@ class OfflineLearnerGroup(LearnerGroup):
         return torch.cat(self._sharded("sequence_scores", padded))[:n]
 
     def kl_reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """KTO: reference log-probs of the KL rows of a training batch, sharded exactly as train_step shards it."""
+        """KTO: reference log-probs of the KL rows of a training batch, sharded exactly as train_step does."""
         n = next(iter(batch.values())).shape[0]
         if n != self.mini_batch_size:
-            raise ValueError(f"kl_reference_logps takes a training batch of {self.mini_batch_size} rows, got {n}")
+            raise ValueError(f"kl_reference_logps takes a training batch of {self.mini_batch_size} rows, "
+                             f"got {n}")
         return torch.cat(self._sharded("kl_reference_logps", batch))
 
     def release_reference(self) -> None:

@@ -1,4 +1,4 @@
-"""Config of the offline trainers (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO).
+"""Config of the offline trainers (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, SimPO, offline PPO).
 
 Each algorithm owns a small section with its hyperparameters (the run config exposes them as
 ``sft:``, ``rm:``, ``dpo:``, ...); `OfflineConfig` holds what they share: batch size, epochs,
@@ -8,22 +8,12 @@ no torch import, so the orchestrator validates configs without loading DeepSpeed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from fleetrl.core.strict import StrictModel
-
-OFFLINE_ALGORITHMS = ("sft", "rm", "dpo", "ipo", "kto", "orpo", "offline_ppo")
-# Algorithms whose loss compares the policy with a frozen reference model (offline PPO: the
-# reference is its "old" policy, scored once).
-REFERENCE_ALGORITHMS = ("dpo", "ipo", "kto", "offline_ppo")
-# Algorithms that learn from single completions marked desirable / undesirable (or scored).
-UNPAIRED_ALGORITHMS = ("kto", "offline_ppo")
-# What each algorithm trains on: rows of this kind (KTO and offline PPO also accept preference
-# rows, split in two, and scored rows, thresholded).
-ROW_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ipo": "preference",
-            "kto": "unpaired", "orpo": "preference", "offline_ppo": "unpaired"}
 
 # Hyperparameters of the papers, used when the config leaves them unset (a value written in the
 # config always wins): KTO (Ethayarajh et al. 2024) and DPO (Rafailov et al. 2023). Keys are dotted
@@ -132,6 +122,17 @@ class ORPOConfig(StrictModel):
     beta: float = Field(0.1, gt=0)
 
 
+class SimPOConfig(StrictModel):
+    """SimPO (algos/simpo.py): reference-free margin loss on length-averaged log-probs. The authors'
+    conventions and defaults: beta scales the average log-prob into a reward, the target margin is
+    gamma = beta * gamma_beta_ratio (TRL's CPO trainer calls gamma itself `simpo_gamma`)."""
+
+    beta: float = Field(2.0, gt=0)
+    gamma_beta_ratio: float = Field(0.5, ge=0)
+    # > 0: the labels are flipped with this probability (as in conservative DPO).
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+
+
 class OfflinePPOConfig(FeedbackConfig):
     """PPO's clipped objective on fixed feedback: reward +1 for a desirable completion, -1 for an
     undesirable one, on every completion token; the "old" policy is the reference (scored once),
@@ -140,4 +141,51 @@ class OfflinePPOConfig(FeedbackConfig):
     clip: float = Field(0.2, gt=0, lt=1)
 
 
-AlgorithmConfig = SFTConfig | RMConfig | DPOConfig | IPOConfig | KTOConfig | ORPOConfig | OfflinePPOConfig
+AlgorithmConfig = (SFTConfig | RMConfig | DPOConfig | IPOConfig | KTOConfig | ORPOConfig | SimPOConfig
+                   | OfflinePPOConfig)
+
+
+@dataclass(frozen=True)
+class OfflineAlgorithm:
+    """What the config knows of an offline algorithm (its trainer is the learner objective of the same
+    name, fleetrl.learner.offline): its config section, the rows it trains on, whether it compares the
+    policy with a frozen reference, whether it learns from unpaired (desirable / undesirable) feedback."""
+
+    config: type[StrictModel]
+    rows: str  # "sft" | "preference" | "unpaired" (KTO and offline PPO also take preference and scored rows)
+    reference: bool = False
+    unpaired: bool = False
+
+
+# The offline algorithms, by name: the run config's `algorithm` and its section (`dpo:` ...).
+# A new one adds a row here, its section in RunConfig and its learner objective (or pair loss).
+OFFLINE_TABLE: dict[str, OfflineAlgorithm] = {
+    "sft": OfflineAlgorithm(SFTConfig, "sft"),
+    "rm": OfflineAlgorithm(RMConfig, "preference"),
+    "dpo": OfflineAlgorithm(DPOConfig, "preference", reference=True),
+    "ipo": OfflineAlgorithm(IPOConfig, "preference", reference=True),
+    "kto": OfflineAlgorithm(KTOConfig, "unpaired", reference=True, unpaired=True),
+    "orpo": OfflineAlgorithm(ORPOConfig, "preference"),
+    "simpo": OfflineAlgorithm(SimPOConfig, "preference"),
+    # Offline PPO's reference is its "old" policy, scored once.
+    "offline_ppo": OfflineAlgorithm(OfflinePPOConfig, "unpaired", reference=True, unpaired=True),
+}
+OFFLINE_ALGORITHMS = tuple(OFFLINE_TABLE)
+# Algorithms whose loss compares the policy with a frozen reference model.
+REFERENCE_ALGORITHMS = tuple(name for name, a in OFFLINE_TABLE.items() if a.reference)
+# Algorithms that learn from single completions marked desirable / undesirable (or scored).
+UNPAIRED_ALGORITHMS = tuple(name for name, a in OFFLINE_TABLE.items() if a.unpaired)
+# What each algorithm trains on: rows of this kind.
+ROW_KIND = {name: a.rows for name, a in OFFLINE_TABLE.items()}
+
+
+def algorithm_config(algorithm: str, algo_cfg: object = None) -> StrictModel:
+    """The validated config of `algorithm` (from a dict, the model itself, or None for defaults)."""
+    if algorithm not in OFFLINE_TABLE:
+        raise ValueError(f"unknown offline algorithm {algorithm!r}; allowed: {', '.join(OFFLINE_ALGORITHMS)}")
+    cls = OFFLINE_TABLE[algorithm].config
+    if isinstance(algo_cfg, cls):
+        return algo_cfg
+    if isinstance(algo_cfg, StrictModel):
+        algo_cfg = algo_cfg.model_dump()
+    return cls.model_validate(algo_cfg or {})

@@ -1,8 +1,11 @@
-"""Offline trainers (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO): fixed data -> DeepSpeed learner.
+"""Offline trainers (SFT, RM, DPO/cDPO, IPO, KTO, ORPO, SimPO, offline PPO): fixed data -> DeepSpeed learner.
 
 The driver encodes the data once, fixes the order of every optimizer step (`Schedule`), obtains
 the reference log-probs (precomputed once up front, or on the fly inside the learner), then
 runs one optimizer step per batch with held-out evaluation every `offline.eval_every` steps.
+What differs between algorithms is asked of the algorithm's learner objective (its class's
+`reference_inputs` and `evaluation`, fleetrl.learner.offline) and of its config section, never of
+its name.
 The learner is an `OfflineLearnerGroup` (Ray actors, one per DeepSpeed rank); `OfflineRun` only
 needs its methods, so tests can also drive a single in-process `OfflineLearner`.
 """
@@ -41,7 +44,8 @@ from fleetrl.data.rows import (
     read_records,
 )
 from fleetrl.learner.offline import preference_losses, reward_model_losses
-from fleetrl.learner.offline_config import REFERENCE_ALGORITHMS, UNPAIRED_ALGORITHMS
+from fleetrl.learner.offline_config import OFFLINE_TABLE
+from fleetrl.learner.rank import objective_class
 from fleetrl.metrics.local import Progress, _fmt_s
 from fleetrl.run.config import RunConfig
 from fleetrl.run.runtime import RunDir, connect_ray, load_tokenizer, resolve_model
@@ -58,7 +62,8 @@ class OfflineProgress(Progress):
     """One console line per logged step: loss, accuracy, held-out figures, step time, ETA."""
 
     FIELDS = (("train/loss", "loss"), ("train/rewards/accuracies", "acc"), ("train/scores/accuracies", "acc"),
-              ("train/kl", "kl"), ("train/clip_frac", "clip"), ("eval/accuracy", "eval_acc"), ("eval/nll", "eval_nll"),
+              ("train/kl", "kl"), ("train/clip_frac", "clip"), ("eval/accuracy", "eval_acc"),
+              ("eval/nll", "eval_nll"),
               ("time/step", "step_s"))
 
     def update(self, step: int, row: dict) -> None:
@@ -81,10 +86,11 @@ class OfflineRun:
         self.algorithm = cfg.algorithm
         self.section = algorithm_section(cfg)
         self.pad_id = int(tokenizer.pad_token_id)
+        self.objective = objective_class(self.algorithm)
         oc = cfg.offline
-        margin_key = cfg.rm.margin_key if self.algorithm == "rm" else None
+        margin_key = getattr(self.section, "margin_key", None)
         act = cfg.data.apply_chat_template
-        self.unpaired = self.algorithm in UNPAIRED_ALGORITHMS
+        self.unpaired = OFFLINE_TABLE[self.algorithm].unpaired
         feedback = self.section if self.unpaired else None
         encoder = Encoder(self.algorithm, tokenizer, oc.max_length, act, margin_key, feedback, cfg.run.seed)
         scored = self.unpaired and self.section.score_key is not None
@@ -92,24 +98,29 @@ class OfflineRun:
         if cfg.eval_data is not None:
             eval_rows = load_rows(cfg.eval_data, _scored_kind(cfg.eval_data) if scored else None)
         self.train, self.train_stats = encoder.encode(train_rows)
-        # KTO / offline PPO are evaluated on pairs when the held-out rows are pairs (implicit-reward accuracy).
+        # KTO / offline PPO are evaluated on pairs when the held-out rows are pairs (implicit-reward
+        # accuracy).
         eval_algo = "dpo" if self.unpaired and eval_rows and isinstance(eval_rows[0], PreferenceRow) \
             else self.algorithm
         eval_encoder = Encoder(eval_algo, tokenizer, oc.max_length, act, margin_key, feedback, cfg.run.seed)
         self.eval, self.eval_stats = eval_encoder.encode(eval_rows) if eval_rows else ([], EncodeStats())
         if not self.train:
             raise DataError(f"{cfg.data.path}: no training example is left after encoding "
-                            f"({self._describe(self.train_stats)}); raise offline.max_length or check the data")
-        self.completion_only = cfg.sft.completion_only_loss if self.algorithm == "sft" else True
+                            f"({self._describe(self.train_stats)}); raise offline.max_length or check the "
+                            "data")
+        self.completion_only = getattr(self.section, "completion_only_loss", True)
         self.units: Sequence[Any] = self.train
-        if self.algorithm == "sft" and cfg.sft.packing:
+        if getattr(self.section, "packing", False):
             self.units = pack(self.train, oc.max_length)
-        self.weights = self._kto_weights() if self.algorithm == "kto" else None
+        # Class weights (KTO's lambda_D, lambda_U): from the config, or from the data's class counts.
+        self.weights = self._kto_weights() if "desirable_weight" in type(self.section).model_fields else None
         if self.unpaired:
             self._print_feedback()
         self.schedule = Schedule(len(self.units), oc.batch_size, seed=cfg.run.seed, shuffle=cfg.data.shuffle,
                                  epochs=oc.epochs, steps=cfg.run.steps)
-        self.precompute = self.algorithm in REFERENCE_ALGORITHMS and oc.reference_logps == "precompute"
+        # Which reference values batches carry (None: the objective needs no reference).
+        self.reference_inputs = self.objective.reference_inputs(self.algorithm)
+        self.precompute = self.reference_inputs is not None and oc.reference_logps == "precompute"
         self._ref: dict[str, torch.Tensor] = {}  # per training example
         self._ref_kl: dict[int, torch.Tensor] = {}  # KTO: per optimizer step
         self._ref_tokens: list[torch.Tensor] = []  # offline PPO: completion-token log-probs per example
@@ -127,11 +138,13 @@ class OfflineRun:
         st, sec = self.train_stats, self.section
         parts = [f"{st.desirable} desirable, {st.undesirable} undesirable training examples"]
         if st.one_y_per_x_dropped:
-            parts.append(f"one_y_per_x kept one completion of each of {st.one_y_per_x_dropped} preference rows "
+            parts.append(f"one_y_per_x kept one completion of each of {st.one_y_per_x_dropped} preference "
+                         "rows "
                          f"(seed {self.cfg.run.seed})")
         if sec.score_key is not None:
             w = [e.weight for e in self.train]
-            parts.append(f"'{sec.score_key}' >= {sec.score_threshold:g} is desirable; weights '{sec.score_weighting}'"
+            parts.append(f"'{sec.score_key}' >= {sec.score_threshold:g} is desirable; "
+                         f"weights '{sec.score_weighting}'"
                          f" (min {min(w):.3g}, max {max(w):.3g})")
         print(f"fleetrl: {self.algorithm}: " + "; ".join(parts), flush=True)
 
@@ -171,15 +184,19 @@ class OfflineRun:
         idx = self.schedule.batch(step)
         out = collate([self.units[i] for i in idx], self.pad_id, self.completion_only)
         if self.precompute:
-            if self.algorithm == "offline_ppo":
-                out["old_logprobs"] = place_token_values([self._ref_tokens[i] for i in idx], out["loss_mask"])
-            elif self.algorithm == "kto":
-                out["ref_logps"] = self._ref["logps"][idx]
-                out["ref_kl_logps"] = self._ref_kl[step]
-            else:
-                out["ref_chosen_logps"] = self._ref["chosen"][idx]
-                out["ref_rejected_logps"] = self._ref["rejected"][idx]
+            out.update(getattr(self, f"_attach_{self.reference_inputs}")(idx, step, out))
         return out
+
+    # what each kind of reference input adds to a training batch
+    def _attach_pair(self, idx: list[int], step: int, out: dict) -> dict[str, torch.Tensor]:
+        return {"ref_chosen_logps": self._ref["chosen"][idx],
+                "ref_rejected_logps": self._ref["rejected"][idx]}
+
+    def _attach_kto(self, idx: list[int], step: int, out: dict) -> dict[str, torch.Tensor]:
+        return {"ref_logps": self._ref["logps"][idx], "ref_kl_logps": self._ref_kl[step]}
+
+    def _attach_tokens(self, idx: list[int], step: int, out: dict) -> dict[str, torch.Tensor]:
+        return {"old_logprobs": place_token_values([self._ref_tokens[i] for i in idx], out["loss_mask"])}
 
     # ------------------------------------------------------------------ scoring helpers
 
@@ -220,29 +237,32 @@ class OfflineRun:
     def prepare_reference(self, learner, start_step: int = 0) -> float:
         """Reference log-probs of the eval data (always, once) and, with precompute, of every
         training example and KTO KL row; then the reference is released. Returns the seconds spent."""
-        if self.algorithm not in REFERENCE_ALGORITHMS:
+        if self.reference_inputs is None:
             return 0.0
         t = time.perf_counter()
         if self.eval:
             self._eval_ref = self._logps(learner, self._seqs(self.eval), "reference")[0]
-        if self.precompute and self.algorithm == "offline_ppo":
-            self._ref_tokens = self._token_logps(learner, self._seqs(self.train), "reference")
-            learner.release_reference()
-        elif self.precompute:
-            lp, _ = self._logps(learner, self._seqs(self.train), "reference")
-            if self.algorithm == "kto":
-                self._ref = {"logps": lp}
-                for step in range(start_step, self.schedule.total_steps):
-                    rows = collate([self.units[i] for i in self.schedule.batch(step)], self.pad_id)
-                    self._ref_kl[step] = learner.kl_reference_logps(rows)
-            else:
-                n = len(self.train)
-                self._ref = {"chosen": lp[:n], "rejected": lp[n:]}
+        if self.precompute:
+            getattr(self, f"_precompute_{self.reference_inputs}")(learner, start_step)
             learner.release_reference()
         seconds = time.perf_counter() - t
         what = "precomputed and released" if self.precompute else "kept for on-the-fly scoring"
         print(f"fleetrl: reference log-probs {what} in {seconds:.1f}s", flush=True)
         return seconds
+
+    def _precompute_pair(self, learner, start_step: int) -> None:
+        lp, _ = self._logps(learner, self._seqs(self.train), "reference")
+        n = len(self.train)
+        self._ref = {"chosen": lp[:n], "rejected": lp[n:]}
+
+    def _precompute_kto(self, learner, start_step: int) -> None:
+        self._ref = {"logps": self._logps(learner, self._seqs(self.train), "reference")[0]}
+        for step in range(start_step, self.schedule.total_steps):
+            rows = collate([self.units[i] for i in self.schedule.batch(step)], self.pad_id)
+            self._ref_kl[step] = learner.kl_reference_logps(rows)
+
+    def _precompute_tokens(self, learner, start_step: int) -> None:
+        self._ref_tokens = self._token_logps(learner, self._seqs(self.train), "reference")
 
     # ------------------------------------------------------------------ evaluation
 
@@ -251,40 +271,50 @@ class OfflineRun:
         if not self.eval:
             return {}
         t = time.perf_counter()
-        algo = self.algorithm
-        out: dict[str, float] = {}
-        first = self.eval[0]
-        if algo == "sft":
-            lp, n = self._logps(learner, self.eval, "policy")
-            nll = float(-lp.sum() / n.sum().clamp(min=1))
-            out = {"eval/nll": nll, "eval/loss": nll}
-        elif algo == "rm":
-            scores = self._scores(learner, self._seqs(self.eval))
-            k = len(self.eval)
-            margin = torch.tensor([p.margin or 0.0 for p in self.eval]) if first.margin is not None else None
-            losses, stats = reward_model_losses(scores[:k], scores[k:], margin)
-            out = {"eval/loss": losses.mean().item(), **_means("eval/", stats),
-                   "eval/accuracy": stats["scores/accuracies"].mean().item()}
-        elif isinstance(first, Pair):
-            lp, n = self._logps(learner, self._seqs(self.eval), "policy")
-            k = len(self.eval)
-            ref = self._eval_ref
-            ref_c, ref_r = (ref[:k], ref[k:]) if ref is not None else (None, None)
-            if self.unpaired:  # implicit rewards beta * (policy - reference) of both answers
-                _, stats = preference_losses("dpo", {"beta": self.implicit_beta}, lp[:k], lp[k:], n[:k], n[k:],
-                                             ref_c, ref_r)
-            else:
-                losses, stats = preference_losses(algo, self.section, lp[:k], lp[k:], n[:k], n[k:], ref_c, ref_r)
-                out["eval/loss"] = losses.mean().item()
-            out.update(_means("eval/", stats))
-            out["eval/accuracy"] = stats["rewards/accuracies"].mean().item()
-        else:  # KTO / offline PPO on unpaired held-out data
-            lp, _ = self._logps(learner, self._seqs(self.eval), "policy")
-            rewards = self.implicit_beta * (lp - self._eval_ref)
-            good = torch.tensor([e.desirable for e in self.eval])
-            out.update(_kto_unpaired_eval(rewards, good))
+        kind = self.objective.evaluation
+        if kind == "pairs" and not isinstance(self.eval[0], Pair):
+            kind = "unpaired"  # KTO / offline PPO on unpaired held-out data
+        out = getattr(self, f"_eval_{kind}")(learner)
         out["time/eval"] = time.perf_counter() - t
         return out
+
+    def _eval_nll(self, learner) -> dict[str, float]:
+        lp, n = self._logps(learner, self.eval, "policy")
+        nll = float(-lp.sum() / n.sum().clamp(min=1))
+        return {"eval/nll": nll, "eval/loss": nll}
+
+    def _eval_scores(self, learner) -> dict[str, float]:
+        scores = self._scores(learner, self._seqs(self.eval))
+        k = len(self.eval)
+        margin = None
+        if self.eval[0].margin is not None:
+            margin = torch.tensor([p.margin or 0.0 for p in self.eval])
+        losses, stats = reward_model_losses(scores[:k], scores[k:], margin)
+        return {"eval/loss": losses.mean().item(), **_means("eval/", stats),
+                "eval/accuracy": stats["scores/accuracies"].mean().item()}
+
+    def _eval_pairs(self, learner) -> dict[str, float]:
+        lp, n = self._logps(learner, self._seqs(self.eval), "policy")
+        k = len(self.eval)
+        ref = self._eval_ref
+        ref_c, ref_r = (ref[:k], ref[k:]) if ref is not None else (None, None)
+        out: dict[str, float] = {}
+        if self.unpaired:  # implicit rewards beta * (policy - reference) of both answers
+            _, stats = preference_losses("dpo", {"beta": self.implicit_beta}, lp[:k], lp[k:], n[:k], n[k:],
+                                         ref_c, ref_r)
+        else:
+            losses, stats = preference_losses(self.algorithm, self.section, lp[:k], lp[k:], n[:k], n[k:],
+                                              ref_c, ref_r)
+            out["eval/loss"] = losses.mean().item()
+        out.update(_means("eval/", stats))
+        out["eval/accuracy"] = stats["rewards/accuracies"].mean().item()
+        return out
+
+    def _eval_unpaired(self, learner) -> dict[str, float]:
+        lp, _ = self._logps(learner, self._seqs(self.eval), "policy")
+        rewards = self.implicit_beta * (lp - self._eval_ref)
+        good = torch.tensor([e.desirable for e in self.eval])
+        return _kto_unpaired_eval(rewards, good)
 
     # ------------------------------------------------------------------ the loop
 
@@ -302,7 +332,8 @@ class OfflineRun:
         print(f"fleetrl: {self.algorithm}: {self._describe(self.train_stats)}; {len(self.units)} "
               f"{'packed rows' if self.units is not self.train else 'training examples'}, "
               f"{len(self.eval)} held-out; {sched.total_steps} optimizer steps of {sched.batch_size} "
-              f"({sched.steps_per_epoch} per epoch, {sched.dropped_per_epoch} left out of each epoch's shuffle)",
+              f"({sched.steps_per_epoch} per epoch, {sched.dropped_per_epoch} left out of each epoch's "
+              "shuffle)",
               flush=True)
         ref_s = self.prepare_reference(learner, start_step)
 
@@ -355,7 +386,8 @@ def place_token_values(values: Sequence[torch.Tensor], mask: torch.Tensor) -> to
     for b, v in enumerate(values):
         where = mask[b].bool()
         if int(where.sum()) != v.numel():
-            raise ValueError(f"place_token_values: row {b} has {int(where.sum())} masked positions, {v.numel()} values")
+            raise ValueError(f"place_token_values: row {b} has {int(where.sum())} masked positions, "
+                             f"{v.numel()} values")
         out[b, where] = v.float()
     return out
 

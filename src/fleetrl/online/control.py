@@ -72,7 +72,8 @@ def scale_run(run_name: str, rollout_workers: int, address: str | None, namespac
 
     if not ray.is_initialized():
         if not address and not os.environ.get("RAY_ADDRESS"):
-            raise RuntimeError("no Ray cluster to reach: pass --address (e.g. 127.0.0.1:6379) or set RAY_ADDRESS")
+            raise RuntimeError("no Ray cluster to reach: pass --address (e.g. 127.0.0.1:6379) or set "
+                               "RAY_ADDRESS")
         ray.init(address=address or None, namespace=namespace, log_to_driver=False)
     name = control_actor_name(run_name + "/")
     try:

@@ -3,7 +3,6 @@
 `RewardScorer` is the plain class (one process); `make_reward_actors` runs it as Ray actors.
 """
 
-from fleetrl.reward.actor import RewardActor, make_reward_actors, reward_actor_name
 from fleetrl.reward.config import (
     BuiltinFunctionConfig,
     HttpFunctionConfig,
@@ -14,6 +13,18 @@ from fleetrl.reward.config import (
 )
 from fleetrl.reward.rules import RewardLoadError
 from fleetrl.reward.scorer import RewardError, RewardErrorInfo, RewardScorer, ScoreResult
+
+# The Ray side loads on first use: validating a config (which imports reward.config) imports no Ray.
+_LAZY = {"RewardActor", "make_reward_actors", "reward_actor_name"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from fleetrl.reward import actor
+
+        return getattr(actor, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BuiltinFunctionConfig",

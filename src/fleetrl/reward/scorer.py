@@ -143,7 +143,8 @@ class RewardScorer:
             if key in ("prompts", "completions"):
                 raise ValueError(f"column {key!r} clashes with the argument of the same name; rename it")
             if len(values) != n:
-                raise ValueError(f"column {key!r} has {len(values)} values for {n} completions; pass one per completion")
+                raise ValueError(
+                    f"column {key!r} has {len(values)} values for {n} completions; pass one per completion")
         for i, c in enumerate(completions):
             if not isinstance(c, str):
                 raise TypeError(f"completion {i} is a {type(c).__name__}, expected str")

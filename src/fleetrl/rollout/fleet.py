@@ -1,8 +1,11 @@
 """The rollout fleet: N ``RolloutWorker`` Ray actors behind one load balancer.
 
 ``FleetBook`` holds all of the logic (which worker gets a call, what is in flight, what
-comes back when a worker leaves) and talks to workers only through an injected ``call``
-function, so it is tested without Ray. ``RolloutFleet`` plugs Ray into it.
+comes back when a worker leaves, what a call lost with a dead worker means) and talks to
+workers only through injected functions, so it is tested without Ray. ``RolloutFleet`` plugs
+Ray into it. Callers collect a finished call with ``RolloutFleet.finish(ref)``: completions, or
+word that its worker died (the fleet has already taken that worker out) and the prompts must be
+submitted again.
 
 Weight-sync ranks: the learner is rank 0 of the side group; the workers follow in index
 order, each taking as many ranks as its engine has processes (tensor x pipeline parallel).
@@ -46,14 +49,38 @@ class Work:
     submitted_at: float
 
 
-class FleetBook:
-    """Load balancing and in-flight bookkeeping for a set of workers, transport-agnostic."""
+@dataclass
+class Finished:
+    """A generate call that finished: its completions, or ``lost`` when its worker died.
 
-    def __init__(self, max_inflight_per_worker: int, call: CallFn, ranks_per_worker: int = 1):
+    ``dead_worker`` is the index of the worker this call revealed as dead (taken out of the fleet
+    now); None when the call succeeded or its worker was already gone (its other lost calls).
+    """
+
+    work: Work | None
+    completions: list | None = None
+    dead_worker: int | None = None
+    error: BaseException | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self.error is not None
+
+
+class FleetBook:
+    """Load balancing and in-flight bookkeeping for a set of workers, transport-agnostic.
+
+    ``dead_errors``: exception types that mean "the worker is gone" when a call's result is read
+    (Ray: RayActorError); a call failing with one is lost, not an error of the run.
+    """
+
+    def __init__(self, max_inflight_per_worker: int, call: CallFn, ranks_per_worker: int = 1,
+                 dead_errors: tuple[type[BaseException], ...] = ()):
         if max_inflight_per_worker < 1:
             raise ValueError("max_inflight_per_worker must be >= 1")
         self.max_inflight = max_inflight_per_worker
         self.ranks_per_worker = ranks_per_worker
+        self.dead_errors = dead_errors
         self._call = call
         self._handles: dict[int, Any] = {}
         self._inflight: dict[int, dict[Hashable, Work]] = {}
@@ -174,6 +201,20 @@ class FleetBook:
             return self._finished_orphans.pop(fut, None)
         return self._inflight[index].pop(fut)
 
+    def finish(self, fut: Hashable, get: Callable[[Hashable], Any]) -> Finished:
+        """Claim a finished call and read its result with ``get``.
+
+        If reading raises one of ``dead_errors`` the call is lost: its Work comes back (to submit
+        again) and, the first time a dead worker shows, ``dead_worker`` names it so the caller of
+        the book removes it. Any other error is raised (the call is forgotten either way).
+        """
+        work = self.on_done(fut)
+        try:
+            return Finished(work, completions=get(fut))
+        except self.dead_errors as e:
+            index = work.worker_index if work is not None else None
+            return Finished(work, dead_worker=index if index in self._handles else None, error=e)
+
     def work_of(self, fut: Hashable) -> Work | None:
         index = self._where.get(fut)
         if index is None:
@@ -226,6 +267,7 @@ class RolloutFleet:
             cfg.max_inflight_per_worker,
             call=lambda handle, method, *args: getattr(handle, method).remote(*args),
             ranks_per_worker=cfg.tensor_parallel_size * pp,
+            dead_errors=(ray.exceptions.RayActorError,),
         )
         for _ in range(cfg.num_workers):
             self.add_worker()
@@ -297,12 +339,31 @@ class RolloutFleet:
     def num_workers(self) -> int:
         return len(self.book.indices())
 
-    def submit(self, prompts: Sequence[Sequence[int]], n: int, sampling: dict[str, Any], request_ids: Sequence[Any]):
+    def submit(self, prompts: Sequence[Sequence[int]], n: int, sampling: dict[str, Any],
+               request_ids: Sequence[Any]):
         """Queue one generate call on the least busy worker; an ObjectRef of list[Completion]."""
         return self.book.submit(prompts, n, sampling, request_ids)
 
     def on_done(self, ref) -> Work | None:
         return self.book.on_done(ref)
+
+    def finish(self, ref) -> Finished:
+        """Collect a finished generate call (``ref`` came back from ray.wait).
+
+        ``.completions`` when it succeeded. ``.lost`` when its worker died: that worker is out of
+        the fleet now (``.dead_worker`` the first time), and the caller submits the prompts again
+        (to the others; with ``num_workers == 0`` it must add workers first).
+        """
+        import ray
+
+        finished = self.book.finish(ref, ray.get)
+        if finished.dead_worker is not None:
+            self.remove_worker(finished.dead_worker, wait=True, timeout_s=0)
+        return finished
+
+    def indices(self) -> list[int]:
+        """Indices of the workers in the fleet, in rank order."""
+        return self.book.indices()
 
     def idle_capacity(self) -> int:
         return self.book.idle_capacity()

@@ -14,6 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+# Importing the package (not .registry) registers every algorithm file.
+from fleetrl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, OnlineAlgorithm
+from fleetrl.algos import ONLINE_ALGORITHMS as ONLINE_REGISTRY
 from fleetrl.core.strict import StrictModel
 from fleetrl.data.rows import DataConfig
 from fleetrl.learner.config import LearnerConfig
@@ -30,16 +33,16 @@ from fleetrl.learner.offline_config import (
     ORPOConfig,
     RMConfig,
     SFTConfig,
+    SimPOConfig,
 )
 from fleetrl.reward.config import RewardConfig
 from fleetrl.rollout.config import RolloutConfig
 
-# Online RL: samples come from the rollout fleet and are scored by the reward service.
-# Sequence-level advantages (one per sample, from the group's rewards):
-GROUP_ALGORITHMS = ("grpo", "drgrpo", "rloo")
-# Per-token advantages from the score at the last token plus a per-token KL penalty (orchestrator/token_rl.py):
-TOKEN_ALGORITHMS = ("ppo", "reinforce_pp", "reinforce_pp_baseline")
-ONLINE_ALGORITHMS = GROUP_ALGORITHMS + TOKEN_ALGORITHMS
+# Online RL: samples come from the rollout fleet and are scored by the reward service. Each online
+# algorithm is declared in fleetrl.algos next to its pieces (advantage estimator, policy loss,
+# critic or not, its defaults): grpo, drgrpo, rloo, gspo, cispo (one advantage per sample from its
+# group) and ppo, reinforce_pp, reinforce_pp_baseline (per-token advantages of KL-shaped rewards).
+ONLINE_ALGORITHMS = ONLINE_REGISTRY.names()
 # Offline: fixed data, no rollouts (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO with
 # binary rewards); see learner/offline.py.
 # Known algorithms whose trainers are not in this version yet: naming one is a clear error.
@@ -161,25 +164,33 @@ class RunConfig(StrictModel):
     ipo: IPOConfig = IPOConfig()
     kto: KTOConfig = KTOConfig()
     orpo: ORPOConfig = ORPOConfig()
+    simpo: SimPOConfig = SimPOConfig()
     offline_ppo: OfflinePPOConfig = OfflinePPOConfig()
 
     @property
     def paper_defaults_applied(self) -> dict[str, Any]:
-        """{dotted key: value} of the algorithm's paper defaults that this config took (keys it left unset)."""
+        """{dotted key: value} of the algorithm's defaults that this config took (keys it left unset)."""
         out = {}
-        for dotted, value in PAPER_DEFAULTS.get(self.algorithm, {}).items():
-            section, key = dotted.split(".")
-            if key not in getattr(self, section).model_fields_set:
+        for dotted, value in algorithm_defaults(self.algorithm).items():
+            node, key = self._node_of(dotted)
+            if key not in node.model_fields_set:
                 out[dotted] = value
         return out
 
+    def _node_of(self, dotted: str) -> tuple[Any, str]:
+        """("learner.loss.clip_low") -> (self.learner.loss, "clip_low")."""
+        *path, key = dotted.split(".")
+        node: Any = self
+        for part in path:
+            node = getattr(node, part)
+        return node, key
+
     @model_validator(mode="after")
     def _apply_paper_defaults(self) -> RunConfig:
-        """The algorithm's paper hyperparameters (PAPER_DEFAULTS) for every key the config leaves
+        """The algorithm's paper hyperparameters (algorithm_defaults) for every key the config leaves
         unset; a key written in the file or an override (even to the global default) wins."""
-        for dotted, value in PAPER_DEFAULTS.get(self.algorithm, {}).items():
-            section, key = dotted.split(".")
-            node = getattr(self, section)
+        for dotted, value in algorithm_defaults(self.algorithm).items():
+            node, key = self._node_of(dotted)
             if key not in node.model_fields_set:
                 try:
                     setattr(node, key, value)
@@ -252,16 +263,32 @@ class RunConfig(StrictModel):
                     f"{self.algorithm} scores its samples: add at least one entry to reward.functions "
                     "(kind: rule | builtin | model | http)"
                 )
-            if self.algorithm == "rloo" and self.rl.group_size < 2:
-                raise ValueError("rloo needs rl.group_size >= 2 (the baseline leaves one sample out)")
-        if self.algorithm in TOKEN_ALGORITHMS:
-            self._check_token_algorithm()
+            self._check_online_algorithm()
         return self
+
+    def _check_online_algorithm(self) -> None:
+        algo = self.online_algorithm
+        estimator = ADVANTAGE_ESTIMATORS.meta(algo.advantage)
+        if self.rl.group_size < algo.min_group_size:
+            reason = estimator.get("min_group_reason")
+            raise ValueError(f"{self.algorithm} needs rl.group_size >= {algo.min_group_size}"
+                             + (f" ({reason})" if reason else ""))
+        if self.rl.advantage_std is not None and "scale" not in estimator.get("options", ()):
+            raise ValueError(
+                f"rl.advantage_std={self.rl.advantage_std} does not apply to {self.algorithm} (its advantage "
+                f"estimator '{algo.advantage}' has no std scaling): remove rl.advantage_std"
+            )
+        loss = self.learner.loss
+        if loss.dual_clip is not None and not POLICY_LOSSES.meta(loss.policy_loss).get("dual_clip", True):
+            raise ValueError(
+                f"learner.loss.dual_clip={loss.dual_clip} but the '{loss.policy_loss}' policy loss has no "
+                "dual clip: set learner.loss.dual_clip: null"
+            )
+        if algo.per_token:
+            self._check_token_algorithm()
 
     def _check_token_algorithm(self) -> None:
         loss = self.learner.loss
-        if "kl_in" not in loss.model_fields_set:
-            loss.kl_in = "reward"  # the classic RLHF shaping; kl_in: loss stays possible when asked for
         if self.token_rl.kl_control == "adaptive" and loss.kl_in != "reward":
             raise ValueError(
                 f"{self.algorithm}.kl_control is 'adaptive' but learner.loss.kl_in is 'loss': the controller "
@@ -272,9 +299,7 @@ class RunConfig(StrictModel):
                 f"{self.algorithm}.kl_control is 'adaptive' but learner.loss.kl_coef is 0, and an adaptive "
                 "coefficient moves by multiplication: start it above 0 (e.g. learner.loss.kl_coef: 0.05)"
             )
-        if self.algorithm == "reinforce_pp_baseline" and self.rl.group_size < 2:
-            raise ValueError("reinforce_pp_baseline needs rl.group_size >= 2 (the baseline is the group's mean score)")
-        if self.algorithm != "ppo":
+        if not self.online_algorithm.critic:
             return
         critic = self.critic.learner_config(self.learner)  # raises on a bad colocation
         mini = self.mini_batch_size
@@ -294,9 +319,25 @@ class RunConfig(StrictModel):
                 )
 
     @property
+    def online_algorithm(self) -> OnlineAlgorithm:
+        """The declaration of this run's online algorithm (fleetrl.algos.registry.OnlineAlgorithm)."""
+        if self.algorithm not in ONLINE_REGISTRY:
+            raise ValueError(f"{self.algorithm} is not an online algorithm; online: "
+                             f"{', '.join(ONLINE_ALGORITHMS)}")
+        return ONLINE_REGISTRY.get(self.algorithm)
+
+    @property
     def token_rl(self) -> TokenRewardConfig:
-        """The per-token reward settings of this run's algorithm (ppo or reinforce_pp section)."""
-        return self.ppo if self.algorithm == "ppo" else self.reinforce_pp
+        """The per-token reward settings of this run's algorithm (its section: ppo or reinforce_pp)."""
+        section = self.online_algorithm.section
+        if section is None:
+            raise ValueError(f"{self.algorithm} has no per-token reward settings (no config section)")
+        return getattr(self, section)
+
+    @property
+    def critic_warmup_steps(self) -> int:
+        """Steps that train only the critic (ppo.critic_warmup_steps); 0 without a critic."""
+        return self.ppo.critic_warmup_steps if self.online_algorithm.critic else 0
 
     def critic_init_path(self) -> str:
         """Where the critic starts: critic.model_path, the reward model, or the policy (model.path)."""
@@ -451,6 +492,15 @@ def config_from_dict(tree: dict, overrides=(), source: str = "<config>") -> RunC
     except ValidationError as e:
         lines = [_describe(err, origins, source) for err in e.errors()]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def algorithm_defaults(algorithm: str) -> dict[str, Any]:
+    """{dotted run-config key: value} an algorithm uses when the config leaves the key unset: the
+    offline papers' PAPER_DEFAULTS, or what an online algorithm declares (its policy loss, e.g.
+    GSPO's clip range)."""
+    if algorithm in ONLINE_REGISTRY:
+        return ONLINE_REGISTRY.get(algorithm).config_defaults()
+    return dict(PAPER_DEFAULTS.get(algorithm, {}))
 
 
 def dump_config(cfg: RunConfig) -> str:

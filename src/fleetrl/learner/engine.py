@@ -1,0 +1,395 @@
+"""`Engine`: one DeepSpeed rank's model, optimizer and schedule, and everything done to them.
+
+Built once per rank: the model (a causal LM, a value model or a reward model, see `MODEL_LOADERS`),
+the DeepSpeed engine with its optimizer and LR schedule, and optionally the frozen reference. It
+runs backward and optimizer steps, reduces tensors over ranks, saves (Hugging Face export and
+DeepSpeed checkpoints) and sends weights to the rollout fleet. It knows nothing of losses: the
+objectives (learner/objective.py) do, and learner/accumulate.py drives the two together.
+
+Every rank must call every public method in the same order (ZeRO collectives run inside them);
+inputs and outputs are CPU tensors and plain Python. `Engine` is also the objectives'
+`ModelAccess` (policy, reference(), device, world_size, all_reduce).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fleetrl.core.weight_wire import WeightPlan, broadcast, init_side_group, pack_bucket, plan_buckets
+from fleetrl.learner.config import (
+    LearnerConfig,
+    micro_steps_per_mini_batch,
+    resolve_backend,
+    resolve_dtype,
+)
+from fleetrl.learner.deepspeed_utils import (
+    client_optimizer,
+    lr_lambda,
+    reference_ds_config,
+    set_dist_env,
+    skip_cpu_shm_comm_op,
+    train_ds_config,
+)
+
+_CLIENT_KEY = "fleetrl_client_state"
+
+
+def _shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """Full shape of a parameter, also when ZeRO-3 holds only a partition of it."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def load_causal_lm(path: str, dtype: torch.dtype | None = None, pad_token_id: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_value_model(path: str, dtype: torch.dtype | None = None, pad_token_id: int = 0) -> torch.nn.Module:
+    """The critic's value model: the LM with a one-output linear head on every position
+    (`*ForTokenClassification`, num_labels=1, no dropout, no bias). From a reward model (a one-output
+    `*ForSequenceClassification`) it takes the score head over unchanged; from a causal LM the head
+    is new (small random weights)."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    config = AutoConfig.from_pretrained(path)
+    config.num_labels = 1
+    # Regression targets: dropout would only add noise to the values; no bias, like a reward head,
+    # so a reward model's `score.weight` is the whole head.
+    config.classifier_dropout = 0.0
+    config.token_classification_bias = False
+    return AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=dtype)
+
+
+def load_score_model(path: str, dtype: torch.dtype | None = None, pad_token_id: int = 0) -> torch.nn.Module:
+    """A reward model (one-output sequence classification); from a causal LM checkpoint (e.g. an SFT
+    run) this adds a fresh score head. The head reads each row at its last token that is not
+    `pad_token_id`: rows must be padded with it."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+# Objective.model_kind -> loader(path, dtype, pad_token_id)
+MODEL_LOADERS: dict[str, Callable[..., torch.nn.Module]] = {
+    "causal_lm": load_causal_lm,
+    "value": load_value_model,
+    "score": load_score_model,
+}
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: LearnerConfig | dict,
+        model_path: str | os.PathLike,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+        total_steps: int | None = None,
+        mini_batch_size: int | None = None,
+        local_rank: int | None = None,
+        *,
+        model_kind: str = "causal_lm",
+        reference: bool = False,
+        pad_token_id: int = 0,
+    ):
+        """`total_steps`: optimizer steps of the run (needed by the cosine schedule).
+
+        `mini_batch_size`: sequences (or examples) per optimizer step over ALL ranks; it fixes
+        DeepSpeed's gradient-accumulation steps. None = one micro-batch per rank per step.
+        `model_kind`: a key of MODEL_LOADERS. `reference`: also load a frozen copy of the model.
+        """
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg = cfg if isinstance(cfg, LearnerConfig) else LearnerConfig.model_validate(cfg)
+        cfg = self.cfg
+        if model_kind not in MODEL_LOADERS:
+            raise ValueError(f"unknown model kind {model_kind!r}; known: {', '.join(MODEL_LOADERS)}")
+        self.model_kind, self.pad_token_id = model_kind, int(pad_token_id)
+        self.model_path = str(model_path)
+        self.rank, self.world_size = rank, world_size
+        self.mini_batch_size = mini_batch_size or cfg.micro_batch_size * world_size
+        self.grad_accum = micro_steps_per_mini_batch(self.mini_batch_size, world_size, cfg.micro_batch_size)
+        self.mini_per_rank = self.mini_batch_size // world_size
+
+        accel = get_accelerator()
+        self.on_gpu = accel.device_name() != "cpu"
+        if local_rank is None:
+            # Under Ray each rank sees only its own GPU; with all GPUs visible, ranks share them out.
+            n = accel.device_count() if self.on_gpu else 0
+            local_rank = rank % n if n > 1 else 0
+        self.local_rank = local_rank
+        self.backend = resolve_backend(cfg, self.on_gpu)
+        self.dtype_name = resolve_dtype(cfg, self.on_gpu)
+        self.dtype = getattr(torch, self.dtype_name)
+        if self.on_gpu:
+            accel.set_device(local_rank)
+            self.device = torch.device(accel.device_name(local_rank))
+        else:
+            self.device = torch.device("cpu")
+            skip_cpu_shm_comm_op()
+
+        set_dist_env(rank, world_size, local_rank, master_addr, master_port)
+        deepspeed.init_distributed(dist_backend=self.backend, verbose=False)
+        torch.manual_seed(cfg.seed)
+
+        self.zero3 = cfg.zero_stage == 3
+        self.ds_config = train_ds_config(cfg, world_size, self.grad_accum, self.dtype_name, self.on_gpu)
+        self._hf_ds_config = None
+        if self.zero3 and importlib.util.find_spec("accelerate") is not None:
+            # Kept alive on purpose: while it exists, from_pretrained builds the model inside
+            # zero.Init, so no rank ever holds the whole model. (transformers needs accelerate.)
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+
+        model = self._load(self.model_path)
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if len(_shape(p)) < 2 or name.endswith(".bias") else decay).append(p)
+        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        client_opt = None
+        if "optimizer" not in self.ds_config:
+            client_opt = client_optimizer(cfg, groups)  # AdamW or RMSprop (learner.optimizer)
+        schedule = lr_lambda(cfg, total_steps)
+        sched_fn = None
+        if "scheduler" not in self.ds_config:
+            def sched_fn(opt):  # DeepSpeed calls it with the optimizer it wraps
+                return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=client_opt,
+            model_parameters=groups if client_opt is None else None,
+            config=self.ds_config,
+            lr_scheduler=sched_fn,
+        )
+        # ZeRO-0 in fp32 clips without recording the norm; we measure it ourselves then.
+        self._own_grad_norm = cfg.zero_stage == 0 and self.dtype_name == "float32"
+
+        self.ref_engine = None
+        self.ref_module = None
+        if reference:
+            ref = self._load(self.model_path)
+            ref.config.use_cache = False
+            ref.requires_grad_(False)
+            ref.eval()
+            if self.zero3:
+                # An optimizer-less engine partitions the reference's params like the policy's.
+                self.ref_engine, _, _, _ = deepspeed.initialize(
+                    model=ref, config=reference_ds_config(cfg, world_size, self.dtype_name)
+                )
+                self.ref_engine.eval()
+                self.ref_module = self.ref_engine.module
+            else:
+                self.ref_module = ref.to(self.device)
+
+        self._side_group = None
+        self._side_device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ models
+
+    def _load(self, path: str) -> torch.nn.Module:
+        return MODEL_LOADERS[self.model_kind](path, self.dtype, self.pad_token_id)
+
+    @property
+    def policy(self):
+        """The trained model as a callable (the DeepSpeed engine)."""
+        return self.engine
+
+    def reference(self):
+        """The frozen reference as a callable; raises when it was not loaded or was released."""
+        if self.ref_module is None:
+            raise ValueError(
+                "no reference model on this rank: learner.reference is false in the config, or the reference "
+                "was released (offline.reference_logps: precompute) but the batch carries no precomputed "
+                "reference log-probs"
+            )
+        return self.ref_engine if self.ref_engine is not None else self.ref_module
+
+    def scoring(self, which: str):
+        """The policy (in eval mode; `train_mode` switches back) or the reference, for no-grad scoring."""
+        if which == "policy":
+            self.engine.eval()
+            return self.engine
+        if which == "reference":
+            if self.ref_module is None:
+                raise ValueError("compute_logprobs(which='reference') but this rank has no reference model "
+                                 "(learner.reference is false in the config, or it was released)")
+            return self.reference()
+        raise ValueError(f"which must be 'policy' or 'reference', got {which!r}")
+
+    def release_reference(self) -> None:
+        """Drop the frozen reference (e.g. once its log-probs are precomputed) to free its memory."""
+        import gc
+
+        self.ref_engine = None
+        self.ref_module = None
+        gc.collect()
+
+    def info(self) -> dict[str, Any]:
+        """Where and how this rank runs (for logs; also the group's readiness probe)."""
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "dtype": self.dtype_name,
+            "backend": self.backend,
+            "zero_stage": self.cfg.zero_stage,
+            "grad_accum_steps": self.grad_accum,
+            "pid": os.getpid(),
+        }
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (restored by load_checkpoint)."""
+        return int(self.engine.global_steps)
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        # named_parameters drops tied duplicates (lm_head tied to the embedding is sent once).
+        return dict(self.engine.module.named_parameters())
+
+    def _gathered(self, params: list[torch.nn.Parameter]):
+        import deepspeed
+
+        if self.zero3:
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ collectives and steps
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """`t` summed (or maxed) over the ranks, on the CPU."""
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return t
+        t = t.to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.cpu()
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.barrier()
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def train_mode(self) -> None:
+        self.engine.train()
+
+    def backward_step(self, loss: torch.Tensor, last: bool) -> float | None:
+        """Backward of one micro-batch's (already weighted) loss, then DeepSpeed's step, which only
+        updates at the last micro-batch of the mini-batch. Returns our own grad norm there when
+        DeepSpeed does not record one (ZeRO-0 in fp32), else None."""
+        self.engine.backward(loss)
+        own = None
+        if self._own_grad_norm and last:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            own = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self.engine.step()  # a no-op until the last micro-batch of the mini-batch
+        return own
+
+    def grad_norm(self, own_norm: float | None) -> float:
+        """Gradient norm of the last optimizer step (before clipping)."""
+        norm = own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # ------------------------------------------------------------------ weight sync
+
+    def weight_plan(self, version: int, dtype: str | None = None) -> WeightPlan:
+        """Bucket layout of the policy's weights, in the model's own (layer by layer) order.
+
+        `dtype` (e.g. "bfloat16") casts on send; default: the training dtype.
+        """
+        cast = getattr(torch, dtype) if dtype else None
+        specs = [(name, _shape(p), cast or p.dtype) for name, p in self._params().items()]
+        return plan_buckets(specs, version, bucket_bytes=self.cfg.weight_sync_bucket_mb * 2**20)
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
+        """Rank 0 joins the side group as its rank 0 (blocks until every receiver joins)."""
+        if self.rank != 0:
+            return
+        self._side_group = init_side_group(host, port, 0, world_size, backend)
+        self._side_device = self.device if backend == "nccl" else torch.device("cpu")
+
+    def send_weights(self, plan: WeightPlan) -> dict[str, float]:
+        """Broadcast the weights bucket by bucket from rank 0. EVERY rank must call it (ZeRO-3 gathers)."""
+        if self.rank == 0 and self._side_group is None:
+            raise RuntimeError("send_weights before init_weight_sync: join the side group first")
+        t0 = time.perf_counter()
+        params = self._params()
+        for bucket in plan.buckets:
+            missing = [s.name for s in bucket.specs if s.name not in params]
+            if missing:
+                raise KeyError(f"weight plan names {missing} that the policy does not have: "
+                               "make the plan with this learner's weight_plan()")
+            chosen = [params[s.name] for s in bucket.specs]
+            with self._gathered(chosen):
+                if self.rank == 0:
+                    flat = pack_bucket(bucket, {s.name: params[s.name].data for s in bucket.specs},
+                                       device=self._side_device)
+                    broadcast(self._side_group, flat)
+        return {"num_bytes": float(plan.num_bytes), "seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full parameters as CPU tensors on rank 0 ({} on other ranks). Every rank must call it."""
+        out = {}
+        for name, p in self._params().items():
+            with self._gathered([p]):
+                if self.rank == 0:
+                    out[name] = p.data.detach().to("cpu", copy=True)
+        return out
+
+    # ------------------------------------------------------------------ saving
+
+    def save_hf(self, out_dir: str | os.PathLike) -> None:
+        """A transformers/vLLM-loadable copy (safetensors + config + tokenizer), written by rank 0."""
+        from transformers import AutoTokenizer
+
+        state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else None
+        if self.rank == 0:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.engine.module.save_pretrained(out, state_dict=state)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out)
+        self.barrier()
+
+    def save_checkpoint(self, ckpt_dir: str | os.PathLike, client_state: dict | None = None,
+                        tag: str | None = None) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, LR schedule) for resuming; every rank calls it."""
+        # Under one key: DeepSpeed hands back its own bookkeeping mixed into the client state.
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag,
+                                    client_state={_CLIENT_KEY: dict(client_state or {})})
+
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
+        """Restore a save_checkpoint; returns its client_state."""
+        path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise FileNotFoundError(
+                f"no DeepSpeed checkpoint in {ckpt_dir} (no 'latest' file or tag {tag!r}): "
+                "point resume at a directory written by save_checkpoint"
+            )
+        return dict((client_state or {}).get(_CLIENT_KEY, {}))

@@ -1,0 +1,136 @@
+"""Forward passes of one micro-batch: token log-probs, values, sequence log-probs, reward-model scores.
+
+Plain functions of a model (a module, or a DeepSpeed engine, which is called like one) and a device;
+no DeepSpeed import, so objectives run them on plain modules in tests.
+
+Sequence layout (shared with the rollout side): a row is prompt + completion, padded on either
+side, `attention_mask` marks real tokens, and per-token tensors (`loss_mask`, `old_logprobs`,
+`advantages`, `ref_logprobs`, the returned log-probs) are aligned with `input_ids`:
+value[:, t] belongs to token t, predicted from tokens < t. Position ids count real tokens
+only, as vLLM numbers them, so left padding changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fleetrl.algos.logprobs import entropy_from_logits, token_logprobs
+from fleetrl.algos.reduce import masked_sum
+
+Model = Callable[..., Any]
+
+
+def model_inputs(
+    ids: torch.Tensor, attn: torch.Tensor, device: torch.device, position_ids: torch.Tensor | None = None
+) -> tuple[int, int, dict[str, Any], torch.Tensor] | None:
+    """(lo, hi, model kwargs, attention mask) of a micro-batch with the columns that are padding in
+    every row cut ([lo, hi) kept, on the device); None when every column is padding.
+
+    Position ids count real tokens (as vLLM numbers them). Given `position_ids` (packed rows:
+    positions restart at 0 for each packed sequence) are passed with no 2-D attention mask, so
+    transformers builds a block-diagonal causal mask from them.
+    """
+    cols = attn.bool().any(0).nonzero().flatten()
+    if cols.numel() == 0:
+        return None
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    ids_t = ids[:, lo:hi].to(device)
+    attn_t = attn[:, lo:hi].to(device).long()
+    if position_ids is None:
+        kwargs = {"input_ids": ids_t, "attention_mask": attn_t,
+                  "position_ids": (attn_t.cumsum(-1) - 1).clamp(min=0), "use_cache": False}
+    else:
+        kwargs = {"input_ids": ids_t, "attention_mask": None,
+                  "position_ids": position_ids[:, lo:hi].to(device).long(), "use_cache": False}
+    return lo, hi, kwargs, attn_t
+
+
+def token_logps(
+    fn: Model,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    device: torch.device,
+    temperature: float = 1.0,
+    entropy: str = "no",
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Aligned log-probs [b, T] (and entropy if asked: "no" | "detached" | "grad") of one micro-batch.
+
+    Columns that are padding in every row are cut before the forward and restored as 0 after.
+    A token's value is 0 unless it and the token before it are real (it has context).
+    See `model_inputs` for `position_ids`.
+    """
+    b, T = ids.shape
+    inputs = model_inputs(ids, attn, device, position_ids)
+    if inputs is None:
+        zeros = torch.zeros(b, T, device=device)
+        return zeros, (zeros.clone() if entropy != "no" else None)
+    lo, hi, kwargs, attn_t = inputs
+    logits = fn(**kwargs).logits
+    has_ctx = attn_t.bool() & F.pad(attn_t.bool(), (1, 0))[:, :-1]
+    zero = torch.zeros((), device=logits.device)
+    logp = torch.where(has_ctx, token_logprobs(logits, kwargs["input_ids"], temperature), zero)
+    ent = None
+    if entropy != "no":
+        scaled = logits if temperature == 1.0 else logits / temperature
+        with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+            ent = torch.where(has_ctx, entropy_from_logits(scaled), zero)
+        ent = F.pad(ent, (lo, T - hi))
+    return F.pad(logp, (lo, T - hi)), ent
+
+
+def align_values(head_out: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position head outputs [B, T] -> values aligned with tokens [B, T].
+
+    out[:, t] = head_out[:, t-1] where token t and token t-1 are real; 0 elsewhere (column 0,
+    padding, the first real token of a left-padded row).
+    """
+    if head_out.shape != attention_mask.shape:
+        raise ValueError(f"head outputs {tuple(head_out.shape)} and attention_mask "
+                         f"{tuple(attention_mask.shape)} must both be [batch, tokens]")
+    real = attention_mask.bool()
+    has_ctx = real & F.pad(real, (1, 0))[:, :-1]
+    shifted = F.pad(head_out, (1, 0))[:, :-1]
+    return torch.where(has_ctx, shifted, torch.zeros((), dtype=head_out.dtype, device=head_out.device))
+
+
+def token_values(fn: Model, ids: torch.Tensor, attn: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Aligned values [b, T] (fp32, on the device) of one micro-batch under a value model."""
+    b, T = ids.shape
+    inputs = model_inputs(ids, attn, device)
+    if inputs is None:
+        return torch.zeros(b, T, device=device)
+    lo, hi, kwargs, attn_t = inputs
+    head = fn(**kwargs).logits[..., 0].float()
+    return F.pad(align_values(head, attn_t), (lo, T - hi))
+
+
+def sequence_logps(fn: Model, rows: dict[str, torch.Tensor],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs [b] and completion token counts [b] of rows (input_ids,
+    attention_mask, loss_mask, optional position_ids), on the device."""
+    logp, _ = token_logps(fn, rows["input_ids"], rows["attention_mask"], device, 1.0,
+                          position_ids=rows.get("position_ids"))
+    mask = (rows["loss_mask"].float() * rows["attention_mask"].float()).to(device)
+    return masked_sum(logp, mask, dim=-1), mask.sum(-1)
+
+
+def sequence_scores(fn: Model, rows: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A reward model's scalar score per row [b] (rows right-padded with the pad id)."""
+    ids, attn = rows["input_ids"], rows["attention_mask"]
+    cols = attn.bool().any(0).nonzero().flatten()
+    hi = int(cols[-1]) + 1 if cols.numel() else 1
+    ids_t, attn_t = ids[:, :hi].to(device), attn[:, :hi].to(device).long()
+    positions = (attn_t.cumsum(-1) - 1).clamp(min=0)
+    out = fn(input_ids=ids_t, attention_mask=attn_t, position_ids=positions, use_cache=False)
+    return out.logits[:, 0].float()
+
+
+def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive row slices of `size` rows (the last may be shorter)."""
+    n = next(iter(batch.values())).shape[0]
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]

@@ -1,0 +1,61 @@
+"""Weight sync: learner rank 0 -> every vLLM worker over a side group; growing or shrinking the
+fleet between steps (which rebuilds that group)."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from fleetrl.learner.group import LearnerGroup
+from fleetrl.online.collect import GroupCollector
+from fleetrl.rollout.fleet import RolloutFleet
+
+
+class WeightSync:
+    """Learner rank 0 -> every vLLM worker, over a side group; bumps the fleet's weight version."""
+
+    def __init__(self, learner: LearnerGroup, fleet: RolloutFleet, backend: str):
+        self.learner = learner
+        self.fleet = fleet
+        self.backend = backend
+        self.version = 0
+        self._plan = None
+        self.connect()
+
+    def connect(self) -> None:
+        """(Re)build the side group; needed again whenever the fleet's membership changes."""
+        host, port = self.learner.side_group_address()
+        world = self.fleet.weight_group_world_size()
+        refs = self.learner.init_weight_sync(host, port, world, self.backend)
+        refs += self.fleet.init_weight_group(host, port, self.backend)
+        ray.get(refs)
+        self._members = tuple(self.fleet.indices())
+
+    def push(self, version: int) -> float:
+        start = time.perf_counter()
+        if tuple(self.fleet.indices()) != self._members:  # a worker died during the step
+            self.connect()
+        if self._plan is None:
+            self._plan = self.learner.weight_plan(version)
+        plan = type(self._plan)(version=version, buckets=self._plan.buckets)
+        ray.get(self.learner.send_weights(plan) + self.fleet.receive_weights(plan))
+        self.version = version
+        return time.perf_counter() - start
+
+
+def resize_fleet(fleet: RolloutFleet, sync: WeightSync, collector: GroupCollector, target: int) -> None:
+    """Grow or shrink the fleet between steps. Removed workers finish their calls first (nothing is
+    lost); new workers load the current weights before they take a prompt."""
+    if target == fleet.num_workers:
+        return
+    before = fleet.num_workers
+    while fleet.num_workers > target:
+        collector.requeue(fleet.remove_worker(max(fleet.indices()), wait=True))
+    while fleet.num_workers < target:
+        fleet.add_worker()
+    fleet.wait_ready()
+    sync.connect()
+    sync.push(sync.version)
+    print(f"fleetrl: rollout fleet {before} -> {fleet.num_workers} worker(s), "  # noqa: T201 (console progress)
+          f"weights at version {sync.version}", flush=True)
