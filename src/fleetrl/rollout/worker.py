@@ -6,7 +6,10 @@ vLLM is imported when a worker is built, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,13 +38,17 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]  # one per token in token_ids, under the sampling distribution
     finish_reason: str | None  # "stop" | "length" | "abort"
-    weight_version: int
+    weight_version: int  # the weights when its first token was sampled (or earlier)
     worker_index: int
+    # The weights when its last token was sampled: later than weight_version when a weight update
+    # reached the engine mid-generation (an in-flight update).
+    last_weight_version: int | None = None
 
 
 def sampling_params(sampling: dict[str, Any], n: int):
     """vLLM SamplingParams from a ``SamplingConfig``-shaped dict (plus any SamplingParams field)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     clash = sorted(_RESERVED_SAMPLING_KEYS & set(sampling))
     if clash:
@@ -50,11 +57,20 @@ def sampling_params(sampling: dict[str, Any], n: int):
     stop = list(s.pop("stop", None) or []) or None
     # Token ids are all the learner needs; detokenizing costs CPU, except that stop
     # strings are matched on text.
-    return SamplingParams(n=n, logprobs=0, stop=stop, detokenize=stop is not None, **s)
+    # FINAL_ONLY: one output per request, holding all n samples (streamed outputs of an n > 1
+    # request carry only the samples that moved at that step).
+    return SamplingParams(n=n, logprobs=0, stop=stop, detokenize=stop is not None,
+                          output_kind=RequestOutputKind.FINAL_ONLY, **s)
 
 
 class RolloutWorker:
-    """Owns one ``vllm.LLM`` (tensor parallel inside it) and its weight version."""
+    """Owns one vLLM ``AsyncLLM`` engine (tensor parallel inside it) and its weight version.
+
+    Every method is a coroutine: as a Ray actor it is an async actor, so many ``generate`` calls
+    run at once and the engine batches all their sequences continuously (a group comes back the
+    moment its last sample finishes, while the others keep generating). In one process, drive it
+    with ``InProcessWorker``.
+    """
 
     def __init__(self, cfg: RolloutConfig | dict, model_path: str, worker_index: int = 0):
         if isinstance(cfg, dict):
@@ -63,6 +79,10 @@ class RolloutWorker:
         self.model_path = model_path
         self.worker_index = worker_index
         self.weight_version = 0
+        self.weight_updates_in_flight = 0  # syncs that found requests in flight (they went on)
+        self._requests = itertools.count()
+        self._inflight = 0
+        self._warm: asyncio.Task | None = None
 
         import torch
 
@@ -70,10 +90,11 @@ class RolloutWorker:
         # Before vLLM reads its environment (it spawns the engine process with it).
         os.environ.update(worker_env(cfg, self.device))
 
-        from vllm import LLM
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         t0 = time.perf_counter()
-        self.llm = LLM(
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=model_path,
             tensor_parallel_size=cfg.tensor_parallel_size,
             max_model_len=cfg.max_model_len,
@@ -84,24 +105,32 @@ class RolloutWorker:
             distributed_executor_backend=cfg.distributed_executor_backend,
             worker_extension_cls=EXTENSION_CLS,
             logprobs_mode=LOGPROBS_MODE,
+            disable_log_stats=True,
             **cfg.engine_kwargs,
-        )
+        ))
         self.engine_start_s = time.perf_counter() - t0
-        self.num_ranks = self.llm.get_world_size(include_dp=False)
-        self.vocab_size = self.llm.model_config.get_vocab_size()
+        self.warmup_s = 0.0
+        self.num_ranks = self.engine.vllm_config.parallel_config.world_size
+        self.vocab_size = self.engine.model_config.get_vocab_size()
+
+    async def _warm_up(self) -> None:
+        # The first generate of an engine is several times slower than later ones
+        # (ENVIRONMENT.md): pay it at start (ping), not on the first training step.
         t0 = time.perf_counter()
-        self._warm_up()
+        prompt = [i % self.vocab_size for i in range(1, 9)]
+        await self.generate([prompt, prompt[:4]], n=2, sampling={"max_tokens": 8},
+                            request_ids=["warmup-0", "warmup-1"])
         self.warmup_s = time.perf_counter() - t0
 
-    def _warm_up(self) -> None:
-        # The first generate of an engine is several times slower than later ones
-        # (ENVIRONMENT.md): pay it at start, not on the first training step.
-        prompt = [i % self.vocab_size for i in range(1, 9)]
-        self.generate([prompt, prompt[:4]], n=2, sampling={"max_tokens": 8}, request_ids=["warmup-0", "warmup-1"])
+    async def ready(self) -> None:
+        """Warm the engine up once (every caller waits for the same warm-up)."""
+        if self._warm is None:
+            self._warm = asyncio.ensure_future(self._warm_up())
+        await self._warm
 
     # -- generation -------------------------------------------------------------------
 
-    def generate(
+    async def generate(
         self,
         prompts: Sequence[Sequence[int]],
         n: int,
@@ -113,79 +142,106 @@ class RolloutWorker:
             raise ValueError(f"generate got {len(prompts)} prompts but {len(request_ids)} request_ids")
         if not prompts:
             return []
+        params = sampling_params(sampling, n)
+        per_prompt = await asyncio.gather(*(self._sample(rid, p, params) for rid, p in zip(request_ids, prompts)))
+        return [c for group in per_prompt for c in group]
+
+    async def _sample(self, rid: Any, prompt: Sequence[int], params) -> list[Completion]:
+        """All samples of one prompt: one engine request (vLLM fans it out to params.n sequences)."""
         from vllm.inputs import TokensPrompt
 
-        params = sampling_params(sampling, n)
-        outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
-        )
-        result: list[Completion] = []
-        for rid, prompt, out in zip(request_ids, prompts, outs):
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                token_ids = list(c.token_ids)
-                if c.logprobs is None or len(c.logprobs) != len(token_ids):
-                    raise RuntimeError(
-                        f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} logprobs for "
-                        f"{len(token_ids)} tokens (request {rid!r}); was logprobs=0 dropped from SamplingParams?"
-                    )
-                logprobs = [float(c.logprobs[i][tok].logprob) for i, tok in enumerate(token_ids)]
-                result.append(
-                    Completion(
-                        request_id=rid,
-                        sample_index=c.index,
-                        prompt_token_ids=list(prompt),
-                        token_ids=token_ids,
-                        logprobs=logprobs,
-                        finish_reason=c.finish_reason,
-                        weight_version=self.weight_version,
-                        worker_index=self.worker_index,
-                    )
+        first_version = self.weight_version  # the oldest weights any of its tokens can come from
+        final = None
+        self._inflight += 1
+        try:
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt)), params,
+                                                  request_id=f"w{self.worker_index}-{next(self._requests)}"):
+                final = out
+        finally:
+            self._inflight -= 1
+        result = []
+        for c in sorted(final.outputs, key=lambda c: c.index):
+            token_ids = list(c.token_ids)
+            if c.logprobs is None or len(c.logprobs) != len(token_ids):
+                raise RuntimeError(
+                    f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} logprobs for "
+                    f"{len(token_ids)} tokens (request {rid!r}); was logprobs=0 dropped from SamplingParams?"
                 )
+            result.append(Completion(
+                request_id=rid,
+                sample_index=c.index,
+                prompt_token_ids=list(prompt),
+                token_ids=token_ids,
+                logprobs=[float(c.logprobs[i][tok].logprob) for i, tok in enumerate(token_ids)],
+                finish_reason=c.finish_reason,
+                weight_version=first_version,
+                last_weight_version=self.weight_version,
+                worker_index=self.worker_index,
+            ))
         return result
 
-    def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+    async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         """Logprobs (temperature 1, current weights) of a GIVEN completion after ``prompt_ids``."""
         if not prompt_ids or not completion_ids:
             raise ValueError("score needs a non-empty prompt and a non-empty completion")
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         ids = list(prompt_ids) + list(completion_ids)
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        (out,) = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        out = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                              request_id=f"w{self.worker_index}-score-{next(self._requests)}"):
+            pass
         plp = out.prompt_logprobs
         start = len(prompt_ids)
         return [float(plp[start + i][tok].logprob) for i, tok in enumerate(completion_ids)]
 
     # -- weights --------------------------------------------------------------------
 
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> list[int]:
+    async def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                                backend: str) -> list[int]:
         """Join the learner's side group; engine rank r becomes rank ``rank_offset + r``.
 
         Blocks until all ``world_size`` ranks have joined. Returns the ranks taken.
         """
-        return self.llm.collective_rpc(
+        return await self.engine.collective_rpc(
             "init_weight_group", args=(str(host), int(port), int(rank_offset), int(world_size), str(backend))
         )
 
-    def receive_weights(self, plan: WeightPlan | dict) -> dict[str, Any]:
-        """Take one version of the weights from the side group (the sender broadcasts it meanwhile)."""
+    async def receive_weights(self, plan: WeightPlan | dict) -> dict[str, Any]:
+        """Take one version of the weights from the side group (the sender broadcasts it meanwhile).
+
+        The engine pauses between two of its steps (vLLM's ``pause_generation`` in keep mode),
+        loads the weights, drops its KV cache (computed with the old weights) and resumes:
+        requests in flight go on under the new weights (a partial rollout); their tokens after
+        this point record the new version (``Completion.last_weight_version``).
+        """
         plain = plan if isinstance(plan, dict) else plan_to_plain(plan)
         t0 = time.perf_counter()
-        stats = self.llm.collective_rpc("receive_weights", args=(plain,))
-        # Cached KV blocks were computed with the old weights.
-        self.llm.reset_prefix_cache()
-        self.weight_version = int(plain["version"])
+        inflight = self._inflight
+        await self.engine.pause_generation(mode="keep", clear_cache=True)
+        try:
+            stats = await self.engine.collective_rpc("receive_weights", args=(plain,))
+            self.weight_version = int(plain["version"])
+        finally:
+            await self.engine.resume_generation()
+        self.weight_updates_in_flight += int(inflight > 0)
         return {
             "worker_index": self.worker_index,
             "weight_version": self.weight_version,
             "seconds": time.perf_counter() - t0,
+            "requests_in_flight": inflight,
             "ranks": stats,
         }
 
     # -- info -------------------------------------------------------------------------
 
-    def ping(self) -> dict[str, Any]:
+    async def ping(self) -> dict[str, Any]:
+        """The worker's facts, once its engine is warm (the fleet's readiness probe)."""
+        await self.ready()
         return {
             "worker_index": self.worker_index,
             "weight_version": self.weight_version,
@@ -194,9 +250,11 @@ class RolloutWorker:
             "num_ranks": self.num_ranks,
             "engine_start_s": self.engine_start_s,
             "warmup_s": self.warmup_s,
+            "requests_in_flight": self._inflight,
+            "weight_updates_in_flight": self.weight_updates_in_flight,
         }
 
-    def get_weight_version(self) -> int:
+    async def get_weight_version(self) -> int:
         return self.weight_version
 
     def num_gpus(self) -> int:
@@ -206,3 +264,43 @@ class RolloutWorker:
 
         return torch.cuda.device_count()
 
+
+
+class InProcessWorker:
+    """A ``RolloutWorker`` driven from synchronous code in this process (tests, benchmarks).
+
+    The worker's coroutines run on one event loop in a background thread (vLLM's output
+    handler is bound to the loop that first generates); each method here waits for its result.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-worker-loop", daemon=True)
+        self._thread.start()
+        self.worker = self._run(self._build(*args, **kwargs))
+        self._run(self.worker.ready())
+
+    @staticmethod
+    async def _build(*args: Any, **kwargs: Any) -> RolloutWorker:
+        return RolloutWorker(*args, **kwargs)
+
+    async def _shutdown_engine(self) -> None:
+        self.worker.engine.shutdown()
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.worker, name)
+        if not asyncio.iscoroutinefunction(attr):
+            return attr
+        return lambda *args, **kwargs: self._run(attr(*args, **kwargs))
+
+    def submit(self, method: str, *args: Any, **kwargs: Any):
+        """Start a coroutine method without waiting: a concurrent.futures.Future of its result."""
+        return asyncio.run_coroutine_threadsafe(getattr(self.worker, method)(*args, **kwargs), self._loop)
+
+    def shutdown(self) -> None:
+        self._run(self._shutdown_engine())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
