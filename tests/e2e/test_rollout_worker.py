@@ -64,15 +64,16 @@ def models(tiny_policy, tiny_policy_seed1):
 @pytest.fixture(scope="module")
 def worker(models):
     from fleetrl.rollout.config import RolloutConfig
-    from fleetrl.rollout.worker import RolloutWorker
+    from fleetrl.rollout.worker import InProcessWorker
 
     t0 = time.perf_counter()
-    w = RolloutWorker(RolloutConfig(**CFG), str(models[0]), worker_index=3)
+    w = InProcessWorker(RolloutConfig(**CFG), str(models[0]), worker_index=3)
     print(f"\nworker start {time.perf_counter() - t0:.1f}s (engine {w.engine_start_s:.1f}s, "
           f"warm-up {w.warmup_s:.1f}s)")
     assert w.weight_version == 0
     assert w.ping()["device"] == "cpu" and w.ping()["num_gpus"] == 0
-    return w
+    yield w
+    w.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +166,29 @@ def test_weight_sync_matches_transformers(worker, models, tokenizer):
         raw = _hf_logprobs(model_b, prompt, c.token_ids, temperature=1.0)
         assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-3
         assert max(abs(a - b) for a, b in zip(c.logprobs, raw)) > 1e-3
+
+    # An update IN FLIGHT (partial rollout): a long generation runs under B while model A's weights
+    # arrive; the engine pauses between two steps, loads, and goes on. The tokens before the switch
+    # are B's samples, those after it A's, and the completion records both versions.
+    model_a = AutoModelForCausalLM.from_pretrained(models[0], dtype=torch.float32).eval()
+    params_a = dict(model_a.named_parameters())
+    plan_a = plan_buckets(((n, p.shape, p.dtype) for n, p in params_a.items()), version=version_before + 2)
+    long = worker.submit("generate", [prompt], 1, {"max_tokens": 200, "ignore_eos": True}, ["long"])
+    deadline = time.monotonic() + 60
+    while worker.ping()["requests_in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # some tokens under B first
+    receipt = worker.submit("receive_weights", plan_a)
+    for bucket in plan_a.buckets:
+        broadcast(group, pack_bucket(bucket, params_a), src=0)
+    assert receipt.result(timeout=120)["requests_in_flight"] == 1
+    (c,) = long.result(timeout=300)
+    assert (c.weight_version, c.last_weight_version) == (version_before + 1, version_before + 2)
+    under_b = [abs(a - b) < 1e-3 for a, b in zip(c.logprobs, _hf_logprobs(model_b, prompt, c.token_ids))]
+    under_a = [abs(a - b) < 1e-3 for a, b in zip(c.logprobs, _hf_logprobs(model_a, prompt, c.token_ids))]
+    switch = under_b.index(False)
+    assert 0 < switch < len(c.token_ids), "the update should land mid-generation"
+    assert all(under_b[:switch]) and all(under_a[switch:]), (under_b, under_a)
 
 
 def test_fleet_on_ray(ray_local, models):

@@ -285,7 +285,12 @@ class InProcessWorker:
         return RolloutWorker(*args, **kwargs)
 
     async def _shutdown_engine(self) -> None:
+        import gc
+
         self.worker.engine.shutdown()
+        # Collected here, not at interpreter exit (where AsyncLLM.__del__ finds its modules gone).
+        del self.worker.engine
+        gc.collect()
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
