@@ -1,19 +1,20 @@
 """Generation throughput of the rollout fleet vs raw ``vllm.LLM.generate``, measured in one run.
 
-Baseline: a ``vllm.LLM`` in this process, built by a ``RolloutWorker`` constructed here without
-Ray (so the engine settings are exactly a fleet worker's: model, max_model_len, dtype,
-enforce_eager, seed, logprobs mode, KV cache size), given all prompts (token ids) in ONE
-``LLM.generate`` call with the SamplingParams the worker builds (``fleetrl.rollout.worker.sampling_params``:
-per-token logprobs on, no detokenization). Three more in-process rows on the same engine: logprobs
-off, the prompts in calls of k one after the other (the streamed fleet's batch size without Ray),
-and ``RolloutWorker.generate`` (the worker's Python around the engine, without Ray).
+Baseline: a ``vllm.LLM`` in this process with exactly a fleet worker's engine arguments
+(``fleetrl.rollout.worker.engine_kwargs``: model, max_model_len, dtype, enforce_eager, seed,
+logprobs mode; same KV cache size), given all prompts (token ids) in ONE ``LLM.generate`` call
+with the SamplingParams the worker builds (``fleetrl.rollout.worker.sampling_params``: per-token
+logprobs on, no detokenization). Two more rows on that engine: logprobs off, and the prompts in
+calls of k one after the other (what small synchronous calls cost). One row drives a
+``RolloutWorker`` (its ``AsyncLLM`` engine) in this process without Ray, one call per prompt
+group, all in flight.
 
-Fleet rows go through ``RolloutFleet`` (Ray actors, one vLLM engine each) on the same prompts
-and sampling, first with 1 worker, then with a 2nd worker added. Each fleet layout is measured
-two ways: every worker gets one call with its share of the prompts ("1 call/worker": what the
-transport costs), and the orchestrator's way, a few prompts per call streamed while keeping the
-fleet's idle capacity filled ("k prompts/call": what the streaming granularity costs, since a
-worker runs its calls one after the other, so its engine batches only k * n sequences).
+Fleet rows go through ``RolloutFleet`` (Ray actors, one vLLM ``AsyncLLM`` engine each) on the same
+prompts and sampling, first with 1 worker, then with a 2nd worker added. Each fleet layout is
+measured two ways: every worker gets one call with its share of the prompts ("1 call/worker": what
+the transport costs), and the orchestrator's way, k prompts per call streamed while keeping the
+fleet's idle capacity filled ("k prompts/call"; the orchestrator sends one group per call, and a
+worker's engine batches all its calls in flight continuously).
 
 ``ignore_eos`` makes every completion exactly ``max_tokens`` long, so all rows generate the same
 number of tokens. Rounds of all rows are interleaved (the order rotates each round) so that
@@ -43,10 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--prompts-per-call", type=int, default=4,
+    p.add_argument("--prompts-per-call", type=int, default=1,
                    help="prompts per generate call in the streamed fleet rows (the orchestrator's "
-                        "rl.prompts_per_request; examples/grpo_tiny.yaml uses 4)")
-    p.add_argument("--max-inflight-per-worker", type=int, default=2)
+                        "rl.prompts_per_request, 1 by default: one group per call)")
+    p.add_argument("--max-inflight-per-worker", type=int, default=32)
     p.add_argument("--max-workers", type=int, default=2, help="measure fleets of 1..this many workers")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per row (after one warm-up round)")
     p.add_argument("--max-model-len", type=int, default=256)
@@ -68,14 +69,17 @@ def make_prompts(num: int, lo: int, hi: int, vocab: int, seed: int) -> list[list
 
 
 class RawEngine:
-    """The baseline: a ``vllm.LLM`` in this process, built by ``RolloutWorker`` itself (no Ray), so its
-    engine settings are exactly a fleet worker's; ``generate`` calls ``LLM.generate`` directly."""
+    """The baseline: a ``vllm.LLM`` in this process with exactly a fleet worker's engine arguments
+    (``fleetrl.rollout.worker.engine_kwargs``); ``generate`` calls ``LLM.generate`` directly."""
 
     def __init__(self, cfg, model_path: str):
-        from fleetrl.rollout.worker import RolloutWorker
+        from vllm import LLM
 
-        self.worker = RolloutWorker(cfg, model_path)  # also sets VLLM_CPU_KVCACHE_SPACE, warms up
-        self.llm = self.worker.llm
+        from fleetrl.rollout.config import worker_env
+        from fleetrl.rollout.worker import engine_kwargs
+
+        os.environ.update(worker_env(cfg, "cpu"))  # VLLM_CPU_KVCACHE_SPACE, as a worker sets it
+        self.llm = LLM(**engine_kwargs(cfg, model_path))
 
     def generate(self, prompts, n: int, sampling: dict, logprobs: bool = True,
                  per_call: int | None = None) -> int:
@@ -95,10 +99,13 @@ class RawEngine:
             tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
         return tokens
 
-    def worker_generate(self, prompts, n: int, sampling: dict) -> int:
-        """``RolloutWorker.generate`` in this process: the worker's own code around the engine, no Ray."""
-        comps = self.worker.generate(prompts, n, sampling, list(range(len(prompts))))
-        return sum(len(c.token_ids) for c in comps)
+
+
+def worker_generate(worker, prompts, n: int, sampling: dict) -> int:
+    """``RolloutWorker.generate`` in this process, one call per prompt group, all in flight at once:
+    the worker's own code around its AsyncLLM engine, without Ray."""
+    futures = [worker.submit("generate", [p], n, sampling, [i]) for i, p in enumerate(prompts)]
+    return sum(len(c.token_ids) for f in futures for c in f.result())
 
 
 def fleet_one_call_per_worker(fleet, prompts, n: int, sampling: dict) -> int:
@@ -167,6 +174,9 @@ def main(argv=None) -> None:
     raw = RawEngine(cfg, model)
     raw.generate(prompts, args.n, sampling)  # warm-up: the first generate of an engine is slow
     print(f"raw engine ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    from fleetrl.rollout.worker import InProcessWorker
+
+    worker = InProcessWorker(cfg, model)  # warms up
 
     init_local_ray()
     from fleetrl.rollout.fleet import RolloutFleet
@@ -187,8 +197,8 @@ def main(argv=None) -> None:
                 "raw, logprobs off": lambda: raw.generate(prompts, args.n, sampling, logprobs=False),
                 f"raw, {args.prompts_per_call} prompts/call in turn": lambda: raw.generate(
                     prompts, args.n, sampling, per_call=args.prompts_per_call),
-                "RolloutWorker.generate in-process (no Ray)": lambda: raw.worker_generate(
-                    prompts, args.n, sampling),
+                "RolloutWorker in-process (no Ray), 1 group/call": lambda: worker_generate(
+                    worker, prompts, args.n, sampling),
                 f"fleet {workers}w, 1 call/worker": lambda: fleet_one_call_per_worker(
                     fleet, prompts, args.n, sampling),
                 f"fleet {workers}w, {args.prompts_per_call} prompts/call": lambda: fleet_streamed(
@@ -214,6 +224,7 @@ def main(argv=None) -> None:
             results[workers] = {k: v.values for k, v in tps.items()}
     finally:
         fleet.shutdown()
+        worker.shutdown()
     after = print_machine_state("end")
     print_table(
         ["phase (workers)", "row", "tokens/s median (min-max)", "spread", "ratio vs raw (same phase)"],

@@ -49,8 +49,14 @@ class RolloutConfig(StrictModel):
     enforce_eager: bool = False
     # GiB of KV cache for the vLLM CPU backend (exported as VLLM_CPU_KVCACHE_SPACE).
     cpu_kvcache_space_gb: int = Field(4, ge=1)
-    # Generate calls queued on one worker at most; more would only wait in its actor queue.
-    max_inflight_per_worker: int = Field(2, ge=1)
+    # Generate calls in flight on one worker at most. The engine batches all of them continuously
+    # (each is one prompt group, back the moment its last sample ends), so this is how full the
+    # engine is kept: enough groups to fill its batch (vLLM's max_num_seqs: 256 on GPU) in sequences.
+    max_inflight_per_worker: int = Field(32, ge=1)
+    # How new weights reach an engine with requests in flight: in_flight pauses it between two
+    # steps, loads, and resumes the same requests under the new weights (a partial rollout: its
+    # tokens record both versions); drain lets the running requests finish first (no new ones start).
+    weight_update: Literal["in_flight", "drain"] = "in_flight"
     # Worker i's engine uses seed + i, so workers given the same prompt sample differently.
     seed: int = 0
     distributed_executor_backend: Literal["mp", "ray"] | None = None

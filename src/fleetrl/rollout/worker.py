@@ -63,6 +63,24 @@ def sampling_params(sampling: dict[str, Any], n: int):
                           output_kind=RequestOutputKind.FINAL_ONLY, **s)
 
 
+def engine_kwargs(cfg: RolloutConfig, model_path: str, worker_index: int = 0) -> dict[str, Any]:
+    """vLLM engine arguments of worker ``worker_index`` (for ``AsyncEngineArgs`` or ``vllm.LLM``)."""
+    return {
+        "model": model_path,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "max_model_len": cfg.max_model_len,
+        "dtype": cfg.dtype,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "enforce_eager": cfg.enforce_eager,
+        "seed": cfg.seed + worker_index,
+        "distributed_executor_backend": cfg.distributed_executor_backend,
+        "worker_extension_cls": EXTENSION_CLS,
+        "logprobs_mode": LOGPROBS_MODE,
+        "disable_log_stats": True,
+        **cfg.engine_kwargs,
+    }
+
+
 class RolloutWorker:
     """Owns one vLLM ``AsyncLLM`` engine (tensor parallel inside it) and its weight version.
 
@@ -94,20 +112,7 @@ class RolloutWorker:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         t0 = time.perf_counter()
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-            model=model_path,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            max_model_len=cfg.max_model_len,
-            dtype=cfg.dtype,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=cfg.enforce_eager,
-            seed=cfg.seed + worker_index,
-            distributed_executor_backend=cfg.distributed_executor_backend,
-            worker_extension_cls=EXTENSION_CLS,
-            logprobs_mode=LOGPROBS_MODE,
-            disable_log_stats=True,
-            **cfg.engine_kwargs,
-        ))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(cfg, model_path, worker_index)))
         self.engine_start_s = time.perf_counter() - t0
         self.warmup_s = 0.0
         self.num_ranks = self.engine.vllm_config.parallel_config.world_size
@@ -214,21 +219,24 @@ class RolloutWorker:
     async def receive_weights(self, plan: WeightPlan | dict) -> dict[str, Any]:
         """Take one version of the weights from the side group (the sender broadcasts it meanwhile).
 
-        The engine pauses between two of its steps (vLLM's ``pause_generation`` in keep mode),
-        loads the weights, drops its KV cache (computed with the old weights) and resumes:
-        requests in flight go on under the new weights (a partial rollout); their tokens after
-        this point record the new version (``Completion.last_weight_version``).
+        ``rollout.weight_update: in_flight``: the engine pauses between two of its steps (vLLM's
+        ``pause_generation`` in keep mode), loads the weights, drops its KV cache (computed with
+        the old weights) and resumes: requests in flight go on under the new weights (a partial
+        rollout); their tokens after this point record the new version
+        (``Completion.last_weight_version``). ``drain``: requests in flight finish first under the
+        old weights; new ones wait for the new weights.
         """
         plain = plan if isinstance(plan, dict) else plan_to_plain(plan)
         t0 = time.perf_counter()
         inflight = self._inflight
-        await self.engine.pause_generation(mode="keep", clear_cache=True)
+        mode = "keep" if self.cfg.weight_update == "in_flight" else "wait"
+        await self.engine.pause_generation(mode=mode, clear_cache=True)
         try:
             stats = await self.engine.collective_rpc("receive_weights", args=(plain,))
             self.weight_version = int(plain["version"])
         finally:
             await self.engine.resume_generation()
-        self.weight_updates_in_flight += int(inflight > 0)
+        self.weight_updates_in_flight += int(inflight > 0 and mode == "keep")
         return {
             "worker_index": self.worker_index,
             "weight_version": self.weight_version,
