@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fleetrl.algos.losses import LOG_RATIO_CLAMP, kl_estimate, masked_mean
+from fleetrl.algos.kl import LOG_RATIO_CLAMP, kl_estimate
+from fleetrl.algos.reduce import masked_mean
 
 IS_MODES = ("truncate", "mask")
 

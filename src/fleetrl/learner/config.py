@@ -16,6 +16,21 @@ from fleetrl.core.strict import StrictModel
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+class ImportanceSamplingConfig(StrictModel):
+    """Off-policy correction (decoupled PPO): the ratio is taken against the learner's own log-probs
+    before the update (the proximal policy), and each token's loss is weighted by w = pi_prox / mu,
+    mu being the sampler (vLLM) that produced it: staleness and sampler/learner numeric mismatch
+    both show up in w. Costs one forward pass of the policy per step; its log-probs also give the
+    mismatch metrics. See fleetrl.algos.off_policy."""
+
+    # off: ratio against the sampler's log-probs, no weight (no extra pass, no mismatch metrics);
+    # truncate (TIS): w capped at `cap`; mask (MIS): tokens whose w leaves [low, high] are dropped.
+    mode: Literal["off", "truncate", "mask"] = "truncate"
+    cap: float = Field(2.0, gt=0.0)
+    low: float = Field(0.5, ge=0.0, lt=1.0)
+    high: float = Field(2.0, gt=1.0)
+
+
 class PolicyLossConfig(StrictModel):
     """The policy loss (a fleetrl.algos POLICY_LOSSES name) plus optional KL and entropy terms."""
 
@@ -35,6 +50,7 @@ class PolicyLossConfig(StrictModel):
     # subtracts kl_coef * KL from the rewards and the learner adds nothing.
     kl_in: Literal["loss", "reward"] = "loss"
     entropy_coef: float = 0.0
+    importance_sampling: ImportanceSamplingConfig = Field(default_factory=ImportanceSamplingConfig)
 
     @model_validator(mode="after")
     def _check_policy_loss(self) -> PolicyLossConfig:

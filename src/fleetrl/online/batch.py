@@ -18,11 +18,18 @@ class Sample:
     completion_ids: list[int]
     logprobs: list[float]  # sampler's logprob of each completion token
     finish_reason: str
-    weight_version: int
+    weight_version: int  # the weights its first token was sampled with (or older: see RolloutWorker)
     completion_text: str = ""
     worker_index: int = -1  # which rollout worker sampled it
     reward: float | None = None
     reward_parts: dict[str, float] = field(default_factory=dict)
+    # The weights its last token was sampled with; newer than weight_version when a weight update
+    # reached the engine mid-generation (rollout.weight_update: in_flight). None = weight_version.
+    last_weight_version: int | None = None
+
+    @property
+    def updated_in_flight(self) -> bool:
+        return self.last_weight_version is not None and self.last_weight_version != self.weight_version
 
 
 @dataclass
@@ -36,6 +43,11 @@ class Group:
     @property
     def rewards(self) -> list[float]:
         return [s.reward for s in self.samples]  # type: ignore[misc]
+
+    @property
+    def min_version(self) -> int:
+        """The oldest weights any of its tokens came from: what the staleness bound judges."""
+        return min(s.weight_version for s in self.samples)
 
     @property
     def is_scored(self) -> bool:

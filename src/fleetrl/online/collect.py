@@ -1,11 +1,19 @@
 """Collection: keep the rollout fleet busy from the prompt stream, score each group as soon as it
-is complete, and hand back scored groups (the first step of every online iteration)."""
+is complete, and hand back scored groups (the first step of every online iteration).
+
+Scored groups wait in a ``StalenessBuffer`` (online/buffer.py) and prompts start under its
+``Admission`` rule: with ``rl.max_staleness`` K the fleet generates up to K steps ahead of the
+learner, and ``pump`` keeps it doing so while the learner trains (K = 0: the synchronous loop).
+Nothing is lost: a call lost with a dead worker, a group dropped as too stale, and (on resume)
+every prompt started but not trained before the checkpoint are generated again.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,17 +21,19 @@ import ray
 
 from fleetrl.data.rows import PromptStream, render_prompt
 from fleetrl.online.batch import Group, Sample
+from fleetrl.online.buffer import Admission, StalenessBuffer
 from fleetrl.rollout.fleet import RolloutFleet
 from fleetrl.run.config import RunConfig
 
 log = logging.getLogger("fleetrl")
+
+Prompt = tuple[int, Any, str, list[int]]  # (prompt index, data row, rendered text, token ids)
 
 
 @dataclass
 class RolloutStats:
     """What happened while one step's groups were collected; lands in the metrics."""
 
-    generate_s: float = 0.0  # from the first request to the last completion back
     reward_wait_s: float = 0.0  # from the last completion back to the last score back
     reward_s: float = 0.0  # scoring time summed over reward actors (overlaps generation)
     generated_tokens: int = 0
@@ -34,6 +44,17 @@ class RolloutStats:
     max_reward_queue: int = 0  # scoring calls waiting at the reward actors
     reward_error_examples: list[str] = field(default_factory=list)
     per_function: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    groups_dropped_stale: int = 0  # too stale to train (their prompts are generated again)
+    staleness: list[int] = field(default_factory=list)  # of each group handed to the learner
+    learner_wait_s: float = 0.0  # the learner waiting for groups (collect)
+    fleet_idle_s: float = 0.0  # no generation in flight while the learner trained and synced (pump)
+    start: float = 0.0  # when the step's collection began
+    last_generated: float = 0.0  # when the last completion came back (during collect or pump)
+
+    @property
+    def generate_s(self) -> float:
+        """From the start of collection to the last completion back (pump included)."""
+        return max(0.0, self.last_generated - self.start)
 
 
 class GroupCollector:
@@ -43,40 +64,64 @@ class GroupCollector:
     when its call returns; it goes to the reward service at once (no barrier on the slowest call).
     """
 
-    def __init__(self, cfg: RunConfig, fleet: RolloutFleet, reward_actors, stream: PromptStream, tokenizer):
+    def __init__(self, cfg: RunConfig, fleet: RolloutFleet, reward_actors, stream: PromptStream, tokenizer,
+                 fleet_version: Callable[[], int] = lambda: 0):
+        """``fleet_version()``: the weight version the fleet holds now (admission reads it)."""
         self.cfg = cfg
         self.fleet = fleet
         self.reward_actors = reward_actors
         self.stream = stream
         self.tokenizer = tokenizer
+        self.fleet_version = fleet_version
         self.sampling = cfg.rollout.sampling.model_dump()
-        self._gen_refs: dict[Any, list[tuple[int, Any, str, list[int]]]] = {}
+        self._gen_refs: dict[Any, list[Prompt]] = {}
         self._reward_refs: dict[Any, list[Group]] = {}
         self._next_reward_actor = 0
-        self._carry: list[Group] = []  # scored groups beyond what a step needed: used next step
-        self._retry: list[list[tuple[int, Any, str, list[int]]]] = []  # prompts of calls that were lost
+        self.buffer: StalenessBuffer[Group] = StalenessBuffer(cfg.rl.max_staleness, lambda g: g.min_version)
+        self.admission = Admission(cfg.rl.max_staleness, cfg.rl.prompts_per_step)
+        self._retry: list[list[Prompt]] = []  # admitted prompts to generate (again): lost calls, stale groups
+        self._row_of: dict[int, int] = {}  # prompt index -> its data row, while the prompt is not trained
         self._prompts_submitted = 0
         self.workers_lost = 0
         self.restore_fleet = None  # set by the loop: brings a fleet that lost every worker back
 
-    def _next_prompts(self, k: int, stats: RolloutStats) -> list[tuple[int, Any, str, list[int]]]:
-        out = []
-        while len(out) < k:
-            _epoch, _index, row = next(self.stream)
-            text = render_prompt(row, self.tokenizer)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.cfg.rl.max_prompt_tokens:
+    def _prompt(self, row_index: int, stats: RolloutStats | None = None,
+                prompt_index: int | None = None) -> Prompt | None:
+        """Prompt (index, row, text, ids) of data row ``row_index``, a new index unless given; None
+        if it is too long."""
+        row = self.stream.rows[row_index]
+        text = render_prompt(row, self.tokenizer)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.cfg.rl.max_prompt_tokens:
+            if stats is not None:
                 stats.prompts_skipped_too_long += 1
-                continue
-            out.append((self._prompts_submitted, row, text, ids))
+            return None
+        if prompt_index is None:
+            prompt_index = self._prompts_submitted
             self._prompts_submitted += 1
+        self._row_of[prompt_index] = row_index
+        return prompt_index, row, text, ids
+
+    def _next_prompts(self, k: int, stats: RolloutStats) -> list[Prompt]:
+        out: list[Prompt] = []
+        while len(out) < k:
+            _epoch, index, _row = next(self.stream)
+            prompt = self._prompt(index, stats)
+            if prompt is not None:
+                out.append(prompt)
         return out
+
+    def _can_submit(self) -> bool:
+        return self.fleet.idle_capacity() > 0 and (
+            bool(self._retry) or self.admission.allowed(self.fleet_version()) > 0)
 
     def _submit_generation(self, stats: RolloutStats) -> None:
         if self._retry:
-            batch = self._retry.pop(0)
+            batch = self._retry.pop(0)  # admitted already
         else:
-            batch = self._next_prompts(self.cfg.rl.prompts_per_request, stats)
+            k = min(self.cfg.rl.prompts_per_request, self.admission.allowed(self.fleet_version()))
+            batch = self._next_prompts(k, stats)
+            self.admission.start(len(batch))
         ref = self.fleet.submit(
             [ids for _, _, _, ids in batch],
             n=self.cfg.rl.group_size,
@@ -122,6 +167,7 @@ class GroupCollector:
                         logprobs=list(c.logprobs),
                         finish_reason=c.finish_reason,
                         weight_version=c.weight_version,
+                        last_weight_version=c.last_weight_version,
                         # The fleet returns token ids only; reward functions read text.
                         completion_text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                         worker_index=c.worker_index,
@@ -165,43 +211,89 @@ class GroupCollector:
             return groups
         kept = [g for g in groups if len(set(g.rewards)) > 1]
         stats.groups_skipped_constant += len(groups) - len(kept)
+        self._forget([g for g in groups if g not in kept])
+        self.admission.give_back(len(groups) - len(kept))  # their places go to new prompts
         return kept
 
-    def collect(self, num_groups: int) -> tuple[list[Group], RolloutStats]:
+    def _forget(self, groups: list[Group]) -> None:
+        for g in groups:
+            self._row_of.pop(g.prompt_index, None)
+
+    def _drop_stale(self, groups: list[Group], stats: RolloutStats) -> None:
+        """Groups too stale to train: their prompts are generated again, inside the same admission."""
+        for g in groups:
+            first = g.samples[0]
+            self._retry.append([(g.prompt_index, g.row, first.prompt_text, first.prompt_ids)])
+        stats.groups_dropped_stale += len(groups)
+
+    def _wait_once(self, stats: RolloutStats, until: list) -> list:
+        """Submit what admission allows, then handle one finished generate or score call (or return
+        the finished ones of ``until``)."""
+        while self._can_submit():
+            self._submit_generation(stats)
+        stats.max_prompts_in_flight = max(stats.max_prompts_in_flight,
+                                          sum(len(b) for b in self._gen_refs.values()))
+        stats.max_reward_queue = max(stats.max_reward_queue, len(self._reward_refs))
+        pending = list(self._gen_refs) + list(self._reward_refs) + list(until)
+        if not pending:
+            raise RuntimeError("the collector has nothing in flight and admission starts nothing: "
+                               "rl.prompts_per_step or rl.max_staleness leaves no room for a prompt")
+        ready, _ = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            if ref in self._gen_refs:
+                self._on_generated(ref, stats)
+                stats.last_generated = time.perf_counter()
+            elif ref in self._reward_refs:
+                self.buffer.put(self._on_scored(ref, stats))
+        return [r for r in ready if r in until]
+
+    def collect(self, num_groups: int, learner_version: int = 0) -> tuple[list[Group], RolloutStats]:
+        """``num_groups`` scored groups, none staler than rl.max_staleness at ``learner_version``
+        (the version the learner holds: the step's number)."""
         stats = RolloutStats()
-        done: list[Group] = self._carry[:num_groups]
-        self._carry = self._carry[num_groups:]
-        start = time.perf_counter()
-        last_generated = start
+        done: list[Group] = []
+        start = stats.start = stats.last_generated = time.perf_counter()
+        while True:
+            taken = self.buffer.take(num_groups - len(done), learner_version)
+            self._drop_stale(taken.dropped, stats)
+            done.extend(taken.groups)
+            stats.staleness.extend(taken.staleness)
+            if len(done) == num_groups:
+                break
+            self._wait_once(stats, until=[])
+        self._forget(done)
+        stats.learner_wait_s = time.perf_counter() - start
+        stats.reward_wait_s = time.perf_counter() - max(start, stats.last_generated)
+        return done, stats
 
-        def groups_pending() -> int:
-            generating = sum(len(b) for b in self._gen_refs.values())
-            return generating + sum(len(g) for g in self._reward_refs.values())
+    def pump(self, refs: list, stats: RolloutStats) -> None:
+        """Keep generating and scoring (as admission allows) until every ref in ``refs`` is done:
+        the fleet works for the coming steps while the learner trains (rl.max_staleness > 0)."""
+        left = list(refs)
+        while left:
+            idle = not self._gen_refs
+            t = time.perf_counter()
+            for ref in self._wait_once(stats, until=left):
+                left.remove(ref)
+            if idle:
+                stats.fleet_idle_s += time.perf_counter() - t
 
-        while len(done) < num_groups:
-            # Keep the fleet busy, but never ask for more prompts than the step still needs.
-            while self.fleet.idle_capacity() > 0 and len(done) + groups_pending() < num_groups:
-                self._submit_generation(stats)
-            stats.max_prompts_in_flight = max(stats.max_prompts_in_flight,
-                                              sum(len(b) for b in self._gen_refs.values()))
-            stats.max_reward_queue = max(stats.max_reward_queue, len(self._reward_refs))
-            pending = list(self._gen_refs) + list(self._reward_refs)
-            ready, _ = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                if ref in self._gen_refs:
-                    self._on_generated(ref, stats)
-                    last_generated = time.perf_counter()
-                else:
-                    done.extend(self._on_scored(ref, stats))
-        # Whole calls may bring more groups than needed: keep the rest for the next step.
-        self._carry.extend(done[num_groups:])
-        stats.generate_s = last_generated - start
-        stats.reward_wait_s = time.perf_counter() - last_generated
-        return done[:num_groups], stats
+    def pending_prompts(self) -> list[list[int]]:
+        """[prompt index, data row] of every prompt started but not trained yet: in flight, being
+        scored, buffered, waiting to be generated again (a checkpoint records them; a resume
+        generates them first, under the same prompt index)."""
+        return [[i, self._row_of[i]] for i in sorted(self._row_of)]
 
     def state_dict(self) -> dict:
-        return {"stream": self.stream.state_dict(), "prompts_submitted": self._prompts_submitted}
+        return {"stream": self.stream.state_dict(), "prompts_submitted": self._prompts_submitted,
+                "pending": self.pending_prompts(), "admitted": self.admission.started}
 
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])
         self._prompts_submitted = state["prompts_submitted"]
+        for prompt_index, row_index in state.get("pending", []):
+            prompt = self._prompt(row_index, prompt_index=prompt_index)
+            if prompt is not None:
+                self._retry.append([prompt])
+        # Pending prompts were admitted before the checkpoint: they start again without new room.
+        self.admission.started = state.get("admitted", 0)

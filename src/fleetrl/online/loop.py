@@ -27,6 +27,7 @@ from fleetrl.online.advantages import AdvantageStep
 from fleetrl.online.batch import completion_stats, pad_samples
 from fleetrl.online.collect import GroupCollector, RolloutStats
 from fleetrl.online.evaluate import HeldOutEval
+from fleetrl.online.off_policy import OffPolicyCorrection
 from fleetrl.online.services import Services, check_critic_tokenizer, local_path, start_services
 from fleetrl.online.weights import WeightSync, resize_fleet
 from fleetrl.run.config import ConfigError, RunConfig
@@ -64,9 +65,11 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
            backend: str, t0: float, eval_rows=()) -> Path:
     fleet, learner, critic, control = services.fleet, services.learner, services.critic, services.control
     sync = WeightSync(learner, fleet, backend)
-    collector = GroupCollector(cfg, fleet, services.reward_actors, stream, tokenizer)
+    collector = GroupCollector(cfg, fleet, services.reward_actors, stream, tokenizer,
+                               fleet_version=lambda: sync.version)
     collector.restore_fleet = lambda: resize_fleet(fleet, sync, collector, max(1, cfg.rollout.num_workers))
     advantages = AdvantageStep(cfg, learner, critic)
+    off_policy = OffPolicyCorrection(cfg, learner)
     evaluator = _evaluator(cfg, services, eval_rows, tokenizer)
     start_step = _resume(cfg, run_dir, learner, critic, advantages, collector, sync)
     print(f"fleetrl: services ready in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -83,23 +86,27 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         control.report.remote(step=step, rollout_workers=fleet.num_workers, weight_version=sync.version)
         step_start = time.perf_counter()
 
-        groups, rstats = collector.collect(cfg.rl.prompts_per_step)
+        # The learner holds version `step`; no group older than rl.max_staleness versions is trained.
+        groups, rstats = collector.collect(cfg.rl.prompts_per_step, learner_version=step)
         samples = [s for g in groups for s in g.samples]
         batch = pad_samples(samples, pad_id=tokenizer.pad_token_id)
         scores = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         adv = advantages(batch, scores)
         batch["advantages"] = adv.advantages
+        correction = off_policy(batch, samples, learner_version=step)
 
         t = time.perf_counter()
         # The critic trains while the policy does (separate ranks); the policy waits out the
-        # critic's warm-up steps.
+        # critic's warm-up steps. Meanwhile the fleet generates for the coming steps (pump).
         critic_refs = critic.start_train(adv.critic_batch, cfg.mini_batch_size, cfg.rl.epochs) \
-            if adv.critic_batch is not None else None
-        train_stats = []
+            if adv.critic_batch is not None else []
+        train_refs = []
         if step >= cfg.critic_warmup_steps:
-            train_stats = learner.train(batch, mini_batch_size=cfg.mini_batch_size, epochs=cfg.rl.epochs,
-                                        temperature=cfg.rollout.sampling.temperature)
-        critic_stats = critic.finish(critic_refs) if critic_refs is not None else []
+            train_refs = learner.start_train(batch, cfg.mini_batch_size, cfg.rl.epochs,
+                                             cfg.rollout.sampling.temperature)
+        collector.pump(train_refs + critic_refs, rstats)
+        train_stats = learner.finish(train_refs) if train_refs else []
+        critic_stats = critic.finish(critic_refs) if critic_refs else []
         train_s = time.perf_counter() - t
         optimizer_steps += len(train_stats)
 
@@ -113,7 +120,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         row = {"step": step + 1, "optimizer_steps": optimizer_steps,
                **_reward_metrics(scores, rstats), **completion_stats(samples),
                **_mean_stats(train_stats), **_mean_stats(critic_stats, prefix="critic/"), **adv.metrics,
-               **_rollout_metrics(fleet, sync, collector, rstats, samples),
+               **correction, **_rollout_metrics(fleet, sync, collector, rstats, samples),
                "time/reference": adv.reference_s, "time/train": train_s, "time/weight_sync": sync_s,
                "time/step": time.perf_counter() - step_start}
         run_log.step(step, row, samples, rstats)
@@ -177,7 +184,14 @@ def _rollout_metrics(fleet, sync: WeightSync, collector: GroupCollector, rstats:
         "prompts_in_flight": rstats.max_prompts_in_flight,
         "queue_depth/reward": rstats.max_reward_queue,
         "rollout/workers_lost": collector.workers_lost,
-        "staleness/max": sync.version - 1 - min(s.weight_version for s in samples),
+        # Versions the trained groups lagged the learner by (the oldest weights any token came from).
+        "staleness/mean": sum(rstats.staleness) / len(rstats.staleness),
+        "staleness/max": max(rstats.staleness),
+        "buffer/depth": len(collector.buffer),
+        "groups/dropped_stale": rstats.groups_dropped_stale,
+        "rollout/in_flight_updates": sum(s.updated_in_flight for s in samples),
+        "time/learner_wait": rstats.learner_wait_s,  # the learner waiting for scored groups
+        "time/fleet_idle": rstats.fleet_idle_s,  # nothing generating while the learner trained
         "prompts/skipped_too_long": rstats.prompts_skipped_too_long,
         "groups/skipped_constant": rstats.groups_skipped_constant,
         "time/generate": rstats.generate_s,
@@ -215,7 +229,8 @@ class _RunLog:
             for smp in samples:
                 self.samples.write(json.dumps({
                     "step": done, "prompt_index": smp.prompt_index, "worker": smp.worker_index,
-                    "weight_version": smp.weight_version, "reward": smp.reward, "prompt": smp.prompt_text,
+                    "weight_version": smp.weight_version, "last_weight_version": smp.last_weight_version,
+                    "reward": smp.reward, "prompt": smp.prompt_text,
                     "completion": smp.completion_text, "finish_reason": smp.finish_reason}) + "\n")
             self.samples.flush()
         for example in rstats.reward_error_examples:
@@ -237,6 +252,9 @@ def save_checkpoint(learner: LearnerGroup, run_dir: RunDir, step: int, version: 
     learner.save_checkpoint(str(ckpt), state)
     if critic is not None:
         critic.save_checkpoint(str(ckpt / "critic"))
+    # The same collector state, readable: the prompts started but not trained at this step (they are
+    # generated again on resume), the data cursor, the admission count.
+    (ckpt / "collector.json").write_text(json.dumps(state["collector"], indent=1) + "\n")
     (ckpt / "COMPLETE").write_text(f"step {step}\n")  # resume trusts only finished checkpoints
 
 

@@ -196,11 +196,11 @@ class RolloutWorker:
         ids = list(prompt_ids) + list(completion_ids)
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
-        out = None
+        final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
                                               request_id=f"w{self.worker_index}-score-{next(self._requests)}"):
-            pass
-        plp = out.prompt_logprobs
+            final = out
+        plp = final.prompt_logprobs
         start = len(prompt_ids)
         return [float(plp[start + i][tok].logprob) for i, tok in enumerate(completion_ids)]
 

@@ -89,7 +89,17 @@ class RLConfig(StrictModel):
     # Std scaling of group-relative advantages; None = the algorithm's own (grpo: group, drgrpo: none).
     advantage_std: Literal["group", "batch", "none"] | None = None
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted")
-    prompts_per_request: int = Field(4, ge=1, description="prompts per generate call sent to one worker")
+    # Prompts per generate call. Each worker's engine batches all its calls in flight continuously,
+    # so one group per call costs nothing and every group comes back as soon as it is done.
+    prompts_per_request: int = Field(1, ge=1, description="prompts per generate call sent to one worker")
+    # Asynchronous training: the fleet generates up to this many learner steps ahead, while the
+    # learner trains; no group staler than this (learner version - the oldest weights any of its
+    # tokens came from) is trained on (it is dropped, counted, and its prompt generated again).
+    # 0 = synchronous: a step's prompts start only under the weights that step trains. Default 1:
+    # generation of the next step overlaps this step's training and weight sync, which is most of
+    # the gain when the two take similar time, at the smallest lag, corrected by
+    # learner.loss.importance_sampling.
+    max_staleness: int = Field(1, ge=0, description="how many learner versions a trained sample may lag")
     # Drop groups whose rewards are all equal (their advantages are 0): fewer wasted updates.
     skip_constant_groups: bool = False
     # Held-out prompts (eval_data, data.eval_path or data.eval_fraction) are generated and scored
