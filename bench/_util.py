@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def bench_model(hidden_size: int, num_layers: int, seed: int = 0, cache_dir: str | None = None) -> str:
-    """A random-init tiny Qwen2 of the given shape (orchestrator/tiny.py), built once and cached."""
+    """A random-init tiny Qwen2 of the given shape (fleetrl.testing.tiny), built once and cached."""
     from fleetrl.testing.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model("policy", cache_dir=cache_dir, seed=seed, hidden_size=hidden_size,

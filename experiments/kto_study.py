@@ -8,7 +8,7 @@ conditions and several seeds, and reports held-out preference accuracy and the i
 margin (mean +- standard deviation over seeds). It regenerates the table of docs/kto_study.md
 (between its "study:begin" / "study:end" markers), docs/kto_study.png and docs/kto_study.json.
 
-The task ("letters", as in orchestrator/tasks.py): a prompt asks for one letter written many times.
+The task ("letters", as in fleetrl/testing/tasks.py): a prompt asks for one letter written many times.
 Each prompt has three kinds of completion, best first: A = a run of the asked letter, B = a run of
 another letter, C = plain words without the asked letter.
 

@@ -1,6 +1,6 @@
 """Preference and feedback losses of the offline trainers (DPO, IPO, KTO, ORPO, RM, offline PPO).
 
-Conventions as in ``fleetrl.algos.losses``: inputs are per-example sequence log-probs ``[B]`` (or
+Conventions as in ``fleetrl.algos.reduce``: inputs are per-example sequence log-probs ``[B]`` (or
 per-token ``[B, T]`` with a mask), and every loss is UNREDUCED, one value per example ``[B]``;
 the trainer reduces.
 

@@ -1,4 +1,4 @@
-"""Rows -> token ids -> padded batches for the offline trainers (SFT, RM, DPO, IPO, KTO, ORPO,
+"""Rows -> token ids -> padded batches for the offline trainers (SFT, RM, DPO, IPO, KTO, ORPO, SimPO,
 offline PPO).
 
 Pure Python and torch (no Ray, no DeepSpeed). A sequence is prompt tokens then completion tokens,

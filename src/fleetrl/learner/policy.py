@@ -60,8 +60,7 @@ class PolicyObjective(Objective):
                  **kw: Any):
         super().__init__(models, learner_cfg, options, **{"name": "policy", **kw})
         self.lc = self.cfg.loss
-        # Until learner.loss.policy_loss exists every config means PPO's clipped surrogate.
-        self.policy_loss = POLICY_LOSSES.get(getattr(self.lc, "policy_loss", "ppo"))
+        self.policy_loss = POLICY_LOSSES.get(self.lc.policy_loss)
 
     @classmethod
     def needs_reference(cls, name: str, learner_cfg: LearnerConfig) -> bool:

@@ -31,7 +31,7 @@ from fleetrl.learner.policy import check_shapes
 def objective_class(name: str) -> type[Objective]:
     """The objective registered as `name`; a pair loss of PREFERENCE_LOSSES is the pair objective."""
     # The objective modules register themselves on import (imported here: they import this module).
-    from fleetrl.learner import critic, offline  # noqa: F401
+    from fleetrl.learner import critic, offline, policy  # noqa: F401
 
     if name in OBJECTIVES:
         return OBJECTIVES.get(name)

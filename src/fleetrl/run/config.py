@@ -43,7 +43,7 @@ from fleetrl.rollout.config import RolloutConfig
 # critic or not, its defaults): grpo, drgrpo, rloo, gspo, cispo (one advantage per sample from its
 # group) and ppo, reinforce_pp, reinforce_pp_baseline (per-token advantages of KL-shaped rewards).
 ONLINE_ALGORITHMS = ONLINE_REGISTRY.names()
-# Offline: fixed data, no rollouts (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, offline PPO with
+# Offline: fixed data, no rollouts (SFT, reward model, DPO/cDPO, IPO, KTO, ORPO, SimPO, offline PPO with
 # binary rewards); see learner/offline.py.
 # Known algorithms whose trainers are not in this version yet: naming one is a clear error.
 PLANNED_ALGORITHMS: tuple[str, ...] = ()

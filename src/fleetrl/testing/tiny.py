@@ -1,7 +1,7 @@
 """Tiny models built locally: no model hub is reachable from tests, CI or the CPU demo.
 
 `build_tiny_model` writes a random-init Qwen2-style model plus a byte-level BPE tokenizer
-trained here on the built-in task corpus (orchestrator/tasks.py). The shape defaults are the
+trained here on the built-in task corpus (fleetrl/testing/tasks.py). The shape defaults are the
 ones known to run in vLLM's CPU build (docs: ENVIRONMENT.md): head_dim 64, fp32, 1 KV head.
 `ensure_tiny_model` builds once into a cache; `resolve_model_path` maps the names "tiny",
 "tiny-policy" and "tiny-reward" used by examples and tests to cached paths.
