@@ -190,6 +190,20 @@ def test_weight_sync_matches_transformers(worker, models, tokenizer):
     assert 0 < switch < len(c.token_ids), "the update should land mid-generation"
     assert all(under_b[:switch]) and all(under_a[switch:]), (under_b, under_a)
 
+    # rollout.weight_update: drain: the running request finishes under A; B's weights wait for it.
+    worker.worker.cfg = worker.cfg.model_copy(update={"weight_update": "drain"})
+    plan_b = plan_buckets(((n, p.shape, p.dtype) for n, p in params.items()), version=version_before + 3)
+    long = worker.submit("generate", [prompt], 1, {"max_tokens": 120, "ignore_eos": True}, ["drained"])
+    while worker.ping()["requests_in_flight"] == 0 and time.monotonic() < deadline + 60:
+        time.sleep(0.01)
+    receipt = worker.submit("receive_weights", plan_b)
+    for bucket in plan_b.buckets:
+        broadcast(group, pack_bucket(bucket, params), src=0)
+    assert receipt.result(timeout=120)["weight_version"] == version_before + 3
+    (c,) = long.result(timeout=300)
+    assert c.weight_version == c.last_weight_version == version_before + 2
+    assert max(abs(a - b) for a, b in zip(c.logprobs, _hf_logprobs(model_a, prompt, c.token_ids))) < 1e-3
+
 
 def test_fleet_on_ray(ray_local, models):
     """The same worker as a Ray actor behind RolloutFleet: generate, weight sync, removal."""
