@@ -60,8 +60,9 @@ class RolloutStats:
 class GroupCollector:
     """Keeps the fleet busy from the prompt stream and hands back fully scored groups.
 
-    Each generate call carries a few prompts with n = group_size, so a prompt's group is complete
-    when its call returns; it goes to the reward service at once (no barrier on the slowest call).
+    Each generate call carries rl.prompts_per_request prompts (default 1) with n = group_size, so a
+    prompt's group is complete when its call returns; it goes to the reward service at once (no
+    barrier on the slowest call), then to the buffer.
     """
 
     def __init__(self, cfg: RunConfig, fleet: RolloutFleet, reward_actors, stream: PromptStream, tokenizer,
