@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fleetrl.core.strict import StrictModel
 
@@ -29,6 +29,11 @@ class ImportanceSamplingConfig(StrictModel):
     cap: float = Field(2.0, gt=0.0)
     low: float = Field(0.5, ge=0.0, lt=1.0)
     high: float = Field(2.0, gt=1.0)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class PolicyLossConfig(StrictModel):

@@ -1,0 +1,82 @@
+"""The decoupled-PPO rewrite of a rollout batch (online/off_policy.py), with a stand-in learner."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fleetrl.online.batch import Sample, pad_samples
+from fleetrl.online.off_policy import OffPolicyCorrection
+from fleetrl.run.config import load_config
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml"
+
+
+class FixedLearner:
+    """Answers compute_logprobs with given log-probs (the learner's, before the update)."""
+
+    def __init__(self, logprobs: torch.Tensor):
+        self.logprobs = logprobs
+        self.calls = 0
+
+    def compute_logprobs(self, batch, which="policy", temperature=1.0):
+        assert which == "policy"
+        self.calls += 1
+        return self.logprobs.clone()
+
+
+def _batch():
+    # Two samples of prompt [1, 2]: completions of 2 and 1 tokens; the sampler's log-probs.
+    samples = [Sample(0, "", [1, 2], [3, 4], [-1.0, -2.0], "stop", weight_version=4),
+               Sample(0, "", [1, 2], [5], [-1.0], "stop", weight_version=3, last_weight_version=4)]
+    return samples, pad_samples(samples, pad_id=0)
+
+
+def test_truncated_correction_rewrites_ratio_base_and_weights_advantages():
+    cfg = load_config(EXAMPLE, ["learner.loss.importance_sampling.cap=2.0"])
+    samples, batch = _batch()
+    # Learner log-probs per position (columns 2, 3 are the completion tokens): w = exp(prox - mu).
+    prox = torch.tensor([[0.0, 0.0, -1.0 + math.log(3.0), -2.0],     # w = 3 (truncated to 2), 1
+                         [0.0, 0.0, -1.0 + math.log(0.5), 9.9]])     # w = 0.5; column 3 is padding
+    learner = FixedLearner(prox)
+    batch["advantages"] = torch.tensor([1.0, -2.0])
+    metrics = OffPolicyCorrection(cfg, learner)(batch, samples, learner_version=4)
+
+    assert learner.calls == 1
+    assert torch.allclose(batch["advantages"], torch.tensor([[0, 0, 2.0, 1.0], [0, 0, -1.0, 0]]))
+    assert torch.allclose(batch["old_logprobs"], prox * torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0]]))
+    assert metrics["is/truncated_frac"] == pytest.approx(1 / 3)
+    assert metrics["is/weight_max"] == pytest.approx(3.0)
+    # Mismatch only over the first sample: sampled with version 4, the learner's, no update in flight.
+    assert metrics["mismatch/tokens"] == 2
+    assert metrics["mismatch/abs_logp_diff"] == pytest.approx(math.log(3.0) / 2)
+
+
+def test_masked_correction_drops_tokens_outside_the_range():
+    cfg = load_config(EXAMPLE, ["learner.loss.importance_sampling.mode=mask"])
+    samples, batch = _batch()
+    prox = torch.tensor([[0.0, 0.0, -1.0 + math.log(3.0), -2.0], [0.0, 0.0, -1.0 + math.log(0.6), 0.0]])
+    batch["advantages"] = torch.tensor([1.0, 1.0])
+    metrics = OffPolicyCorrection(cfg, FixedLearner(prox))(batch, samples, learner_version=5)
+    assert torch.allclose(batch["advantages"], torch.tensor([[0, 0, 0.0, 1.0], [0, 0, 0.6, 0]]))
+    assert metrics["is/masked_frac"] == pytest.approx(1 / 3)
+    assert "mismatch/abs_logp_diff" not in metrics  # no sample came from version 5
+
+
+def test_off_mode_leaves_the_batch_and_skips_the_pass():
+    cfg = load_config(EXAMPLE, ["learner.loss.importance_sampling.mode=off"])
+    samples, batch = _batch()
+    batch["advantages"] = torch.tensor([1.0, -1.0])
+    before = {k: v.clone() for k, v in batch.items()}
+    learner = FixedLearner(torch.zeros(2, 4))
+    assert OffPolicyCorrection(cfg, learner)(batch, samples, learner_version=4) == {}
+    assert learner.calls == 0
+    assert all(torch.equal(before[k], batch[k]) for k in before)
+
+
+def test_a_bad_mask_range_names_the_key():
+    from fleetrl.run.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="importance_sampling"):
+        load_config(EXAMPLE, ["learner.loss.importance_sampling.low=1.5"])
