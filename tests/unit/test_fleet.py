@@ -222,3 +222,18 @@ def test_config_rejects_unknown_and_shadowing_keys():
         RolloutConfig(engine_kwargs={"max_model_len": 10})
     with pytest.raises(ValueError, match="top_k"):
         SamplingConfig(top_k=-2)
+
+
+def test_overdue_workers_and_the_next_deadline():
+    book, _ = make_book(num_workers=3, max_inflight=2)
+    assert book.next_deadline(10.0) is None and book.overdue(10.0) == []
+    f0 = submit(book, "a")  # worker 0
+    f1 = submit(book, "b")  # worker 1
+    book.work_of(f0).submitted_at = 100.0
+    book.work_of(f1).submitted_at = 105.0
+    assert book.next_deadline(10.0) == 110.0
+    assert book.overdue(10.0, now=109.0) == []
+    assert book.overdue(10.0, now=111.0) == [0]  # worker 0's call is past its deadline: hung
+    assert book.overdue(10.0, now=116.0) == [0, 1]
+    book.on_done(f0)
+    assert book.next_deadline(10.0) == 115.0

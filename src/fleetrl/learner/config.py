@@ -111,6 +111,10 @@ class LearnerConfig(StrictModel):
     # Merged last into the generated DeepSpeed config (nested dicts merge key by key).
     deepspeed_config: dict[str, Any] = Field(default_factory=dict)
     weight_sync_bucket_mb: int = Field(256, ge=1)
+    # Deadline of one call on the ranks (a train step over the whole rollout batch, a log-prob pass,
+    # a checkpoint): past it the run ends with the ranks that did not answer named, instead of
+    # waiting forever on a rank stuck in a collective.
+    call_timeout_s: float = Field(3600.0, gt=0)
     loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
 
     @model_validator(mode="after")

@@ -171,15 +171,24 @@ class LearnerGroup:
     def _gather(self, refs: list, timeout_s: float | None = None) -> list:
         """Results in order; the first failing rank's error is raised at once.
 
-        Fail fast because the healthy ranks of a failed collective call would wait forever.
+        Fail fast because the healthy ranks of a failed collective call would wait forever. One
+        deadline for the whole call (default ``call_timeout_s`` of the config): a TimeoutError
+        names the ranks that did not answer.
         """
+        import time
+
         import ray
 
+        timeout_s = self.cfg.call_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
-                raise TimeoutError(f"learner ranks did not answer within {timeout_s:.0f}s")
+                late = [f"{self.name_prefix}{self.role}-rank-{refs.index(r)}" for r in pending]
+                raise TimeoutError(
+                    f"{self.role} ranks {late} did not answer within {timeout_s:.0f}s "
+                    "(learner.call_timeout_s): a rank stuck in a collective holds up the others")
             ray.get(done[0])  # raises the rank's exception (named after its actor) if it failed
         return ray.get(refs)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from fleetrl.data.rows import PromptStream, render_prompt
+from fleetrl.data.rows import DataError, PromptStream, render_prompt
 from fleetrl.online.batch import Group, Sample
 from fleetrl.online.buffer import Admission, StalenessBuffer
 from fleetrl.rollout.fleet import RolloutFleet
@@ -105,11 +105,21 @@ class GroupCollector:
 
     def _next_prompts(self, k: int, stats: RolloutStats) -> list[Prompt]:
         out: list[Prompt] = []
+        skipped_in_a_row = 0
         while len(out) < k:
             _epoch, index, _row = next(self.stream)
             prompt = self._prompt(index, stats)
             if prompt is not None:
                 out.append(prompt)
+                skipped_in_a_row = 0
+                continue
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= len(self.stream.rows):  # a whole epoch: no prompt will ever fit
+                raise DataError(
+                    f"none of the {len(self.stream.rows)} prompts fits rl.max_prompt_tokens="
+                    f"{self.cfg.rl.max_prompt_tokens} (after the chat template): raise rl.max_prompt_tokens "
+                    "or shorten the prompts"
+                )
         return out
 
     def _can_submit(self) -> bool:
@@ -130,6 +140,18 @@ class GroupCollector:
             request_ids=[i for i, _, _, _ in batch],
         )
         self._gen_refs[ref] = batch
+
+    def _remove_hung_workers(self) -> None:
+        """Workers with a generate call past rollout.generate_timeout_s are hung: removed, their
+        prompts generated again by the others; replaced at the next step like dead ones."""
+        for index, works in self.fleet.remove_hung_workers():
+            self.requeue(works)
+            self.workers_lost += 1
+            log.warning("rollout worker %s did not answer a generate call within rollout.generate_timeout_s="
+                        "%.0fs; it was removed, its prompts go to the other workers and it is replaced at the "
+                        "next step", index, self.cfg.rollout.generate_timeout_s)
+        if self.fleet.num_workers == 0 and self.restore_fleet is not None:
+            self.restore_fleet()
 
     def requeue(self, works) -> None:
         """Calls a worker handed back unfinished: their prompts are generated again elsewhere."""
@@ -239,7 +261,11 @@ class GroupCollector:
         if not pending:
             raise RuntimeError("the collector has nothing in flight and admission starts nothing: "
                                "rl.prompts_per_step or rl.max_staleness leaves no room for a prompt")
-        ready, _ = ray.wait(pending, num_returns=1)
+        # Wake up by the oldest generate call's deadline at the latest (a hung engine never answers).
+        deadline = self.fleet.next_deadline()
+        timeout = None if deadline is None else max(0.1, deadline - time.time())
+        ready, _ = ray.wait(pending, num_returns=1, timeout=timeout)
+        self._remove_hung_workers()
         for ref in ready:
             if ref in self._gen_refs:
                 self._on_generated(ref, stats)

@@ -44,7 +44,13 @@ class HeldOutEval:
                 ref = self.fleet.submit([self.prompts[i][2] for i in chunk], n=1, sampling=self.sampling,
                                         request_ids=[f"eval-{i}" for i in chunk])
                 pending[ref] = chunk
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            timeout = self.cfg.rollout.generate_timeout_s
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not ready:
+                late = sorted({w.worker_index for r in pending if (w := self.fleet.work_of(r)) is not None})
+                raise TimeoutError(
+                    f"evaluation: rollout worker(s) {late} did not answer a generate call within "
+                    f"rollout.generate_timeout_s={timeout:.0f}s (their engines look hung)")
             for ref in ready:
                 chunk = pending.pop(ref)
                 finished = self.fleet.finish(ref)

@@ -27,10 +27,23 @@ class WeightSync:
         """(Re)build the side group; needed again whenever the fleet's membership changes."""
         host, port = self.learner.side_group_address()
         world = self.fleet.weight_group_world_size()
-        refs = self.learner.init_weight_sync(host, port, world, self.backend)
-        refs += self.fleet.init_weight_group(host, port, self.backend)
-        ray.get(refs)
+        self._wait("joining the weight-sync group", self.learner.init_weight_sync(host, port, world, self.backend),
+                   self.fleet.init_weight_group(host, port, self.backend))
         self._members = tuple(self.fleet.indices())
+
+    def _wait(self, what: str, learner_refs: list, fleet_refs: list) -> None:
+        """Wait for both sides within rollout.weight_sync_timeout_s; a TimeoutError names who is late."""
+        timeout = self.fleet.cfg.weight_sync_timeout_s
+        names = {r: f"learner rank {i}" for i, r in enumerate(learner_refs)}
+        names.update({r: f"rollout worker {i}" for i, r in zip(self.fleet.indices(), fleet_refs)})
+        _, late = ray.wait(list(names), num_returns=len(names), timeout=timeout)
+        if late:
+            raise TimeoutError(
+                f"weight sync ({what}) did not finish within rollout.weight_sync_timeout_s={timeout:.0f}s: "
+                f"no answer from {', '.join(names[r] for r in late)}. A peer that stalls blocks the broadcast "
+                "for everyone: check that process (the Ray dashboard names its actor), or raise the timeout "
+                "for very large models")
+        ray.get(list(names))  # raises a side's own error, if it failed
 
     def push(self, version: int) -> float:
         start = time.perf_counter()
@@ -39,7 +52,7 @@ class WeightSync:
         if self._plan is None:
             self._plan = self.learner.weight_plan(version)
         plan = type(self._plan)(version=version, buckets=self._plan.buckets)
-        ray.get(self.learner.send_weights(plan) + self.fleet.receive_weights(plan))
+        self._wait(f"version {version}", self.learner.send_weights(plan), self.fleet.receive_weights(plan))
         self.version = version
         return time.perf_counter() - start
 

@@ -57,6 +57,14 @@ class RolloutConfig(StrictModel):
     # steps, loads, and resumes the same requests under the new weights (a partial rollout: its
     # tokens record both versions); drain lets the running requests finish first (no new ones start).
     weight_update: Literal["in_flight", "drain"] = "in_flight"
+    # Deadlines. A worker whose engine has not started and warmed up within ready_timeout_s fails
+    # the start with what the cluster lacks; a generate call older than generate_timeout_s means
+    # its engine is hung: the worker is removed (its prompts go to the others) and replaced at the
+    # next step; a weight sync that does not finish within weight_sync_timeout_s names who did not
+    # answer.
+    ready_timeout_s: float = Field(900.0, gt=0)
+    generate_timeout_s: float = Field(1800.0, gt=0)
+    weight_sync_timeout_s: float = Field(600.0, gt=0)
     # Worker i's engine uses seed + i, so workers given the same prompt sample differently.
     seed: int = 0
     distributed_executor_backend: Literal["mp", "ray"] | None = None

@@ -215,6 +215,17 @@ class FleetBook:
             index = work.worker_index if work is not None else None
             return Finished(work, dead_worker=index if index in self._handles else None, error=e)
 
+    def overdue(self, timeout_s: float, now: float | None = None) -> list[int]:
+        """Workers holding a generate call submitted more than ``timeout_s`` ago (hung engines)."""
+        now = time.time() if now is None else now
+        return sorted({i for i, calls in self._inflight.items()
+                       if any(now - w.submitted_at > timeout_s for w in calls.values())})
+
+    def next_deadline(self, timeout_s: float) -> float | None:
+        """When the oldest call in flight becomes overdue (time.time() clock); None with none."""
+        times = [w.submitted_at for calls in self._inflight.values() for w in calls.values()]
+        return min(times) + timeout_s if times else None
+
     def work_of(self, fut: Hashable) -> Work | None:
         index = self._where.get(fut)
         if index is None:
@@ -296,10 +307,39 @@ class RolloutFleet:
         return self.book.add(handle, index)
 
     def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
-        """Block until every worker's engine has started and warmed up; their ping() infos."""
+        """Block until every worker's engine has started and warmed up; their ping() infos.
+
+        Deadline ``timeout_s`` (default rollout.ready_timeout_s): a TimeoutError names the workers
+        that did not answer, what each asks for and what the cluster has free.
+        """
         import ray
 
-        return ray.get([self.book.handle(i).ping.remote() for i in self.book.indices()], timeout=timeout_s)
+        timeout_s = self.cfg.ready_timeout_s if timeout_s is None else timeout_s
+        pings = {self.book.handle(i).ping.remote(): i for i in self.book.indices()}
+        _, late = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)
+        if late:
+            ask = {"CPU": self.cfg.num_cpus_per_worker, "GPU": gpus_per_worker(self.cfg, self.device),
+                   **self.cfg.resources}
+            raise TimeoutError(
+                f"rollout worker(s) {sorted(pings[r] for r in late)} did not start within {timeout_s:.0f}s "
+                f"(rollout.ready_timeout_s). Each asks for {ask}; the cluster has "
+                f"{ray.cluster_resources()} in all, {ray.available_resources()} free. If they could not be "
+                "placed: lower rollout.num_workers or the per-worker resources, or add nodes; if they are "
+                "placed but slow: raise rollout.ready_timeout_s"
+            )
+        return ray.get(list(pings))
+
+    def remove_hung_workers(self) -> list[tuple[int, list[Work]]]:
+        """Remove (kill) every worker holding a generate call older than rollout.generate_timeout_s.
+
+        Returns (index, its unfinished calls) per worker: the caller submits those again.
+        """
+        return [(i, self.remove_worker(i, wait=True, timeout_s=0))
+                for i in self.book.overdue(self.cfg.generate_timeout_s)]
+
+    def next_deadline(self) -> float | None:
+        """When the oldest generate call in flight becomes overdue (time.time() clock)."""
+        return self.book.next_deadline(self.cfg.generate_timeout_s)
 
     def remove_worker(self, index: int, wait: bool = False, timeout_s: float | None = None) -> list[Work]:
         """Stop worker ``index``. Returns the calls it did not finish, to be submitted again."""
@@ -321,14 +361,13 @@ class RolloutFleet:
         import ray
 
         pings = {self.book.handle(i).ping.remote(): i for i in self.book.indices()}
+        answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s)  # one deadline for all
         dead = []
-        for ref, index in pings.items():
+        for ref in answered:
             try:
-                ray.get(ref, timeout=timeout_s)
+                ray.get(ref)
             except ray.exceptions.RayActorError:
-                dead.append(index)
-            except ray.exceptions.GetTimeoutError:
-                pass
+                dead.append(pings[ref])
         for index in dead:
             self.remove_worker(index, wait=True, timeout_s=0)
         return dead
@@ -360,6 +399,10 @@ class RolloutFleet:
         if finished.dead_worker is not None:
             self.remove_worker(finished.dead_worker, wait=True, timeout_s=0)
         return finished
+
+    def work_of(self, ref) -> Work | None:
+        """The generate call behind ``ref`` (None if the fleet does not know it)."""
+        return self.book.work_of(ref)
 
     def indices(self) -> list[int]:
         """Indices of the workers in the fleet, in rank order."""
