@@ -100,6 +100,9 @@ def test_sft_then_reward_model_then_ppo_raises_the_reward_models_held_out_score(
     ppo = train(load_config(EXAMPLES / "ppo_tiny.yaml", [
         f"run.output_dir={out_dir}", "run.name=ppo", f"run.steps={steps}", f"model.path={sft_model}",
         f"reward.functions.0.model_path={rm_model}", "critic.placement=colocate",
+        # Synchronous: the same seeded run each time (asynchronous runs vary with timing; they are
+        # checked in test_grpo.py and test_fleet_scaling.py).
+        "rl.max_staleness=0",
     ]), EXAMPLES / "ppo_tiny.yaml")
     print(f"workflow: ppo {time.perf_counter() - t0:.0f}s")
 
