@@ -14,6 +14,14 @@ class FakeGroup:
     min_version: int
 
 
+def test_take_prefers_the_oldest_weights_then_arrival_order():
+    buf = StalenessBuffer(max_staleness=3, version_of=lambda g: g.min_version)
+    buf.put([FakeGroup(0, 2), FakeGroup(1, 1), FakeGroup(2, 2), FakeGroup(3, 1)])
+    out = buf.take(3, learner_version=3)
+    assert [g.prompt for g in out.groups] == [1, 3, 0] and out.staleness == [2, 2, 1]
+    assert [g.prompt for g in buf.peek_all()] == [2]
+
+
 def test_take_drops_what_is_too_stale_and_keeps_order():
     buf = StalenessBuffer(max_staleness=1, version_of=lambda g: g.min_version)
     buf.put([FakeGroup(0, 0), FakeGroup(1, 2), FakeGroup(2, 1), FakeGroup(3, 3)])

@@ -52,7 +52,7 @@ class TakeResult(Generic[G]):
 
 
 class StalenessBuffer(Generic[G]):
-    """Scored groups, oldest first; ``take`` never returns one staler than ``max_staleness``."""
+    """Scored groups; ``take`` never returns one staler than ``max_staleness``."""
 
     def __init__(self, max_staleness: int, version_of: Callable[[G], int]):
         if max_staleness < 0:
@@ -76,9 +76,15 @@ class StalenessBuffer(Generic[G]):
         return dropped
 
     def take(self, n: int, learner_version: int) -> TakeResult[G]:
-        """Up to ``n`` groups trainable at ``learner_version`` (oldest first); stale ones are dropped."""
+        """Up to ``n`` groups trainable at ``learner_version``, oldest weights first (those closest to
+        the bound: a group that finished late is not left to expire behind newer ones; among equal
+        versions, the order they arrived in). Stale ones are dropped."""
         dropped = self.drop_stale(learner_version)
-        taken = [self._groups.popleft() for _ in range(min(n, len(self._groups)))]
+        order = sorted(range(len(self._groups)), key=lambda i: self._version_of(self._groups[i]))
+        chosen = set(order[:n])
+        taken = [g for i, g in enumerate(self._groups) if i in chosen]
+        taken.sort(key=self._version_of)
+        self._groups = deque(g for i, g in enumerate(self._groups) if i not in chosen)
         return TakeResult(taken, dropped, [learner_version - self._version_of(g) for g in taken])
 
     def peek_all(self) -> list[G]:
