@@ -424,7 +424,7 @@ def test_http_bad_answers(server, route, message):
 
 def test_http_timeout(server):
     start = time.perf_counter()
-    with pytest.raises(HttpScorerError, match=r"failed 2 times \(timeout 0.2s.*(timed out|Timeout)"):
+    with pytest.raises(HttpScorerError, match=r"failed 2 times \(timeout_s 0.2 per try.*(timed out|Timeout)"):
         HttpScorer(server + "/slow", timeout_s=0.2, max_retries=1, retry_backoff_s=0.01)(["p"], ["c"])
     assert time.perf_counter() - start < 1.5
 

@@ -12,7 +12,7 @@ from fleetrl.reward.config import (
     RuleFunctionConfig,
 )
 from fleetrl.reward.rules import RewardLoadError
-from fleetrl.reward.scorer import RewardError, RewardErrorInfo, RewardScorer, ScoreResult
+from fleetrl.reward.scorer import RewardError, RewardErrorInfo, RewardHungError, RewardScorer, ScoreResult
 
 # The Ray side loads on first use: validating a config (which imports reward.config) imports no Ray.
 _LAZY = {"RewardActor", "make_reward_actors", "reward_actor_name"}
@@ -35,6 +35,7 @@ __all__ = [
     "RewardError",
     "RewardErrorInfo",
     "RewardFunctionConfig",
+    "RewardHungError",
     "RewardLoadError",
     "RewardScorer",
     "RuleFunctionConfig",

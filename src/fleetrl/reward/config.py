@@ -5,15 +5,18 @@ A run's reward is the weighted sum of one or more functions, each of one kind:
 ```yaml
 reward:
   on_error: fail            # or "zero": score failing samples 0 and count them in the metrics
+  timeout_s: 60             # deadline of each call of a function; a late call fails like a raising one
   num_workers: 2            # reward actors reward-0, reward-1
   functions:
     - {name: correct, kind: builtin, builtin: numeric_answer, weight: 1.0}
-    - {name: format, kind: rule, path: rewards.py:has_answer_line, weight: 0.2}
+    - {name: format, kind: rule, path: rewards.py:has_answer_line, weight: 0.2, timeout_s: 5}
     - {name: rm, kind: model, model_path: /models/my-rm, normalize: true}
     - {name: judge, kind: http, url: "http://judge:8000/score", timeout_s: 10}
 ```
 
 Each kind has its own model (`kind` picks it), so a field of another kind is an error, not ignored.
+`timeout_s` on a rule, builtin or model function overrides `reward.timeout_s` for that function; on an
+http function it is the deadline of one try (connect, send and read the whole answer).
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from fleetrl.core.strict import StrictModel
+
+MAX_TIMEOUT_S = 24 * 3600.0
+
+
+def _check_timeout(v: float | None) -> float | None:
+    if v is not None and not (math.isfinite(v) and 0 < v <= MAX_TIMEOUT_S):
+        raise ValueError(
+            f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:g} (a day), got {v}; "
+            "every call needs a deadline"
+        )
+    return v
 
 
 class _FunctionBase(StrictModel):
@@ -39,7 +53,19 @@ class _FunctionBase(StrictModel):
         return v
 
 
-class RuleFunctionConfig(_FunctionBase):
+class _LocalFunctionBase(_FunctionBase):
+    timeout_s: float | None = Field(
+        default=None,
+        description="Deadline of one call of this function in seconds; unset means reward.timeout_s.",
+    )
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout_in_range(cls, v: float | None) -> float | None:
+        return _check_timeout(v)
+
+
+class RuleFunctionConfig(_LocalFunctionBase):
     """User Python: `path/to/file.py:function`, relative to the config file's directory (or the CWD)."""
 
     kind: Literal["rule"]
@@ -59,7 +85,7 @@ class RuleFunctionConfig(_FunctionBase):
         return v
 
 
-class BuiltinFunctionConfig(_FunctionBase):
+class BuiltinFunctionConfig(_LocalFunctionBase):
     """One of the functions shipped in `fleetrl.reward.builtins`; `kwargs` are its options."""
 
     kind: Literal["builtin"]
@@ -77,7 +103,7 @@ class BuiltinFunctionConfig(_FunctionBase):
         return v
 
 
-class ModelFunctionConfig(_FunctionBase):
+class ModelFunctionConfig(_LocalFunctionBase):
     """A Hugging Face sequence-classification reward model with one output (num_labels=1)."""
 
     kind: Literal["model"]
@@ -100,11 +126,23 @@ class HttpFunctionConfig(_FunctionBase):
 
     kind: Literal["http"]
     url: str
-    timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(
+        default=30.0,
+        description="Deadline of one try in seconds: connect, send and read the whole answer. A call makes "
+        "up to max_retries + 1 tries with backoff between them.",
+    )
+    max_response_bytes: int = Field(
+        default=4 * 1024 * 1024, gt=0, description="Largest answer body accepted; a bigger one is an error."
+    )
     max_retries: int = Field(default=2, ge=0, description="Retries after the first try, on timeouts, "
                              "connection errors, 429 and 5xx.")
     retry_backoff_s: float = Field(default=1.0, ge=0, description="Sleep before retry k is backoff * 2**k.")
     headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout_in_range(cls, v: float | None) -> float | None:
+        return _check_timeout(v)
 
     @field_validator("url")
     @classmethod
@@ -131,12 +169,23 @@ class RewardConfig(StrictModel):
         "exception in the message. 'zero' scores failing samples 0 for that function and reports them "
         "(the orchestrator counts them in the metrics) - for long runs with a flaky scorer.",
     )
+    timeout_s: float = Field(
+        default=60.0,
+        description="Deadline in seconds of each call of a rule, builtin or model function (functions[i]."
+        "timeout_s overrides it). A late call is handled by on_error like one that raised; it keeps running "
+        "in a background thread, and a function with several such calls still running is refused as broken.",
+    )
     num_workers: int = Field(default=1, ge=1, description="Number of reward actors (reward-0, reward-1, ...).")
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved by each reward actor.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved by each reward actor.")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per reward actor (pins it to marked nodes)."
     )
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout_in_range(cls, v: float | None) -> float | None:
+        return _check_timeout(v)
 
     @model_validator(mode="after")
     def _check(self) -> RewardConfig:

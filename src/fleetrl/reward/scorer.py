@@ -7,11 +7,29 @@ and completion and the exception. With `on_error: zero` invalid values count as 
 and each is listed in `ScoreResult.errors`. When a rule or built-in function raises on a batch, it is
 run again one sample at a time to find the samples that fail (the others keep their scores); a model
 or HTTP scorer that raises fails the whole batch.
+
+Deadlines. Every call of a function runs in a daemon thread of its own, and the scorer waits for it
+at most the function's deadline: `functions[i].timeout_s`, else `reward.timeout_s` (an http
+function's deadline is its own worst case, every try plus backoff, plus a margin; the HTTP scorer
+ends each try itself). A call past its deadline is invalid for every sample of the call, with the
+message "timed out after X s" and the line the call was running, and follows `on_error` like a
+raising call; it is not rerun one sample at a time. A Python thread cannot be killed: the abandoned
+call keeps running in the background until it returns (its result is dropped), may run at the same
+time as later calls of the same function, and holds its memory. `ScoreResult.hung_calls` counts such
+calls per function. Once `MAX_HUNG_CALLS` calls of one function are still running, the function is
+treated as broken: every later score() raises `RewardHungError` (whatever `on_error` says) until they
+return; restarting the reward actor frees them. Code that holds the GIL without release (a regular
+expression with catastrophic backtracking, some C extensions) also blocks the scorer's wait, so no
+deadline can help there; and code that needs the main thread (`signal.alarm`-based timeouts) fails in
+the worker thread: turn those off, `timeout_s` replaces them.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import sysconfig
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,10 +41,24 @@ from fleetrl.reward.config import RewardConfig
 from fleetrl.reward.rules import RewardLoadError
 
 PREVIEW_CHARS = 160
+MAX_HUNG_CALLS = 4  # calls of one function still running past their deadline before it counts as broken
+HTTP_DEADLINE_MARGIN_S = 5.0  # over an http function's own worst case, for DNS and JSON decoding
 
 
 class RewardError(RuntimeError):
     """A reward function failed on a sample while reward.on_error is 'fail'."""
+
+
+class RewardHungError(RewardError):
+    """A reward function has MAX_HUNG_CALLS calls still running past their deadline; it is not called again.
+
+    Raised whatever reward.on_error says. The threads are freed only when the calls return or the
+    process (the reward actor) ends.
+    """
+
+
+class _CallTimeout(Exception):
+    """A call did not return within its deadline; the message is the per-sample error message."""
 
 
 @dataclass
@@ -44,6 +76,8 @@ class ScoreResult:
     per_function: dict[str, list[float]]  # unweighted values; 0.0 where the function failed
     errors: list[RewardErrorInfo] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per function
+    # Calls past their deadline still running in the background, per function with any (a gauge).
+    hung_calls: dict[str, int] = field(default_factory=dict)
 
 
 def preview(text: Any, limit: int = PREVIEW_CHARS) -> str:
@@ -81,6 +115,52 @@ class _Function:
     weight: float
     fn: Callable[..., Any]
     isolatable: bool  # cheap and meaningful to rerun one sample at a time
+    timeout_s: float | None = None  # deadline of one call; None: reward.timeout_s (set by RewardScorer)
+    timeout_source: str = "reward.timeout_s"  # the setting to change, for messages
+    where: str = ""  # the file of a rule function, for messages
+    hung: int = 0  # calls past their deadline still running
+    timed_out: int = 0  # calls that ever passed their deadline
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class _Call:
+    """One call of a function in a daemon thread (daemon: a hung call does not keep the process alive)."""
+
+    def __init__(self, func: _Function, args: tuple, kwargs: dict):
+        self.func = func
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.abandoned = False  # decided under func.lock, with done, so a call is counted hung at most once
+        self.thread = threading.Thread(
+            target=self._run, args=(args, kwargs), name=f"reward-{func.name}", daemon=True
+        )
+
+    def _run(self, args: tuple, kwargs: dict) -> None:
+        try:
+            self.value = self.func.fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            self.error = e
+        finally:
+            with self.func.lock:
+                self.done.set()
+                if self.abandoned:
+                    self.func.hung -= 1
+                    self.value = self.error = None  # nobody reads them; free the memory
+
+
+_STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def _running_at(thread: threading.Thread) -> str:
+    """' (it was running file:line in function)': the innermost frame of a thread outside the stdlib."""
+    frame = sys._current_frames().get(thread.ident)  # noqa: SLF001 - the documented way to see a thread's stack
+    if frame is None:
+        return ""
+    stack = traceback.extract_stack(frame)
+    own = [f for f in stack if not f.filename.startswith(_STDLIB) and not f.filename.startswith("<")]
+    top = (own or stack)[-1]
+    return f" (it was running {top.filename}:{top.lineno} in {top.name})"
 
 
 def build_function(fc, base_dir: str | Path | None) -> _Function:
@@ -89,23 +169,30 @@ def build_function(fc, base_dir: str | Path | None) -> _Function:
         if fc.kind == "rule":
             from fleetrl.reward.rules import load_rule_function
 
-            return _Function(fc.name, f"rule {fc.path}", fc.weight, load_rule_function(fc.path, base_dir), True)
+            fn = load_rule_function(fc.path, base_dir)
+            code = getattr(fn.fn, "__code__", None)
+            return _Function(fc.name, f"rule {fc.path}", fc.weight, fn, True, fc.timeout_s,
+                             where=code.co_filename if code is not None else "")
         if fc.kind == "builtin":
             from fleetrl.reward.builtins import make_builtin
 
-            return _Function(fc.name, f"builtin {fc.builtin}", fc.weight, make_builtin(fc.builtin, fc.kwargs), True)
+            return _Function(fc.name, f"builtin {fc.builtin}", fc.weight, make_builtin(fc.builtin, fc.kwargs), True,
+                             fc.timeout_s)
         if fc.kind == "model":
             from fleetrl.reward.model_scorer import RewardModelScorer
 
             fn = RewardModelScorer(
                 fc.model_path, fc.max_length, fc.batch_size, fc.normalize, fc.device, fc.truncation_side
             )
-            return _Function(fc.name, f"model {fc.model_path}", fc.weight, fn, False)
+            return _Function(fc.name, f"model {fc.model_path}", fc.weight, fn, False, fc.timeout_s)
         if fc.kind == "http":
             from fleetrl.reward.http_scorer import HttpScorer
 
-            fn = HttpScorer(fc.url, fc.timeout_s, fc.max_retries, fc.headers, fc.retry_backoff_s)
-            return _Function(fc.name, f"http {fc.url}", fc.weight, fn, False)
+            fn = HttpScorer(fc.url, fc.timeout_s, fc.max_retries, fc.headers, fc.retry_backoff_s,
+                            fc.max_response_bytes)
+            deadline = fn.worst_case_s() + HTTP_DEADLINE_MARGIN_S
+            return _Function(fc.name, f"http {fc.url}", fc.weight, fn, False, deadline,
+                             "the http function's timeout_s (per try)")
     except (RewardLoadError, ValueError) as e:
         raise RewardLoadError(f"reward function {fc.name!r} ({fc.kind}): {e}") from e
     raise ValueError(f"unknown reward function kind {fc.kind!r}")
@@ -123,6 +210,11 @@ class RewardScorer:
                 "or http) to score samples"
             )
         self.functions = [build_function(fc, base_dir) for fc in self.cfg.functions]
+        for i, (func, fc) in enumerate(zip(self.functions, self.cfg.functions)):
+            if func.timeout_s is None:
+                func.timeout_s = self.cfg.timeout_s
+            elif fc.kind != "http":
+                func.timeout_source = f"reward.functions[{i}].timeout_s"
 
     def describe(self) -> list[dict]:
         """Name, kind and weight of each function (also a cheap readiness check for actors)."""
@@ -156,6 +248,8 @@ class RewardScorer:
         if n == 0:
             return ScoreResult([], {f.name: [] for f in self.functions}, [], {})
         for func in self.functions:
+            self._refuse_if_broken(func)
+        for func in self.functions:
             start = time.perf_counter()
             values, failures = self._run(func, prompts, completions, columns)
             seconds[func.name] = time.perf_counter() - start
@@ -168,7 +262,46 @@ class RewardScorer:
             per_function[func.name] = values
             for i, v in enumerate(values):
                 rewards[i] += func.weight * v
-        return ScoreResult(rewards, per_function, errors, seconds)
+        return ScoreResult(rewards, per_function, errors, seconds, self.hung_calls())
+
+    def hung_calls(self) -> dict[str, int]:
+        """Calls past their deadline still running, per function that has any."""
+        return {f.name: f.hung for f in self.functions if f.hung}
+
+    def _refuse_if_broken(self, func: _Function) -> None:
+        with func.lock:
+            hung = func.hung
+        if hung < MAX_HUNG_CALLS:
+            return
+        where = f", file {func.where}" if func.where else ""
+        raise RewardHungError(
+            f"reward function {func.name!r} ({func.label}{where}) is broken: {hung} of its calls passed their "
+            f"deadline of {func.timeout_s:g} s ({func.timeout_source}) and are still running in background "
+            f"threads ({func.timed_out} timed out in all). It is not called again while {MAX_HUNG_CALLS} are "
+            "running, whatever reward.on_error says. Make the function return (look for a loop or a wait that "
+            "never ends) or raise its timeout; restarting the reward actor frees the threads."
+        )
+
+    def _call(self, func: _Function, prompts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
+        """func.fn(prompts, completions, **columns) within func.timeout_s; _CallTimeout when it does not return."""
+        self._refuse_if_broken(func)
+        call = _Call(func, (prompts, completions), columns)
+        call.thread.start()
+        timeout = min(func.timeout_s, threading.TIMEOUT_MAX)
+        if not call.done.wait(timeout):
+            with func.lock:
+                if not call.done.is_set():
+                    call.abandoned = True
+                    func.hung += 1
+                    func.timed_out += 1
+            if call.abandoned:
+                raise _CallTimeout(
+                    f"timed out after {func.timeout_s:g} s{_running_at(call.thread)}; the call goes on in a "
+                    f"background thread. Make the function faster or raise {func.timeout_source}"
+                )
+        if call.error is not None:
+            raise call.error
+        return call.value
 
     @staticmethod
     def _fail_message(func: _Function, infos: list[RewardErrorInfo], n: int) -> str:
@@ -189,11 +322,21 @@ class RewardScorer:
         """Values (0.0 where invalid) and (sample index, message) for each invalid sample."""
         n = len(completions)
         try:
-            raw = func.fn(prompts, completions, **columns)
+            raw = self._call(func, prompts, completions, columns)
+        except _CallTimeout as e:  # not rerun one sample at a time: that could take n deadlines
+            return [0.0] * n, [(i, str(e)) for i in range(n)]
+        except RewardHungError:
+            raise
         except Exception as e:  # noqa: BLE001 - user code may raise anything; policy decides
             if func.isolatable and n > 1:
                 return self._run_one_by_one(func, prompts, completions, columns)
             message = f"raised {_describe_exception(e)}"
+            if "signal only works in main thread" in str(e):
+                message += (
+                    " (reward functions run in a worker thread so that timeout_s can stop waiting for them: "
+                    "turn off signal-based timeouts inside the function, e.g. math_verify's parsing_timeout "
+                    "and timeout_seconds)"
+                )
             return [0.0] * n, [(i, message) for i in range(n)]
         if isinstance(raw, (str, bytes, dict)) or not hasattr(raw, "__len__"):
             message = f"returned a {type(raw).__name__}, expected a list of {n} floats (one per completion)"
