@@ -492,3 +492,96 @@ def test_cluster_doc_lists_every_documented_metric():
                 "src/fleetrl/deploy/kuberay/rayjob.yaml", "src/fleetrl/deploy/kuberay/monitoring.yaml",
                 "src/fleetrl/deploy/grafana/fleetrl.json", "src/fleetrl/deploy/Dockerfile"):
         assert rel in doc and (REPO / rel).is_file(), rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed by default (issue 11): credentials never uploaded, --env warned about, token auth on
+
+
+CREDENTIAL_FILES = (".env", ".env.local", ".netrc", ".git-credentials", ".pypirc", ".aws/credentials",
+                    ".ssh/id_ed25519", "keys/id_rsa", "keys/deploy.pem", "tls/server.key", ".kube/config",
+                    ".config/gcloud/application_default_credentials.json", ".docker/config.json",
+                    "sub/.env")
+
+
+def _with_credentials(root: Path) -> None:
+    for rel in CREDENTIAL_FILES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("secret\n")
+
+
+def test_credential_files_are_never_uploaded(tmp_path):
+    from ray._private.runtime_env.packaging import _zip_files
+
+    root = tmp_path / "wd"
+    root.mkdir()
+    _tree(root)
+    _with_credentials(root)
+    for excludes in (jobs.DEFAULT_EXCLUDES, ["runs/"]):  # custom excludes cannot re-admit credentials
+        env = jobs.build_runtime_env(root, excludes=excludes)
+        zip_path = tmp_path / "pkg.zip"
+        _zip_files(str(root), env["excludes"], str(zip_path), include_gitignore=True)
+        zipped = {n for n in zipfile.ZipFile(zip_path).namelist() if not n.endswith("/")}
+        assert "data/train.jsonl" in zipped
+        assert not zipped & set(CREDENTIAL_FILES), zipped & set(CREDENTIAL_FILES)
+    for rel in CREDENTIAL_FILES:
+        assert jobs.upload_blocker(root / rel, root, environ={}) is not None, rel
+
+
+def test_excluded_credentials_lists_what_is_left_out(tmp_path):
+    _with_credentials(tmp_path)
+    (tmp_path / ".venv/lib").mkdir(parents=True)
+    (tmp_path / ".venv/lib/site.pem").write_text("x")  # inside an excluded folder: not walked
+    (tmp_path / "keyboard.py").write_text("")  # not a credential
+    found = jobs.excluded_credentials(tmp_path)
+    assert ".env" in found and ".netrc" in found and ".aws/" in found and ".ssh/" in found
+    assert "keys/deploy.pem" in found and "keys/id_rsa" in found and "sub/.env" in found
+    assert ".kube/" in found and ".docker/config.json" in found and ".config/gcloud/" in found
+    assert not any(f.startswith(".venv") for f in found) and "keyboard.py" not in found
+
+
+def test_submit_says_which_credentials_it_leaves_out_and_warns_about_env(fake_cluster, tmp_path):
+    import io
+
+    client, _ = fake_cluster
+    cfg = _project(tmp_path)
+    _with_credentials(tmp_path)
+    out = io.StringIO()
+    jobs.submit(cfg, [], address="http://h:8265", working_dir=tmp_path, env_vars={"WANDB_API_KEY": "k"},
+                job_id="j", token="t", out=out)
+    text = out.getvalue()
+    line = next(x for x in text.splitlines() if "not uploading credential files" in x)
+    for rel in (".env", ".netrc", ".aws/", ".ssh/", "keys/deploy.pem"):
+        assert rel in line
+    assert "--env WANDB_API_KEY" in text and "runtime_env" in text and "dashboard" in text
+    assert "=k" not in text  # the value itself is never printed
+    (kw,) = client.submitted
+    assert set(jobs.CREDENTIAL_EXCLUDES) <= set(kw["runtime_env"]["excludes"])
+
+
+def test_submit_is_quiet_without_credentials_or_env(fake_cluster, tmp_path):
+    import io
+
+    out = io.StringIO()
+    jobs.submit(_project(tmp_path), [], address="http://h:8265", working_dir=tmp_path, job_id="j", token="t",
+                out=out)
+    assert "credential" not in out.getvalue() and "--env" not in out.getvalue()
+
+
+def test_kuberay_manifests_enable_token_auth():
+    for rel, spec_of in (("src/fleetrl/deploy/kuberay/raycluster.yaml", lambda d: d["spec"]),
+                         ("src/fleetrl/deploy/kuberay/rayjob.yaml", lambda d: d["spec"]["rayClusterSpec"])):
+        spec = spec_of(_load(rel))
+        assert spec["authOptions"] == {"mode": "token"}, rel
+        assert spec["headGroupSpec"]["serviceType"] == "ClusterIP", rel  # never exposed outside the cluster
+
+
+def test_cluster_launcher_enables_token_auth_and_keeps_the_dashboard_on_loopback():
+    raw = _load("src/fleetrl/deploy/cluster.yaml")
+    assert "--env RAY_AUTH_MODE=token" in raw["docker"]["run_options"]
+    assert raw["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in raw[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start, key
+    head = next(c for c in raw["head_start_ray_commands"] if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head

@@ -35,9 +35,20 @@ TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
 # Never worth uploading (gitignore-style patterns, matched from the working dir). Ray also
 # honours .gitignore and .rayignore files in the working dir.
+# Credentials never leave this machine, whatever .gitignore says: env files, netrc (W&B and Hugging
+# Face logins live there), git/pip/docker/cloud/Kubernetes/SSH credentials, keys and certificates.
+CREDENTIAL_EXCLUDES = (
+    ".env", ".env.*", "*.env", ".envrc", ".netrc", "_netrc", ".git-credentials", ".pypirc", ".npmrc",
+    ".docker/config.json", ".aws/", ".ssh/", ".gnupg/", ".kube/", "kubeconfig", ".config/gcloud/",
+    ".azure/", ".ray/auth_token", "ray_auth_token", ".huggingface/token", ".cache/huggingface/token",
+    ".config/wandb/", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12", "*.pfx",
+    "*.jks", "*.keystore", "credentials.json", "service-account*.json", "*-credentials.json", "secrets.yaml",
+    "secrets.yml", "secrets.json", ".secrets/",
+)
 DEFAULT_EXCLUDES = (
     ".git/", ".venv/", "venv/", "runs/", "__pycache__/", "*.pyc", ".pytest_cache/", ".ruff_cache/",
     ".mypy_cache/", "*.egg-info/", ".fleetrl-cache/", "wandb/", ".ipynb_checkpoints/",
+    *CREDENTIAL_EXCLUDES,
 )
 # How the job starts fleetrl on the cluster.
 LAUNCHERS = {
@@ -118,6 +129,11 @@ def auth_token(environ: Mapping[str, str] | None = None, home: Path | None = Non
     return token
 
 
+def with_credential_excludes(excludes: Sequence[str]) -> list[str]:
+    """``excludes`` plus every :data:`CREDENTIAL_EXCLUDES` pattern: custom excludes never re-admit credentials."""
+    return [*excludes, *(p for p in CREDENTIAL_EXCLUDES if p not in excludes)]
+
+
 def build_runtime_env(
     working_dir: str | Path,
     pip: Sequence[str] | str | None = None,
@@ -126,13 +142,15 @@ def build_runtime_env(
 ) -> dict[str, Any]:
     """The job's ``runtime_env``: the working dir to upload (minus ``excludes``), optional pip
     packages (a list of requirement strings, or the path of a requirements file) and
-    environment variables for the driver and every actor it starts."""
+    environment variables for the driver and every actor it starts. Credential files
+    (:data:`CREDENTIAL_EXCLUDES`) are always excluded, whatever ``excludes`` says."""
     env = {"PYTHONUNBUFFERED": "1"}  # so `fleetrl logs --follow` sees lines as they are printed
     for key, value in (env_vars or {}).items():
         if not isinstance(value, str):
             raise DeployError(f"environment variable {key}: values must be strings, got {value!r}")
         env[key] = value
-    runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(excludes), "env_vars": env}
+    excludes = with_credential_excludes(excludes)
+    runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": excludes, "env_vars": env}
     if pip:
         if isinstance(pip, str):
             if not Path(pip).is_file():
@@ -219,6 +237,47 @@ def upload_blocker(path: str | Path, working_dir: str | Path, excludes: Sequence
                     if spec.match_file("/".join(parts[above:depth])):
                         return f"{ignore_file} ignores it"
     return None
+
+
+def excluded_credentials(working_dir: str | Path, excludes: Sequence[str] = DEFAULT_EXCLUDES,
+                         limit: int = 10_000) -> list[str]:
+    """Paths (relative, posix) under ``working_dir`` that match :data:`CREDENTIAL_EXCLUDES` and that
+    ``excludes`` leave out: what ``submit`` announces before uploading. Excluded folders are not
+    walked into (a .venv holds thousands of files); at most ``limit`` entries are looked at."""
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    wd = Path(working_dir).resolve()
+    creds = PathSpec.from_lines("gitwildmatch", CREDENTIAL_EXCLUDES)
+    skip = PathSpec.from_lines("gitwildmatch", [p for p in excludes if p not in CREDENTIAL_EXCLUDES])
+    found: list[str] = []
+    seen = 0
+    for root, dirs, files in os.walk(wd):
+        rel_root = Path(root).relative_to(wd)
+        kept = []
+        for d in sorted(dirs):
+            rel = (rel_root / d).as_posix()
+            if creds.match_file(rel + "/"):
+                found.append(rel + "/")
+            elif not skip.match_file(rel + "/") and not Path(root, d).is_symlink():
+                kept.append(d)
+        dirs[:] = kept
+        for f in sorted(files):
+            seen += 1
+            rel = (rel_root / f).as_posix()
+            if creds.match_file(rel):
+                found.append(rel)
+        if seen > limit:
+            break
+    return sorted(found)
+
+
+def env_vars_warning(env_vars: Mapping[str, str] | None) -> str | None:
+    """What to tell the user about ``--env`` values: they are stored in the job's runtime env."""
+    if not env_vars:
+        return None
+    return (f"--env {', '.join(sorted(env_vars))}: the values are stored in the job's runtime_env, which "
+            "anyone who can reach the dashboard or the Jobs API can read; prefer secrets the cluster "
+            "already holds (a Kubernetes Secret, the nodes' environment)")
 
 
 def default_job_id(config_path: str | Path | None) -> str:
@@ -394,6 +453,14 @@ def submit(
             raise DeployError("submit: the command is empty")
     runtime_env = build_runtime_env(wd, pip=pip, env_vars=env_vars, excludes=excludes)
     job_id = job_id or default_job_id(config_path)
+    say = out or sys.stdout
+    left_out = excluded_credentials(wd, runtime_env["excludes"])
+    if left_out:
+        shown = ", ".join(left_out[:12]) + (f" and {len(left_out) - 12} more" if len(left_out) > 12 else "")
+        print(f"fleetrl: not uploading credential files from {wd}: {shown}", file=say, flush=True)
+    warning = env_vars_warning(env_vars)
+    if warning:
+        print(f"fleetrl: warning: {warning}", file=say, flush=True)
 
     cluster = _Cluster(address, token)
     with cluster.call():

@@ -10,7 +10,10 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    """Each step's metrics to metrics.jsonl, and optionally TensorBoard and Weights & Biases."""
+    """Each step's metrics to metrics.jsonl, and optionally TensorBoard and Weights & Biases.
+
+    ``wandb``: keyword arguments of ``wandb.init`` (their ``config`` already redacted by the caller, see
+    fleetrl.run.config.redacted_config), plus an optional ``api_key`` passed in the run's settings."""
 
     def __init__(self, path: Path, append: bool = False, tensorboard_dir: Path | None = None,
                  wandb: dict | None = None):
@@ -29,7 +32,15 @@ class MetricsWriter:
                     "run.wandb is set but the wandb package is not installed: pip install 'fleetrl[wandb]' "
                     "(or remove run.wandb)"
                 ) from None
-            self._wandb = wandb_lib.init(**wandb)
+            kwargs = dict(wandb)
+            api_key = kwargs.pop("api_key", None)  # not a wandb.init argument: it goes in its settings
+            if api_key:
+                settings = kwargs.get("settings") or {}
+                if isinstance(settings, dict):
+                    settings = wandb_lib.Settings(**settings)
+                settings.api_key = api_key
+                kwargs["settings"] = settings
+            self._wandb = wandb_lib.init(**kwargs)
 
     def write(self, row: dict) -> None:
         if "step" not in row:

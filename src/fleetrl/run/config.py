@@ -7,12 +7,13 @@ came from (the file or the override) and what is allowed.
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 # Importing the package (not .registry) registers every algorithm file.
 from fleetrl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, OnlineAlgorithm
@@ -513,9 +514,66 @@ def algorithm_defaults(algorithm: str) -> dict[str, Any]:
     return dict(PAPER_DEFAULTS.get(algorithm, {}))
 
 
-def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML; a comment on top names the paper defaults it took."""
-    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+REDACTED = "<redacted>"
+# Keys of free-form mappings (env vars, engine/DeepSpeed kwargs, run.wandb) whose values are secrets.
+SECRET_KEY = re.compile(r"TOKEN(?!IZER)|KEY|SECRET|PASSW|AUTH|CREDENTIAL|COOKIE|SESSION", re.IGNORECASE)
+
+
+def redacted_config(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg`` as JSON-ready data with secrets replaced by ``<redacted>``: what is printed or saved
+    (``fleetrl config show``, the run directory's config.yaml, the W&B run config). The running config
+    keeps the real values. Redacted: every HTTP header value, values of secret-looking keys (TOKEN, KEY,
+    SECRET, PASSWORD, AUTH, CREDENTIAL) anywhere inside a free-form mapping such as rollout.env_vars,
+    rollout.engine_kwargs, learner.deepspeed_config or run.wandb, and the password in a URL."""
+    tree = cfg.model_dump(mode="json")
+    _redact_model(cfg, tree)
+    return tree
+
+
+def _redact_model(model: BaseModel, tree: dict) -> None:
+    for name in type(model).model_fields:
+        if name not in tree:
+            continue
+        value = getattr(model, name)
+        if name == "headers" and isinstance(tree[name], dict):
+            tree[name] = {k: REDACTED if v else v for k, v in tree[name].items()}
+        elif isinstance(value, BaseModel) and isinstance(tree[name], dict):
+            _redact_model(value, tree[name])
+        elif isinstance(value, (list, tuple)) and isinstance(tree[name], list):
+            for item, node in zip(value, tree[name]):
+                if isinstance(item, BaseModel) and isinstance(node, dict):
+                    _redact_model(item, node)
+        elif isinstance(tree[name], (dict, list)):
+            tree[name] = _redact_free_form(tree[name])
+        elif isinstance(tree[name], str) and name.endswith("url"):
+            tree[name] = _redact_url(tree[name])
+
+
+def _redact_free_form(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else _redact_free_form(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact_free_form(v) for v in node]
+    if isinstance(node, str) and "://" in node:
+        return _redact_url(node)
+    return node
+
+
+def _redact_url(url: str) -> str:
+    """``scheme://user:password@host/...?api_key=...`` without the password and secret query values."""
+    url = re.sub(r"(://[^/@:\s]*):[^/@\s]*@", r"\1:" + REDACTED + "@", url)
+    return re.sub(r"([?&][^=&#]*(?:token|key|secret|passw|auth|signature)[^=&#]*=)[^&#]*", r"\1" + REDACTED, url,
+                  flags=re.IGNORECASE)
+
+
+def dump_config(cfg: RunConfig, redact: bool = True) -> str:
+    """The resolved config as YAML, secrets redacted (see :func:`redacted_config`); a comment on top
+    names the paper defaults it took."""
+    tree = redacted_config(cfg) if redact else cfg.model_dump(mode="json")
+    text = yaml.safe_dump(tree, sort_keys=False)
+    if redact and REDACTED in text:
+        text = (f"# secrets are shown as {REDACTED}: put the real values back before reusing this file\n") + text
     applied = cfg.paper_defaults_applied
     if applied:
         keys = ", ".join(f"{k}={v}" for k, v in applied.items())

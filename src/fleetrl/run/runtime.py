@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 
-from fleetrl.run.config import RayConfig, RunConfig, dump_config
+from fleetrl.run.config import RayConfig, RunConfig, dump_config, redacted_config
 
 
 class RunDir:
@@ -23,6 +23,7 @@ class RunDir:
                 f"or choose another run.name"
             )
         self.path.mkdir(parents=True, exist_ok=True)
+        # Secrets redacted; a resume reads the user's file + overrides, never this copy.
         (self.path / "config.yaml").write_text(dump_config(cfg))
         # Actor names are global in a Ray namespace: prefix them so two runs can share a cluster.
         self.actor_prefix = re.sub(r"[^A-Za-z0-9_.-]", "-", name) + "/"
@@ -44,7 +45,7 @@ class RunDir:
         from fleetrl.metrics.local import MetricsWriter
 
         wandb = None if cfg.run.wandb is None else {"name": self.path.name, **cfg.run.wandb,
-                                                     "config": cfg.model_dump(mode="json")}
+                                                     "config": redacted_config(cfg)}
         return MetricsWriter(self.metrics_path, append=append,
                              tensorboard_dir=self.path / "tensorboard" if cfg.run.tensorboard else None,
                              wandb=wandb)
@@ -59,17 +60,45 @@ class RunDir:
 
 
 def connect_ray(cfg: RayConfig) -> None:
+    """Join ``ray.address`` (or RAY_ADDRESS) when set; else start a local Ray that listens on loopback only."""
     import ray
 
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _allow_cluster_addresses()
         ray.init(address=address, namespace=cfg.namespace)
         return
-    # A local Ray: keep it on loopback (Ray 2.60 otherwise binds the machine's public address).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    keep_ray_on_loopback()
     ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False)
+
+
+def keep_ray_on_loopback() -> None:
+    """Make the next local ``ray.init()`` / ``ray start --head`` of this process use 127.0.0.1.
+
+    fleetrl/__init__.py sets the variable before ray is imported; if something imported ray first
+    (a user's script), Ray's copy of it is corrected here too. A value the user exported wins."""
+    import fleetrl
+
+    os.environ.setdefault(fleetrl.LOOPBACK_ENV_VAR, "0")
+    if os.environ[fleetrl.LOOPBACK_ENV_VAR].strip().lower() in ("0", "false"):
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _allow_cluster_addresses() -> None:
+    """Joining a cluster: take back the loopback setting fleetrl/__init__.py made (not the user's)."""
+    import fleetrl
+
+    if not fleetrl._loopback_set_here:
+        return
+    os.environ.pop(fleetrl.LOOPBACK_ENV_VAR, None)
+    fleetrl._loopback_set_here = False
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = not ray_constants.IS_WINDOWS_OR_OSX
 
 
 def pick_backend(backend: str) -> str:
