@@ -7,6 +7,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fleetrl import cli
@@ -101,3 +102,18 @@ def test_run_dir_config_yaml_and_wandb_config_are_redacted(tmp_path, monkeypatch
 def test_unredacted_dump_is_still_available(tmp_path):
     cfg = load_config(_config(tmp_path))
     assert "hf_abcdef" in dump_config(cfg, redact=False)
+
+
+def test_a_saved_config_with_hidden_secrets_is_refused_by_name(tmp_path):
+    from fleetrl.run.config import ConfigError, load_config
+
+    path = tmp_path / "saved.yaml"
+    path.write_text(
+        "algorithm: grpo\n"
+        "data: {path: prompts.jsonl}\n"
+        "reward:\n"
+        "  functions:\n"
+        "    - {name: judge, kind: http, url: 'http://127.0.0.1:9/score', headers: {Authorization: '<redacted>'}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"reward\.functions\.0\.headers\.Authorization is '<redacted>'"):
+        load_config(path)

@@ -498,11 +498,27 @@ def config_from_dict(tree: dict, overrides=(), source: str = "<config>") -> RunC
         keys, value = parse_override(text)
         _set_dotted(tree, keys, value, f"override {text!r}")
         origins[".".join(keys)] = f"override {text!r}"
+    hidden = _redacted_keys(tree)
+    if hidden:
+        raise ConfigError(
+            f"{source}: {', '.join(hidden)} {'is' if len(hidden) == 1 else 'are'} {REDACTED!r}: this config was "
+            "saved by fleetrl with its secrets hidden (a run directory's config.yaml, or `fleetrl config show`); "
+            "put the real values back, or train from your own config file"
+        )
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
         lines = [_describe(err, origins, source) for err in e.errors()]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def _redacted_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is the redaction marker (a saved config fed back in)."""
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _redacted_keys(v, f"{prefix}{key}.")]
+    if isinstance(tree, list):
+        return [k for i, v in enumerate(tree) for k in _redacted_keys(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if isinstance(tree, str) and REDACTED in tree else []
 
 
 def algorithm_defaults(algorithm: str) -> dict[str, Any]:
