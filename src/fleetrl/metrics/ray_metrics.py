@@ -48,6 +48,13 @@ DOCUMENTED: dict[str, str] = {
     "time/step": "Wall-clock seconds of the whole step.",
     "weight_version": "Weight version the fleet serves after this step's sync.",
     "staleness/max": "Largest gap between the trained and the generating weight versions.",
+    "staleness/mean": "Mean gap between the learner's version and the oldest weights of each trained group.",
+    "buffer/depth": "Scored groups waiting for the learner after this step took its own.",
+    "rollout/in_flight_updates": "Trained samples whose generation saw a weight update land mid-way.",
+    "is/weight_mean": "Mean importance weight pi_learner / pi_sampler before truncation or masking.",
+    "mismatch/abs_logp_diff": "Mean |learner - sampler| log-prob on tokens sampled with the learner's weights.",
+    "time/learner_wait": "Seconds the learner waited for scored groups.",
+    "time/fleet_idle": "Seconds no generation was in flight while the learner trained.",
     "train/policy_loss": "Policy loss, mean over the step's optimizer steps.",
     "train/kl": "KL to the reference policy, mean over the step's optimizer steps.",
     "train/grad_norm": "Gradient norm, mean over the step's optimizer steps.",
@@ -67,6 +74,7 @@ COUNTED: dict[str, str] = {
     "reward/errors": "Samples whose reward function failed (scored 0).",
     "prompts/skipped_too_long": "Prompts skipped for exceeding rl.max_prompt_tokens.",
     "groups/skipped_constant": "Groups dropped because all their rewards were equal.",
+    "groups/dropped_stale": "Groups older than rl.max_staleness, generated again.",
 }
 STEPS_COUNTER = "steps"  # one more per exported row: rate() gives steps per second
 

@@ -40,6 +40,7 @@ class RolloutStats:
     prompts_skipped_too_long: int = 0
     groups_skipped_constant: int = 0
     reward_errors: int = 0
+    reward_hung_calls: int = 0  # reward function calls past reward.timeout_s still running (most seen)
     max_prompts_in_flight: int = 0  # prompts at the fleet whose completions had not come back
     max_reward_queue: int = 0  # scoring calls waiting at the reward actors
     reward_error_examples: list[str] = field(default_factory=list)
@@ -228,6 +229,7 @@ class GroupCollector:
             stats.per_function[name].extend(float(v) for v in vals)
         stats.reward_s += sum(result.seconds.values())
         stats.reward_errors += len(result.errors)
+        stats.reward_hung_calls = max(stats.reward_hung_calls, sum(result.hung_calls.values()))
         for e in result.errors[:3]:
             stats.reward_error_examples.append(f"{e.function}: {e.message}")
         if not self.cfg.rl.skip_constant_groups:
