@@ -51,7 +51,6 @@ class Pinner:
 
     def __init__(self):
         self._stop = threading.Event()
-        self._done: set[tuple[int, str]] = set()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
@@ -71,7 +70,6 @@ class Pinner:
                     if cmd.startswith(prefix):
                         # Threads appear over time (OpenMP pools): pin all of them again each round.
                         subprocess.run(["taskset", "-a", "-cp", core, pid], capture_output=True)
-                        self._done.add((int(pid), core))
 
 
 def run_mode(args, k: int, seed: int, out: str) -> list[dict]:
