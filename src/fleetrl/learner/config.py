@@ -105,6 +105,11 @@ class LearnerConfig(StrictModel):
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     micro_batch_size: int = Field(4, ge=1)  # sequences per rank per forward pass
     gradient_checkpointing: bool = False
+    # Pack samples of different lengths into fewer rows for the log-prob, reference and train passes
+    # (learner/packing.py; same losses and gradients as padded rows, less padding computed).
+    pack_samples: bool = True
+    # torch threads of a CPU rank; None = num_cpus_per_rank (at least 1), what Ray reserves for it.
+    num_threads: int | None = Field(None, ge=1)
     offload_optimizer: bool = False
     reference: bool = True  # host a frozen copy of the initial policy for the KL term
     seed: int = 0
@@ -116,6 +121,10 @@ class LearnerConfig(StrictModel):
     # waiting forever on a rank stuck in a collective.
     call_timeout_s: float = Field(3600.0, gt=0)
     loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
+
+    def cpu_threads(self) -> int:
+        """torch/OpenMP threads of one CPU rank."""
+        return self.num_threads or max(1, int(round(self.num_cpus_per_rank)))
 
     @model_validator(mode="after")
     def _check(self) -> LearnerConfig:

@@ -141,6 +141,9 @@ class Engine:
         else:
             self.device = torch.device("cpu")
             skip_cpu_shm_comm_op()
+            # Ray's OMP_NUM_THREADS is the actor's num_cpus, read only at torch's first parallel
+            # region; set the count explicitly so a rank uses exactly the cores it reserved.
+            torch.set_num_threads(cfg.cpu_threads())
 
         set_dist_env(rank, world_size, local_rank, master_addr, master_port)
         deepspeed.init_distributed(dist_backend=self.backend, verbose=False)
@@ -256,6 +259,7 @@ class Engine:
             "backend": self.backend,
             "zero_stage": self.cfg.zero_stage,
             "grad_accum_steps": self.grad_accum,
+            "torch_threads": torch.get_num_threads(),
             "pid": os.getpid(),
         }
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fleetrl.algos.logprobs import entropy_from_logits, token_logprobs
 from fleetrl.algos.reduce import masked_sum
+from fleetrl.learner.packing import pack_rows
 
 Model = Callable[..., Any]
 
@@ -57,13 +58,26 @@ def token_logps(
     temperature: float = 1.0,
     entropy: str = "no",
     position_ids: torch.Tensor | None = None,
+    pack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Aligned log-probs [b, T] (and entropy if asked: "no" | "detached" | "grad") of one micro-batch.
 
     Columns that are padding in every row are cut before the forward and restored as 0 after.
     A token's value is 0 unless it and the token before it are real (it has context).
-    See `model_inputs` for `position_ids`.
+    See `model_inputs` for `position_ids`. `pack`: run the samples packed into fewer rows
+    (learner/packing.py) when that saves rows; the results are the padded path's.
     """
+    if pack and position_ids is None:
+        packed = pack_rows(ids, attn)
+        if packed is not None:
+            logp, ent = token_logps(fn, packed.input_ids, packed.attention_mask, device, temperature, entropy,
+                                    position_ids=packed.position_ids)
+            # A sample's first token was predicted from the sample before it in its packed row.
+            real = attn.to(device).bool()
+            ctx = real & F.pad(real, (1, 0))[:, :-1]
+            zero = torch.zeros((), device=device)
+            return (torch.where(ctx, packed.unpack(logp), zero),
+                    None if ent is None else torch.where(ctx, packed.unpack(ent), zero))
     b, T = ids.shape
     inputs = model_inputs(ids, attn, device, position_ids)
     if inputs is None:

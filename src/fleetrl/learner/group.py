@@ -23,7 +23,7 @@ def learner_env(cfg: LearnerConfig, num_gpus: float) -> dict[str, str]:
     """Environment of a rank's process, set before DeepSpeed is imported there."""
     env = {
         # One rank gets num_cpus_per_rank cores; more OpenMP threads than that only thrash.
-        "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus_per_rank))),
+        "OMP_NUM_THREADS": str(cfg.cpu_threads()),
         "TOKENIZERS_PARALLELISM": "false",
     }
     if not num_gpus:

@@ -88,7 +88,7 @@ class PolicyObjective(Objective):
         m = self._mask(micro).to(dev)
         entropy_mode = "grad" if lc.entropy_coef != 0 else "detached"
         logp, ent = token_logps(self.models.policy, micro["input_ids"], micro["attention_mask"], dev,
-                                temperature, entropy_mode)
+                                temperature, entropy_mode, pack=self.cfg.pack_samples)
         pl, st = self.policy_loss(
             logp, micro["old_logprobs"].to(dev).float(), micro["advantages"].to(dev).float(), m,
             clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip, agg=lc.agg,

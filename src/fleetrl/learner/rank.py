@@ -108,7 +108,8 @@ class Learner:
         dev = self.engine.device
         return self._per_micro(
             {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-            lambda m: token_logps(fn, m["input_ids"], m["attention_mask"], dev, temperature)[0],
+            lambda m: token_logps(fn, m["input_ids"], m["attention_mask"], dev, temperature,
+                                  pack=self.cfg.pack_samples)[0],
             torch.zeros(batch["input_ids"].shape, dtype=torch.float32))
 
     def compute_values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
