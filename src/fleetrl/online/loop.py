@@ -28,7 +28,7 @@ from fleetrl.online.batch import completion_stats, pad_samples
 from fleetrl.online.collect import GroupCollector, RolloutStats
 from fleetrl.online.evaluate import HeldOutEval
 from fleetrl.online.off_policy import OffPolicyCorrection
-from fleetrl.online.services import Services, check_critic_tokenizer, local_path, start_services
+from fleetrl.online.services import Services, check_critic_tokenizer, local_path, process_age_s, start_services
 from fleetrl.online.weights import WeightSync, resize_fleet
 from fleetrl.run.config import ConfigError, RunConfig
 from fleetrl.run.runtime import RunDir, connect_ray, load_tokenizer, pick_backend, resolve_model
@@ -61,6 +61,14 @@ def run_online(cfg: RunConfig, run_dir: RunDir) -> Path:
         services.shutdown()
 
 
+def _startup_metrics(services: Services, since_services_s: float) -> dict[str, float]:
+    """time/startup (process start to the first step; else from start_services) and its breakdown."""
+    out = dict(services.startup)
+    out["startup/after_services"] = since_services_s - out.get("startup/services", 0.0)
+    out["time/startup"] = process_age_s() or since_services_s
+    return out
+
+
 def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, stream: PromptStream,
            backend: str, t0: float, eval_rows=()) -> Path:
     fleet, learner, critic, control = services.fleet, services.learner, services.critic, services.control
@@ -85,6 +93,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         resize_fleet(fleet, sync, collector, target)
         control.report.remote(step=step, rollout_workers=fleet.num_workers, weight_version=sync.version)
         step_start = time.perf_counter()
+        startup = _startup_metrics(services, step_start - t0) if step == start_step else {}
 
         # The learner holds version `step`; no group older than rl.max_staleness versions is trained.
         groups, rstats = collector.collect(cfg.rl.prompts_per_step, learner_version=step)
@@ -122,7 +131,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
                **_mean_stats(train_stats), **_mean_stats(critic_stats, prefix="critic/"), **adv.metrics,
                **correction, **_rollout_metrics(fleet, sync, collector, rstats, samples),
                "time/reference": adv.reference_s, "time/train": train_s, "time/weight_sync": sync_s,
-               "time/step": time.perf_counter() - step_start}
+               "time/step": time.perf_counter() - step_start, **startup}
         run_log.step(step, row, samples, rstats)
         steps_done = step + 1
         if cfg.run.save_every and steps_done % cfg.run.save_every == 0:

@@ -4,7 +4,11 @@ the run's control actor and (algorithms with a critic) the critic; ``Services.sh
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,8 @@ class Services:
     learner: LearnerGroup
     control: Any = None  # the run's named RunControl actor (fleetrl scale talks to it)
     critic: CriticGroup | None = None  # algorithms with a critic (ppo)
+    # Seconds from start_services to each service being ready, and the engines' own start/warm-up.
+    startup: dict[str, float] = field(default_factory=dict)
 
     def shutdown(self) -> None:
         critic = self.critic.shutdown if self.critic is not None else (lambda: None)
@@ -51,6 +57,8 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
     print(f"fleetrl: starting {cfg.rollout.num_workers} rollout worker(s), {cfg.reward.num_workers} reward "  # noqa: T201
           f"worker(s), {cfg.learner.num_ranks} learner rank(s) [{backend}] on {model_path}{critic_note}",
           flush=True)
+    t0 = time.perf_counter()
+    age = process_age_s()
     prefix = run_dir.actor_prefix
     total_steps = cfg.run.steps * cfg.optimizer_steps_per_step
     colocate = with_critic and cfg.critic.placement == "colocate"
@@ -80,15 +88,48 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
         raise
     services = Services(fleet, reward_actors, learner, start_control_actor(prefix, cfg.rollout.num_workers),
                         critic=critic)
+    waits: dict[str, Callable[[], Any]] = {"learner": learner.wait_ready, "fleet": fleet.wait_ready}
+    if critic is not None:
+        waits["critic"] = critic.wait_ready
     try:
-        learner.wait_ready()
-        if critic is not None:
-            critic.wait_ready()
-        fleet.wait_ready()
+        ready = wait_side_by_side(waits, t0)
     except BaseException:
         services.shutdown()
         raise
+    services.startup = {f"startup/{name}_ready": s for name, (s, _) in ready.items()}
+    infos = ready["fleet"][1]
+    services.startup["startup/engine_start"] = max(i.get("engine_start_s", 0.0) for i in infos)
+    services.startup["startup/engine_warmup"] = max(i.get("warmup_s", 0.0) for i in infos)
+    services.startup["startup/services"] = time.perf_counter() - t0
+    if age is not None:  # imports, Ray connection, tokenizer and data, before any service
+        services.startup["startup/before_services"] = age
     return services
+
+
+def wait_side_by_side(waits: dict[str, Callable[[], Any]], t0: float) -> dict[str, tuple[float, Any]]:
+    """Run every service's readiness wait at once (each has its own deadline); print each as it is
+    ready. {name: (seconds since t0, what its wait returned)}; the first failure is raised."""
+    out: dict[str, tuple[float, Any]] = {}
+    with ThreadPoolExecutor(max_workers=len(waits), thread_name_prefix="fleetrl-ready") as pool:
+        futures = {pool.submit(wait): name for name, wait in waits.items()}
+        for fut in as_completed(futures):
+            name = futures[fut]
+            result = fut.result()  # a failed service: raised now, the caller shuts all down
+            out[name] = (time.perf_counter() - t0, result)
+            pending = sorted(set(waits) - set(out))
+            print(f"fleetrl: {name} ready after {out[name][0]:.1f}s"  # noqa: T201
+                  + (f" (waiting for {', '.join(pending)})" if pending else ""), flush=True)
+    return out
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc: what `fleetrl train` waited in all); None elsewhere."""
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(stat[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in ticks
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def local_path(path: str) -> str:
