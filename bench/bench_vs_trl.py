@@ -1,0 +1,182 @@
+"""fleetrl against TRL's GRPOTrainer on the same GRPO workload, from one invocation.
+
+Workload (both sides): the tiny Qwen2 of ``model.path: tiny``, the "letters" prompts of
+``examples/data/letters_train.jsonl`` rendered with the tokenizer's chat template, the
+``letter_fraction`` reward, ``--prompts`` prompts x ``--group-size`` samples per step, at most
+``--max-tokens`` completion tokens, temperature 1.0, lr ``--lr`` constant, AdamW, grad clip 1.0,
+no KL term (TRL ``beta=0``, fleetrl ``kl_coef=0``), one optimizer step per step.
+
+- **fleetrl**: ``python -m fleetrl train examples/grpo_tiny.yaml`` as a subprocess with the
+  workload's overrides (``--fleetrl-set`` adds more), one rollout worker (vLLM CPU) and one
+  learner rank; steady s/step = median ``time/step`` over steps 2..N of its metrics.jsonl.
+- **TRL**: ``trl.GRPOTrainer`` in a subprocess (this script with ``--trl-child``), torch threads =
+  all cores. TRL cannot generate with vLLM on this CPU machine (its colocated vLLM reload fails,
+  see ENVIRONMENT.md), so it runs with its default transformers ``generate``; steady s/step = median
+  time between ``on_step_end`` callbacks over steps 2..N.
+
+"time to N steps" = the subprocess's wall time from launch to exit (imports, start-up, N steps,
+final save), what a user waits. Run from the repository root:  python bench/bench_vs_trl.py --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--fleetrl-set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)  # output json path
+    return p.parse_args(argv)
+
+
+def steady(times: list[float]) -> tuple[float, float, float]:
+    rest = times[1:] or times
+    return statistics.median(rest), min(rest), max(rest)
+
+
+def run_fleetrl(args, out_dir: str) -> dict:
+    overrides = [f"run.steps={args.steps}", f"run.output_dir={out_dir}", "run.name=vs-trl",
+                 "rollout.num_workers=1", f"rl.prompts_per_step={args.prompts}",
+                 f"rl.group_size={args.group_size}", f"rollout.sampling.max_tokens={args.max_tokens}",
+                 f"learner.lr={args.lr}", "learner.loss.kl_coef=0.0", *args.fleetrl_set]
+    cmd = [sys.executable, "-m", "fleetrl", "train", str(ROOT / "examples" / "grpo_tiny.yaml"), *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"fleetrl train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    metrics = next(Path(out_dir).rglob("metrics.jsonl"))
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "time/step" in r]
+    return {"wall": wall, "step_times": [r["time/step"] for r in rows],
+            "startup": rows[0].get("time/startup", float("nan")),
+            "startup_parts": {k: v for k, v in rows[0].items() if k.startswith("startup/")},
+            "reward_first": rows[0].get("reward/mean"), "reward_last": rows[-1].get("reward/mean"),
+            "cmd": " ".join(cmd[1:])}
+
+
+def run_trl(args, out_dir: str) -> dict:
+    out_json = Path(out_dir) / "trl.json"
+    cmd = [sys.executable, __file__, "--trl-child", str(out_json), "--steps", str(args.steps),
+           "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+           "--max-tokens", str(args.max_tokens), "--lr", str(args.lr)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"TRL child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return {"wall": wall, **json.loads(out_json.read_text())}
+
+
+def trl_child(args) -> None:
+    """Inside the TRL subprocess: build the same workload and train N steps with GRPOTrainer."""
+    t_start = time.perf_counter()
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from fleetrl.data.rows import render_prompt
+    from fleetrl.reward.builtins import make_builtin
+    from fleetrl.testing.tiny import ensure_tiny_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model_path = str(ensure_tiny_model("policy", seed=0))
+    tok = AutoTokenizer.from_pretrained(model_path)
+    rows = [json.loads(ln) for ln in (ROOT / "examples" / "data" / "letters_train.jsonl").read_text().splitlines()
+            if ln.strip()]
+    data = Dataset.from_list([{"prompt": render_prompt(r["prompt"], tok), "letter": r["letter"]} for r in rows])
+    letter = make_builtin("letter_fraction")
+
+    def letter_fraction(prompts, completions, letter: list, **_):  # noqa: ANN001
+        return letter_fn(prompts, completions, letter=letter)
+
+    letter_fn = letter
+    marks: list[float] = []
+    rewards: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):  # noqa: ANN001
+            marks.append(time.perf_counter())
+
+        def on_log(self, a, state, control, logs=None, **kw):  # noqa: ANN001
+            if logs and "reward" in logs:
+                rewards.append(float(logs["reward"]))
+
+    batch = args.prompts * args.group_size
+    cfg = GRPOConfig(
+        output_dir=str(Path(args.trl_child).parent / "trl-out"), learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+        num_generations=args.group_size, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        max_completion_length=args.max_tokens, temperature=1.0, beta=0.0, num_iterations=1,
+        max_steps=args.steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+        bf16=False, seed=0, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=model_path, reward_funcs=letter_fraction, args=cfg, train_dataset=data,
+                          processing_class=tok, callbacks=[Clock()])
+    t_train = time.perf_counter()
+    trainer.train()
+    times = [b - a for a, b in zip([t_train] + marks[:-1], marks)]
+    Path(args.trl_child).write_text(json.dumps({
+        "step_times": times, "startup": t_train - t_start,
+        "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
+        "generation": "transformers generate (TRL default; vLLM unusable on this CPU)",
+    }))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.trl_child:
+        trl_child(args)
+        return
+    from _util import print_machine_state, print_table
+
+    start = print_machine_state("start")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="fleetrl-vs-trl-") as tmp:
+        results["fleetrl"] = run_fleetrl(args, str(Path(tmp) / "fleetrl"))
+        print(f"fleetrl done in {results['fleetrl']['wall']:.1f}s", flush=True)
+        if not args.skip_trl:
+            results["TRL GRPOTrainer"] = run_trl(args, tmp)
+            print(f"TRL done in {results['TRL GRPOTrainer']['wall']:.1f}s", flush=True)
+    end = print_machine_state("end")
+    base = results["fleetrl"]
+    table = []
+    for name, r in results.items():
+        med, lo, hi = steady(r["step_times"])
+        b_med = steady(base["step_times"])[0]
+        rf, rl = r.get("reward_first"), r.get("reward_last")
+        table.append([name, f"{med:.2f} ({lo:.2f}-{hi:.2f})", f"{med / b_med:.2f}", f"{r['startup']:.1f}",
+                      f"{r['wall']:.1f}", f"{r['wall'] / base['wall']:.2f}",
+                      f"{rf:.3f} -> {rl:.3f}" if rf is not None and rl is not None else "-"])
+    print_table(["trainer", "s/step median (min-max), steps 2..N", "vs fleetrl", "start-up s",
+                 f"time to {args.steps} steps s", "vs fleetrl", "reward/mean step 1 -> N"], table,
+                title=(f"GRPO {args.prompts} prompts x {args.group_size} samples x <= {args.max_tokens} tokens, "
+                       f"lr {args.lr}, {args.steps} steps; load avg start {start['loadavg_1_5_15']}, "
+                       f"end {end['loadavg_1_5_15']}"))
+    print("fleetrl start-up breakdown (s): " + ", ".join(
+        f"{k}={v:.1f}" for k, v in sorted(base["startup_parts"].items())), flush=True)
+    print(f"fleetrl command: {base['cmd']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
