@@ -14,6 +14,10 @@ no KL term (TRL ``beta=0``, fleetrl ``kl_coef=0``), one optimizer step per step.
   see ENVIRONMENT.md), so it runs with its default transformers ``generate``; steady s/step = median
   time between ``on_step_end`` callbacks over steps 2..N.
 
+Start-up: the fleetrl run's ``time/startup`` (process start to its first step) and ``startup/*``
+breakdown against one raw ``vllm.LLM`` (a worker's engine arguments) started in a fresh process up
+to its first generate, in the same invocation.
+
 "time to N steps" = the subprocess's wall time from launch to exit (imports, start-up, N steps,
 final save), what a user waits. Run from the repository root:  python bench/bench_vs_trl.py --steps 50
 """
@@ -45,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fleetrl-set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)  # output json path
+    p.add_argument("--raw-engine-child", default=None, help=argparse.SUPPRESS)  # output json path
     return p.parse_args(argv)
 
 
@@ -143,16 +148,54 @@ def trl_child(args) -> None:
     }))
 
 
+def raw_engine_child(args) -> None:
+    """Start-up baseline: one ``vllm.LLM`` with a fleet worker's engine arguments, up to its first
+    generate (the warm-up a worker does), in a fresh process."""
+    t_start = time.perf_counter()
+    from vllm import LLM, SamplingParams
+
+    from fleetrl.rollout.config import RolloutConfig, worker_env
+    from fleetrl.rollout.worker import engine_kwargs
+    from fleetrl.run.config import load_config
+    from fleetrl.testing.tiny import ensure_tiny_model
+
+    cfg: RolloutConfig = load_config(str(ROOT / "examples" / "grpo_tiny.yaml")).rollout
+    os.environ.update(worker_env(cfg, "cpu"))
+    t_import = time.perf_counter()
+    llm = LLM(**engine_kwargs(cfg, str(ensure_tiny_model("policy", seed=0))))
+    t_engine = time.perf_counter()
+    llm.generate([{"prompt_token_ids": [1, 2, 3, 4, 5, 6, 7, 8]}] * 2, SamplingParams(n=2, max_tokens=8))
+    t_end = time.perf_counter()
+    Path(args.raw_engine_child).write_text(json.dumps({
+        "imports": t_import - t_start, "engine": t_engine - t_import, "first_generate": t_end - t_engine}))
+
+
+def run_raw_engine(args, out_dir: str) -> dict:
+    out_json = Path(out_dir) / "raw.json"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--raw-engine-child", str(out_json)],
+                          capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"raw engine child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"wall": wall, **json.loads(out_json.read_text())}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.trl_child:
         trl_child(args)
+        return
+    if args.raw_engine_child:
+        raw_engine_child(args)
         return
     from _util import print_machine_state, print_table
 
     start = print_machine_state("start")
     results = {}
     with tempfile.TemporaryDirectory(prefix="fleetrl-vs-trl-") as tmp:
+        raw = run_raw_engine(args, tmp)
+        print(f"raw vLLM engine ready in {raw['wall']:.1f}s", flush=True)
         results["fleetrl"] = run_fleetrl(args, str(Path(tmp) / "fleetrl"))
         print(f"fleetrl done in {results['fleetrl']['wall']:.1f}s", flush=True)
         if not args.skip_trl:
@@ -175,6 +218,20 @@ def main(argv=None) -> None:
                        f"end {end['loadavg_1_5_15']}"))
     print("fleetrl start-up breakdown (s): " + ", ".join(
         f"{k}={v:.1f}" for k, v in sorted(base["startup_parts"].items())), flush=True)
+    parts = base["startup_parts"]
+    print_table(["start-up (s)", "fleetrl train -> first step", "one raw vLLM engine -> first generate"], [
+        ["total (process start to ready)", f"{base['startup']:.1f}", f"{raw['wall']:.1f}"],
+        ["imports, Ray, tokenizer, data / imports", f"{parts.get('startup/before_services', float('nan')):.1f}",
+         f"{raw['imports']:.1f}"],
+        ["services (side by side)", f"{parts.get('startup/services', float('nan')):.1f}", "-"],
+        ["  learner ready", f"{parts.get('startup/learner_ready', float('nan')):.1f}", "-"],
+        ["  fleet ready (engine start / warm-up)",
+         f"{parts.get('startup/fleet_ready', float('nan')):.1f} ({parts.get('startup/engine_start', float('nan')):.1f}"
+         f" / {parts.get('startup/engine_warmup', float('nan')):.1f})",
+         f"{raw['engine'] + raw['first_generate']:.1f} ({raw['engine']:.1f} / {raw['first_generate']:.1f})"],
+        ["after services (weight sync group, resume)", f"{parts.get('startup/after_services', float('nan')):.1f}", "-"],
+        ["ratio total vs raw engine", f"{base['startup'] / raw['wall']:.2f}", "1.00"],
+    ], title="Start-up, same invocation")
     print(f"fleetrl command: {base['cmd']}", flush=True)
 
 
