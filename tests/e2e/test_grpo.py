@@ -39,6 +39,14 @@ def test_grpo_tiny_learns_writes_a_run_and_resumes(tmp_path, ray_local):
                 "time/fleet_idle", "is/weight_mean", "is/weight_max", "is/truncated_frac"):
         assert key in rows[-1], key
     assert [r["weight_version"] for r in rows] == list(range(1, steps + 1))
+    # Start-up: measured once, on the first step of the process, with its breakdown.
+    boot = rows[0]
+    for key in ("time/startup", "startup/before_services", "startup/services", "startup/learner_ready",
+                "startup/fleet_ready", "startup/engine_start", "startup/engine_warmup", "startup/after_services"):
+        assert boot[key] > 0, key
+    assert boot["time/startup"] > boot["startup/services"] >= max(boot["startup/learner_ready"],
+                                                                  boot["startup/fleet_ready"])
+    assert "time/startup" not in rows[1]
     assert all(0 <= r["staleness/max"] <= k for r in rows)
     assert max(r["staleness/max"] for r in rows) > 0  # the fleet ran ahead of the learner
     assert sum(r["rollout/in_flight_updates"] for r in rows) > 0  # weights changed mid-generation
@@ -53,7 +61,9 @@ def test_grpo_tiny_learns_writes_a_run_and_resumes(tmp_path, ray_local):
     assert last > first + 0.04 and last > 1.4 * first, (first, last, [r["reward/mean"] for r in rows])
 
     assert (run_dir / "config.yaml").is_file()
-    assert f"step {steps}/{steps}" in (run_dir / "train.log").read_text()  # the console, kept
+    console = (run_dir / "train.log").read_text()
+    assert f"step {steps}/{steps}" in console  # the console, kept
+    assert "fleetrl: learner ready after" in console and "fleetrl: fleet ready after" in console
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "final_model" / "config.json").is_file()
     assert (run_dir / "checkpoints" / "step-000012" / "COMPLETE").is_file()
