@@ -144,6 +144,13 @@ class Engine:
             # Ray's OMP_NUM_THREADS is the actor's num_cpus, read only at torch's first parallel
             # region; set the count explicitly so a rank uses exactly the cores it reserved.
             torch.set_num_threads(cfg.cpu_threads())
+            # Ray starts workers at nice 15 (RAY_worker_niceness): on a busy node every process at
+            # nice 0 then preempts the learner, the run's critical path. Undo it where allowed.
+            # Linux keeps niceness per thread: reset every thread there is (OpenMP's included).
+            for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+                with contextlib.suppress(OSError):
+                    if os.getpriority(os.PRIO_PROCESS, int(tid)) > 0:
+                        os.setpriority(os.PRIO_PROCESS, int(tid), 0)
 
         set_dist_env(rank, world_size, local_rank, master_addr, master_port)
         deepspeed.init_distributed(dist_backend=self.backend, verbose=False)
@@ -260,6 +267,7 @@ class Engine:
             "zero_stage": self.cfg.zero_stage,
             "grad_accum_steps": self.grad_accum,
             "torch_threads": torch.get_num_threads(),
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0),
             "pid": os.getpid(),
         }
 
