@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, default=8, help="timed steps per row (after --warmup)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -169,7 +169,8 @@ def main(argv=None) -> None:
             table.append([t, "", "Learner in-process (DeepSpeed, no Ray)", inproc.fmt(3),
                           f"{inproc.spread_pct:.0f}%", f"{inproc.median / base.median:.2f}"])
         ray_s, info = ray_learner(model_path, uniform, t, args, pack=False)
-        table.append([t, "", f"LearnerGroup.train (Ray, {info.get('torch_threads', '?')} torch threads)",
+        label = f"LearnerGroup.train (Ray, {info.get('torch_threads', '?')} threads, nice {info.get('niceness', '?')})"
+        table.append([t, "", label,
                       ray_s.fmt(3), f"{ray_s.spread_pct:.0f}%", f"{ray_s.median / base.median:.2f}"])
         if args.skip_mixed:
             continue
