@@ -14,7 +14,8 @@ One invocation, per thread count T (``--threads``):
   (``learner.pack_samples=false``) and packed (``true``) by Ray learner groups; padding share =
   padded positions / all positions the forward sees.
 
-Every row: warm-up steps, then ``--steps`` timed steps; the median is reported with min-max.
+Rows compared with each other run interleaved, round by round with a rotating order (warm-up
+rounds first, then ``--steps`` timed rounds); the median is reported with min-max.
 Run from the repository root:  python bench/bench_learner.py  (see --help)
 """
 
@@ -70,17 +71,22 @@ def learner_cfg(args, threads: int, micro: int, pack: bool) -> dict:
             "loss": {"kl_coef": 0.0}}
 
 
-def time_steps(fn, warmup: int, steps: int):
+def time_interleaved(fns: list, warmup: int, steps: int) -> list:
+    """Samples per step function, run round by round with the order rotating each round, so a
+    burst of outside load hits every row alike."""
     from _util import Samples
 
     for _ in range(warmup):
-        fn()
-    s = Samples()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        s.add(time.perf_counter() - t0)
-    return s
+        for fn in fns:
+            fn()
+    out = [Samples() for _ in fns]
+    for r in range(steps):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
+            t0 = time.perf_counter()
+            fns[i]()
+            out[i].add(time.perf_counter() - t0)
+    return out
 
 
 def plain_torch(model_path: str, batch: dict, threads: int, args):
@@ -113,7 +119,11 @@ def plain_torch(model_path: str, batch: dict, threads: int, args):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    return time_steps(step, args.warmup, args.steps)
+    def with_threads():  # the Learner in-process shares this process: its count is the same T
+        torch.set_num_threads(threads)
+        step()
+
+    return with_threads
 
 
 def in_process_learner(model_path: str, batch: dict, threads: int, args):
@@ -125,8 +135,12 @@ def in_process_learner(model_path: str, batch: dict, threads: int, args):
     n = batch["input_ids"].shape[0]
     learner = Learner(learner_cfg(args, threads, n, False), model_path, 0, 1, "127.0.0.1", free_port(),
                       None, n)
-    torch.set_num_threads(threads)
-    return time_steps(lambda: learner.train(batch, n), args.warmup, args.steps)
+
+    def step():
+        torch.set_num_threads(threads)
+        learner.train(batch, n)
+
+    return step
 
 
 def ray_learner(model_path: str, batch: dict, threads: int, args, pack: bool):
@@ -135,11 +149,7 @@ def ray_learner(model_path: str, batch: dict, threads: int, args, pack: bool):
     n = batch["input_ids"].shape[0]
     group = LearnerGroup(learner_cfg(args, threads, n, pack), model_path, mini_batch_size=n,
                          name_prefix=f"bench-t{threads}-p{int(pack)}-")
-    try:
-        info = group.rank_info[0]
-        return time_steps(lambda: group.train(batch, n), args.warmup, args.steps), info
-    finally:
-        group.shutdown()
+    return group, (lambda: group.train(batch, n)), group.rank_info[0]
 
 
 def main(argv=None) -> None:
@@ -160,28 +170,38 @@ def main(argv=None) -> None:
 
     init_local_ray(num_cpus=8)
     table = []
+    inproc = None
     for t in args.threads:
-        base = plain_torch(model_path, uniform, t, args)
-        table.append([t, f"uniform {rows}x{uniform['input_ids'].shape[1]}", "plain torch step",
-                      base.fmt(3), f"{base.spread_pct:.0f}%", "1.00"])
-        if t == args.threads[0]:
+        steps = [plain_torch(model_path, uniform, t, args)]
+        if inproc is None:  # DeepSpeed initializes the driver's process group once
             inproc = in_process_learner(model_path, uniform, t, args)
-            table.append([t, "", "Learner in-process (DeepSpeed, no Ray)", inproc.fmt(3),
-                          f"{inproc.spread_pct:.0f}%", f"{inproc.median / base.median:.2f}"])
-        ray_s, info = ray_learner(model_path, uniform, t, args, pack=False)
-        label = f"LearnerGroup.train (Ray, {info.get('torch_threads', '?')} threads, nice {info.get('niceness', '?')})"
-        table.append([t, "", label,
-                      ray_s.fmt(3), f"{ray_s.spread_pct:.0f}%", f"{ray_s.median / base.median:.2f}"])
+            steps.append(inproc)
+        group, ray_step, info = ray_learner(model_path, uniform, t, args, pack=False)
+        steps.append(ray_step)
+        try:
+            samples = time_interleaved(steps, args.warmup, args.steps)
+        finally:
+            group.shutdown()
+        base = samples[0]
+        labels = ["plain torch step"] + (["Learner in-process (DeepSpeed, no Ray)"] if len(steps) == 3 else [])
+        labels.append(f"LearnerGroup.train (Ray, {info.get('torch_threads', '?')} threads, "
+                      f"nice {info.get('niceness', '?')})")
+        for k, (label, smp) in enumerate(zip(labels, samples)):
+            table.append([t, f"uniform {rows}x{uniform['input_ids'].shape[1]}" if k == 0 else "", label,
+                          smp.fmt(3), f"{smp.spread_pct:.0f}%", f"{smp.median / base.median:.2f}"])
         if args.skip_mixed:
             continue
-        share_padded = padding_share(mixed["attention_mask"], pack=False)
-        share_packed = padding_share(mixed["attention_mask"], pack=True)
-        padded, _ = ray_learner(model_path, mixed, t, args, pack=False)
-        packed, _ = ray_learner(model_path, mixed, t, args, pack=True)
+        shares = {p: padding_share(mixed["attention_mask"], pack=p) for p in (False, True)}
+        groups = [ray_learner(model_path, mixed, t, args, pack=p) for p in (False, True)]
+        try:
+            padded, packed = time_interleaved([g[1] for g in groups], args.warmup, args.steps)
+        finally:
+            for g in groups:
+                g[0].shutdown()
         table.append([t, f"mixed {rows}x{mixed['input_ids'].shape[1]}",
-                      f"LearnerGroup padded (padding {share_padded:.0%})", padded.fmt(3),
+                      f"LearnerGroup padded (padding {shares[False]:.0%})", padded.fmt(3),
                       f"{padded.spread_pct:.0f}%", "1.00"])
-        table.append([t, "", f"LearnerGroup packed (padding {share_packed:.0%})", packed.fmt(3),
+        table.append([t, "", f"LearnerGroup packed (padding {shares[True]:.0%})", packed.fmt(3),
                       f"{packed.spread_pct:.0f}%", f"{packed.median / padded.median:.2f}"])
     end = print_machine_state("end")
     print_table(["threads", "batch", "row", "s/step median (min-max)", "spread", "ratio vs first row"],
