@@ -74,6 +74,9 @@ def run_fleetrl(args, out_dir: str) -> dict:
     rows = [r for r in rows if "time/step" in r]
     return {"wall": wall, "step_times": [r["time/step"] for r in rows],
             "startup": rows[0].get("time/startup", float("nan")),
+            "phases": {k: statistics.median(r.get(k, 0.0) for r in rows[1:] or rows)
+                       for k in ("time/generate", "time/reward_wait", "time/reference", "time/train",
+                                 "time/weight_sync", "time/learner_wait", "time/fleet_idle")},
             "startup_parts": {k: v for k, v in rows[0].items() if k.startswith("startup/")},
             "reward_first": rows[0].get("reward/mean"), "reward_last": rows[-1].get("reward/mean"),
             "cmd": " ".join(cmd[1:])}
@@ -216,6 +219,8 @@ def main(argv=None) -> None:
                 title=(f"GRPO {args.prompts} prompts x {args.group_size} samples x <= {args.max_tokens} tokens, "
                        f"lr {args.lr}, {args.steps} steps; load avg start {start['loadavg_1_5_15']}, "
                        f"end {end['loadavg_1_5_15']}"))
+    print("fleetrl step phases, median over steps 2..N (s): " + ", ".join(
+        f"{k}={v:.3f}" for k, v in base["phases"].items()), flush=True)
     print("fleetrl start-up breakdown (s): " + ", ".join(
         f"{k}={v:.1f}" for k, v in sorted(base["startup_parts"].items())), flush=True)
     parts = base["startup_parts"]
