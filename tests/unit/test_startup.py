@@ -28,8 +28,10 @@ def test_waits_run_side_by_side_and_report_progress(capsys):
     assert out["learner"][1] == "learner-info" and out["fleet"][1] == ["fleet-info"]
     assert out["learner"][0] <= out["fleet"][0]
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("fleetrl:")]
-    assert lines[0].startswith("fleetrl: learner ready after") and "(waiting for fleet)" in lines[0]
-    assert lines[1].startswith("fleetrl: fleet ready after")
+    assert len(lines) == 2
+    assert any(ln.startswith("fleetrl: learner ready after") for ln in lines)
+    assert any(ln.startswith("fleetrl: fleet ready after") for ln in lines)
+    assert "(waiting for" in lines[0] and "(waiting for" not in lines[1]
 
 
 def test_first_failure_is_raised_with_its_message():

@@ -110,12 +110,15 @@ def wait_side_by_side(waits: dict[str, Callable[[], Any]], t0: float) -> dict[st
     """Run every service's readiness wait at once (each has its own deadline); print each as it is
     ready. {name: (seconds since t0, what its wait returned)}; the first failure is raised."""
     out: dict[str, tuple[float, Any]] = {}
+    def timed(wait: Callable[[], Any]) -> tuple[float, Any]:
+        result = wait()
+        return time.perf_counter() - t0, result  # stamped in the thread: exact even if read late
+
     with ThreadPoolExecutor(max_workers=len(waits), thread_name_prefix="fleetrl-ready") as pool:
-        futures = {pool.submit(wait): name for name, wait in waits.items()}
+        futures = {pool.submit(timed, wait): name for name, wait in waits.items()}
         for fut in as_completed(futures):
             name = futures[fut]
-            result = fut.result()  # a failed service: raised now, the caller shuts all down
-            out[name] = (time.perf_counter() - t0, result)
+            out[name] = fut.result()  # a failed service: raised now, the caller shuts all down
             pending = sorted(set(waits) - set(out))
             print(f"fleetrl: {name} ready after {out[name][0]:.1f}s"  # noqa: T201
                   + (f" (waiting for {', '.join(pending)})" if pending else ""), flush=True)
