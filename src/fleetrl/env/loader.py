@@ -29,6 +29,17 @@ def _module_from_file(path: Path, spec: str):
     return module
 
 
+def resolve_environment(spec: str, base_dir: str | Path | None = None) -> str:
+    """``spec`` with a file path made absolute (for processes with another working directory),
+    after checking that it loads."""
+    load_environment(spec, base_dir)
+    where, _, cls_name = spec.rpartition(":")
+    if not where.endswith(".py") or Path(where).expanduser().is_absolute():
+        return spec
+    path = next(Path(d) / where for d in (base_dir, Path.cwd()) if d and (Path(d) / where).is_file())
+    return f"{path.resolve()}:{cls_name}"
+
+
 def load_environment(spec: str, base_dir: str | Path | None = None) -> type:
     """The class named by ``spec``. A part before ':' ending in .py is a file (absolute, else under
     ``base_dir``, else under the current directory); otherwise an importable module."""

@@ -113,3 +113,24 @@ def completion_stats(samples: list[Sample]) -> dict[str, float]:
         "response_length/max": lengths.max().item(),
         "response_length/clip_ratio": truncated / len(samples),
     }
+
+
+def episode_stats(samples: list[Sample]) -> dict[str, float]:
+    """Multi-turn metrics (empty for single-turn samples): turns per episode, the share of
+    completion tokens the environment wrote, environment time and errors, reward of each turn."""
+    eps = [s.episode for s in samples if s.episode is not None]
+    if not eps:
+        return {}
+    completion = sum(len(s.completion_ids) for s in samples if s.episode is not None)
+    out = {
+        "episode/turns": sum(e["turns"] for e in eps) / len(eps),
+        "episode/observation_token_share": sum(e["observation_tokens"] for e in eps) / max(completion, 1),
+        "env/time_s": sum(e["env_s"] for e in eps),
+        "env/errors": sum(e["env_error"] is not None for e in eps),
+    }
+    most = max(len(e["turn_rewards"]) for e in eps)
+    for k in range(most):
+        got = [e["turn_rewards"][k] for e in eps if len(e["turn_rewards"]) > k and e["turn_rewards"][k] is not None]
+        if got:
+            out[f"reward/turn_{k + 1}"] = sum(got) / len(got)
+    return out

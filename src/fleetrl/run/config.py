@@ -269,10 +269,10 @@ class RunConfig(StrictModel):
                     f"{self.learner.num_ranks} must be a multiple of learner.micro_batch_size="
                     f"{self.learner.micro_batch_size} per rank"
                 )
-            if not self.reward.functions:
+            if not self.reward.functions and self.rollout.environment is None:
                 raise ValueError(
                     f"{self.algorithm} scores its samples: add at least one entry to reward.functions "
-                    "(kind: rule | builtin | model | http)"
+                    "(kind: rule | builtin | model | http), or set rollout.environment (its turn rewards)"
                 )
             self._check_online_algorithm()
         return self
