@@ -217,3 +217,44 @@ def test_load_environment(tmp_path):
         load_environment("my_env.py:NoStep", base_dir=tmp_path)
     with pytest.raises(EnvLoadError, match="must look like"):
         load_environment("my_env.py")
+
+
+def test_episode_config_is_checked():
+    from pathlib import Path
+
+    from fleetrl.run.config import load_config
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "multiturn_tiny.yaml"
+    cfg = load_config(example, [])
+    assert cfg.rollout.environment == "fleetrl.testing.tasks:TwoLettersEnv" and cfg.reward.functions == []
+    with pytest.raises(Exception, match=r"rollout.episode.max_total_tokens=512 exceeds rollout.max_model_len=256"):
+        load_config(example, ["rollout.episode.max_total_tokens=512"])
+    with pytest.raises(Exception, match="held-out evaluation scores single completions"):
+        load_config(example, ["data.eval_fraction=0.1"])
+    with pytest.raises(Exception, match="episode"):
+        load_config(example, ["rollout.episode.max_turn=3"])  # unknown keys are errors
+    with pytest.raises(Exception, match="reward.functions"):
+        load_config(example, ["rollout.environment=null"])
+
+
+def test_episode_stats_and_two_letters_env():
+    from fleetrl.online.batch import episode_stats
+    from fleetrl.testing.tasks import TwoLettersEnv, two_letters_task
+
+    row = two_letters_task(1)[0]
+    env = TwoLettersEnv()
+    asyncio.run(env.reset(row))
+    first = asyncio.run(env.step(" " + row["letter"] * 3 + "x"))
+    assert first.reward == 0.75 and not first.done and row["second"] in first.observation
+    second = asyncio.run(env.step(row["second"] * 2))
+    assert second.reward == 1.0 and second.done
+
+    def sample(turns, obs, n, rewards, error=None):
+        return Sample(0, "", [1], [5] * n, [0.0] * n, "stop", 0, completion_mask=[1] * (n - obs) + [0] * obs,
+                      episode={"turns": turns, "observation_tokens": obs, "env_s": 0.5, "env_error": error,
+                               "turn_rewards": rewards})
+
+    stats = episode_stats([sample(2, 4, 10, [1.0, 0.5]), sample(1, 0, 10, [0.0], error="boom")])
+    assert stats == {"episode/turns": 1.5, "episode/observation_token_share": 0.2, "env/time_s": 1.0,
+                     "env/errors": 1, "reward/turn_1": 0.5, "reward/turn_2": 0.5}
+    assert episode_stats([Sample(0, "", [1], [2], [0.0], "stop", 0)]) == {}

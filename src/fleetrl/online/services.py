@@ -10,10 +10,10 @@ from typing import Any
 
 import ray
 
+from fleetrl.env import resolve_environment
 from fleetrl.learner.critic import CriticGroup
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.online.control import start_control_actor
-from fleetrl.env import resolve_environment
 from fleetrl.reward.actor import make_reward_actors
 from fleetrl.rollout.fleet import RolloutFleet
 from fleetrl.run.config import ConfigError, RunConfig
