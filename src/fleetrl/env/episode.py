@@ -38,9 +38,11 @@ class ChatDelta:
         # What the template writes after an assistant turn's content (e.g. "<|im_end|>\n").
         self.turn_close = self._base[end + 2:]
 
-    def first(self, obs: Observation) -> list[int]:
-        """The episode's first tokens: the observation with the generation prompt."""
-        text = self.tokenizer.apply_chat_template(as_messages(obs), tokenize=False, add_generation_prompt=True)
+    def first(self, obs: Observation, tools: list[dict] | None = None) -> list[int]:
+        """The episode's first tokens: the observation with the generation prompt (and the
+        environment's tool schemas, which templates render once, at the start)."""
+        text = self.tokenizer.apply_chat_template(as_messages(obs), tokenize=False, add_generation_prompt=True,
+                                                  **({"tools": tools} if tools else {}))
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def observation_ids(self, obs: Observation, turn_ids: list[int]) -> list[int]:

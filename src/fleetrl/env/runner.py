@@ -82,7 +82,7 @@ async def run_episode(env, row: dict[str, Any], prompt_ids: list[int], generate:
 
     try:
         first = await env_call(env.reset, row)
-        ep = Episode(prompt_ids=list(prompt_ids) if first is None else delta.first(first))
+        ep = Episode(prompt_ids=list(prompt_ids) if first is None else delta.first(first, getattr(env, "tools", None)))
         ep.messages = as_messages(first) if first is not None else [{"role": "user", "content": row.get("prompt")}]
         while ep.num_turns < cfg.max_turns:
             room = cfg.max_total_tokens - len(ep.ids)
