@@ -217,6 +217,12 @@ def test_load_environment(tmp_path):
         load_environment("my_env.py:NoStep", base_dir=tmp_path)
     with pytest.raises(EnvLoadError, match="must look like"):
         load_environment("my_env.py")
+    from fleetrl.env import resolve_environment
+
+    assert resolve_environment("my_env.py:E", tmp_path) == f"{(tmp_path / 'my_env.py').resolve()}:E"
+    assert resolve_environment("fleetrl.env.tools:ToolEnv", None, {"tools": ["calculator"]}).endswith(":ToolEnv")
+    with pytest.raises(EnvLoadError, match=r"env_kwargs=\{'tools': \['shell'\]\}: building it raised ValueError"):
+        resolve_environment("fleetrl.env.tools:ToolEnv", None, {"tools": ["shell"]})
 
 
 def test_episode_config_is_checked():

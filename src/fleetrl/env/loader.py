@@ -29,10 +29,16 @@ def _module_from_file(path: Path, spec: str):
     return module
 
 
-def resolve_environment(spec: str, base_dir: str | Path | None = None) -> str:
+def resolve_environment(spec: str, base_dir: str | Path | None = None,
+                        env_kwargs: dict | None = None) -> str:
     """``spec`` with a file path made absolute (for processes with another working directory),
-    after checking that it loads."""
-    load_environment(spec, base_dir)
+    after checking that it loads and that ``cls(**env_kwargs)`` builds."""
+    cls = load_environment(spec, base_dir)
+    try:
+        cls(**(env_kwargs or {}))
+    except Exception as e:
+        raise EnvLoadError(f"rollout.environment {spec!r} with rollout.episode.env_kwargs={env_kwargs or {}}: "
+                           f"building it raised {type(e).__name__}: {e}") from e
     where, _, cls_name = spec.rpartition(":")
     if not where.endswith(".py") or Path(where).expanduser().is_absolute():
         return spec

@@ -62,8 +62,10 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
             service.shutdown()
 
     if cfg.rollout.environment is not None:
-        # Checked here (a bad path fails before any actor starts); the workers get an absolute path.
-        cfg.rollout.environment = resolve_environment(cfg.rollout.environment, run_dir.config_dir)
+        # Checked here, once (a bad path or env_kwargs fails before any actor starts); the workers
+        # get an absolute path.
+        cfg.rollout.environment = resolve_environment(cfg.rollout.environment, run_dir.config_dir,
+                                                      cfg.rollout.episode.env_kwargs)
     # Actor creation is asynchronous: the services start side by side.
     fleet = RolloutFleet(cfg.rollout, model_path, name_prefix=prefix)
     started.append(fleet)
