@@ -241,6 +241,8 @@ def test_episode_config_is_checked():
         load_config(example, ["rollout.episode.max_turn=3"])  # unknown keys are errors
     with pytest.raises(Exception, match="reward.functions"):
         load_config(example, ["rollout.environment=null"])
+    tools = load_config(example.parent / "tools_gpu.yaml", [])
+    assert tools.rollout.environment == "fleetrl.env.tools:ToolEnv" and tools.rollout.episode.max_turns == 4
 
 
 def test_episode_stats_and_two_letters_env():

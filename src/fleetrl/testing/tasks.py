@@ -217,6 +217,19 @@ class TwoLettersEnv(Environment):
         return StepResult(reward=letter_share(text, self.row["second"]), done=True)
 
 
+def arithmetic_task(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows {"prompt", "answer"}: multiply two 3-4 digit numbers, hard without a tool; the answer
+    is scored by the builtin numeric_answer (``#### N``). For the tool-calling example on GPU."""
+    _check_n(n, "arithmetic_task")
+    rng = _rng(seed, "arithmetic")
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(100, 9999), rng.randint(100, 9999)
+        rows.append({"prompt": f"What is {a} times {b}? You may use the calculator tool. End with the final "
+                               f"answer as {ANSWER_MARK} N.", "answer": a * b})
+    return rows
+
+
 # Name -> builder, for configs that say `dataset: builtin:letters` (the CLI resolves the prefix).
 BUILTIN_TASKS = {
     "letters": letters_task,
@@ -224,4 +237,5 @@ BUILTIN_TASKS = {
     "preference": preference_task,
     "unpaired": unpaired_task,
     "two_letters": two_letters_task,
+    "arithmetic": arithmetic_task,
 }
