@@ -273,3 +273,37 @@ def test_fixed_kl_controller():
     c = FixedKLController(0.05)
     c.update(100.0, 1000)
     assert c.value == 0.05
+
+
+def test_gae_and_returns_pass_over_observation_tokens_by_hand():
+    """Episode row [p0, p1, obs, obs, p2, pad]: t+1 of p1 is p2; padding still resets."""
+    from fleetrl.algos.token_advantages import discounted_returns, gae
+
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    skip = torch.tensor([[0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    rewards = torch.tensor([[0.0, 0.0, 9.0, 9.0, 1.0, 7.0]])
+    values = torch.tensor([[0.5, 0.2, 100.0, 100.0, 0.4, 100.0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8, skip=skip)
+    # t=4: 1 - 0.4 = 0.6; t=1: 0.9*0.4 - 0.2 + 0.72*0.6 = 0.592; t=0: 0.9*0.2 - 0.5 + 0.72*0.592
+    expected = torch.tensor([[0.10624, 0.592, 0.0, 0.0, 0.6, 0.0]])
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.60624, 0.792, 0.0, 0.0, 1.0, 0.0]]), atol=1e-6)
+    # Without skip the observation is a reset (right only for padding): p1 then bootstraps from 0.
+    adv_reset, _ = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert torch.isclose(adv_reset[0, 1], torch.tensor(-0.2))
+    g = discounted_returns(rewards, mask, gamma=0.9, skip=skip)
+    assert torch.allclose(g, torch.tensor([[0.81, 0.9, 0.0, 0.0, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="observation mask must share"):
+        gae(rewards, values, mask, skip=skip[:, :3])
+
+
+def test_token_estimators_take_the_observation_mask():
+    from fleetrl.algos.registry import ADVANTAGE_ESTIMATORS
+
+    mask = torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    skip = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    kl = torch.zeros(2, 4)
+    _, ret = ADVANTAGE_ESTIMATORS.get("reinforce_pp_baseline")(
+        torch.tensor([1.0, 0.0]), mask, kl=kl, kl_coef=0.0, group_size=2, gamma=1.0, skip=skip)
+    # The first turn's token gets the episode's (centered) score through the observation.
+    assert torch.allclose(ret, torch.tensor([[0.5, 0.0, 0.0, 0.5], [-0.5, -0.5, -0.5, -0.5]]))

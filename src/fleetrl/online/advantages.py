@@ -86,6 +86,7 @@ def token_advantages(
     kl_coef: float,
     group_size: int = 1,
     values: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
 ) -> TokenAdvantages:
     """Advantages of one rollout batch from a per-token estimator (an ADVANTAGE_ESTIMATORS name).
 
@@ -111,7 +112,7 @@ def token_advantages(
         kl, kl_coef = torch.zeros(mask.shape), 0.0
     advantages, returns = ADVANTAGE_ESTIMATORS.get(estimator)(
         scores, mask, kl=kl, kl_coef=kl_coef, group_size=group_size, values=values,
-        gamma=section.gamma, lam=getattr(section, "lam", 1.0))
+        gamma=section.gamma, lam=getattr(section, "lam", 1.0), skip=skip)
     if values is not None:
         metrics["values/mean"] = float(masked_mean(values.float(), mask))
         metrics["critic/explained_variance"] = float(explained_variance(values, returns, mask))
@@ -182,7 +183,7 @@ class AdvantageStep:
         metrics = {"time/critic_values": time.perf_counter() - t}
         result = token_advantages(self.algo.advantage, self.cfg.token_rl, scores, completion_mask(batch), kl,
                                   self.kl_ctl.value if lc.kl_in == "reward" else 0.0, self.cfg.rl.group_size,
-                                  values)
+                                  values, skip=batch.get("observation_mask"))
         metrics.update(result.metrics)
         if "kl/seq_mean" in result.metrics:
             self.kl_ctl.update(result.metrics["kl/seq_mean"], n_steps=len(scores))

@@ -26,6 +26,10 @@ class Sample:
     # The weights its last token was sampled with; newer than weight_version when a weight update
     # reached the engine mid-generation (rollout.weight_update: in_flight). None = weight_version.
     last_weight_version: int | None = None
+    # Multi-turn episodes (rollout.environment): 1 on each completion token the policy sampled, 0
+    # on observation tokens the environment wrote (their logprobs are 0). None = all policy tokens.
+    completion_mask: list[int] | None = None
+    episode: dict[str, Any] | None = None  # turns, observation_tokens, env_s, env_error, turn_rewards
 
     @property
     def updated_in_flight(self) -> bool:
@@ -57,8 +61,10 @@ class Group:
 def pad_samples(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt+completion tensors aligned for the learner.
 
-    ``input_ids[b, t]`` is token t; ``loss_mask`` is 1 where t is a completion token;
-    ``old_logprobs[b, t]`` is the sampler's logprob of token t (0 elsewhere).
+    ``input_ids[b, t]`` is token t; ``loss_mask`` is 1 where t is a completion token the policy
+    sampled; ``old_logprobs[b, t]`` is the sampler's logprob of token t (0 elsewhere). When a sample
+    is a multi-turn episode, ``observation_mask`` is 1 on its observation tokens (0 in the loss
+    mask; per-token advantages pass over them).
     """
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
     T = max(lengths)
@@ -67,6 +73,8 @@ def pad_samples(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     attention_mask = torch.zeros((B, T), dtype=torch.long)
     loss_mask = torch.zeros((B, T), dtype=torch.float32)
     old_logprobs = torch.zeros((B, T), dtype=torch.float32)
+    episodes = any(s.completion_mask is not None for s in samples)
+    observation_mask = torch.zeros((B, T), dtype=torch.float32)
     for b, s in enumerate(samples):
         if len(s.logprobs) != len(s.completion_ids):
             raise ValueError(
@@ -76,14 +84,25 @@ def pad_samples(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         p, c = len(s.prompt_ids), len(s.completion_ids)
         input_ids[b, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
         attention_mask[b, : p + c] = 1
-        loss_mask[b, p : p + c] = 1.0
         old_logprobs[b, p : p + c] = torch.tensor(s.logprobs, dtype=torch.float32)
-    return {
+        if s.completion_mask is None:
+            loss_mask[b, p : p + c] = 1.0
+            continue
+        if len(s.completion_mask) != c:
+            raise ValueError(f"episode of prompt {s.prompt_index}: {c} tokens but a completion mask of "
+                             f"{len(s.completion_mask)}")
+        policy = torch.tensor(s.completion_mask, dtype=torch.float32)
+        loss_mask[b, p : p + c] = policy
+        observation_mask[b, p : p + c] = 1.0 - policy
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "loss_mask": loss_mask,
         "old_logprobs": old_logprobs,
     }
+    if episodes:
+        out["observation_mask"] = observation_mask
+    return out
 
 
 def completion_stats(samples: list[Sample]) -> dict[str, float]:
@@ -94,3 +113,24 @@ def completion_stats(samples: list[Sample]) -> dict[str, float]:
         "response_length/max": lengths.max().item(),
         "response_length/clip_ratio": truncated / len(samples),
     }
+
+
+def episode_stats(samples: list[Sample]) -> dict[str, float]:
+    """Multi-turn metrics (empty for single-turn samples): turns per episode, the share of
+    completion tokens the environment wrote, environment time and errors, reward of each turn."""
+    eps = [s.episode for s in samples if s.episode is not None]
+    if not eps:
+        return {}
+    completion = sum(len(s.completion_ids) for s in samples if s.episode is not None)
+    out = {
+        "episode/turns": sum(e["turns"] for e in eps) / len(eps),
+        "episode/observation_token_share": sum(e["observation_tokens"] for e in eps) / max(completion, 1),
+        "env/time_s": sum(e["env_s"] for e in eps),
+        "env/errors": sum(e["env_error"] is not None for e in eps),
+    }
+    most = max(len(e["turn_rewards"]) for e in eps)
+    for k in range(most):
+        got = [e["turn_rewards"][k] for e in eps if len(e["turn_rewards"]) > k and e["turn_rewards"][k] is not None]
+        if got:
+            out[f"reward/turn_{k + 1}"] = sum(got) / len(got)
+    return out

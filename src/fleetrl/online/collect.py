@@ -58,6 +58,13 @@ class RolloutStats:
         return max(0.0, self.last_generated - self.start)
 
 
+def _episode_text(c) -> str:
+    """What reward functions get as the completion of an episode: its last policy turn (the whole
+    episode reaches them as the ``messages`` column)."""
+    turns = [m["content"] for m in c.episode["messages"] if m["role"] == "assistant"]
+    return turns[-1] if turns else ""
+
+
 class GroupCollector:
     """Keeps the fleet busy from the prompt stream and hands back fully scored groups.
 
@@ -139,6 +146,9 @@ class GroupCollector:
             n=self.cfg.rl.group_size,
             sampling=self.sampling,
             request_ids=[i for i, _, _, _ in batch],
+            # Multi-turn: the worker's environment starts each episode from the data row.
+            rows=[{"prompt": row.prompt, **row.extra} for _, row, _, _ in batch]
+            if self.cfg.rollout.environment is not None else None,
         )
         self._gen_refs[ref] = batch
 
@@ -186,19 +196,26 @@ class GroupCollector:
                     Sample(
                         prompt_index=prompt_index,
                         prompt_text=text,
-                        prompt_ids=list(ids),
+                        # An episode's environment may start from its own first observation.
+                        prompt_ids=list(c.prompt_token_ids) if c.episode is not None else list(ids),
                         completion_ids=list(c.token_ids),
                         logprobs=list(c.logprobs),
                         finish_reason=c.finish_reason,
                         weight_version=c.weight_version,
                         last_weight_version=c.last_weight_version,
                         # The fleet returns token ids only; reward functions read text.
-                        completion_text=self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                        completion_text=_episode_text(c) if c.episode is not None
+                        else self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
                         worker_index=c.worker_index,
+                        completion_mask=c.loss_mask,
+                        episode=c.episode,
                     )
                 )
                 stats.generated_tokens += len(c.token_ids)
             groups.append(Group(prompt_index, row, samples))
+        if not self.reward_actors:  # multi-turn with no reward functions: the environment scores
+            self.buffer.put(self._scored(groups, None, stats))
+            return
         self._score(groups)
 
     def _score(self, groups: list[Group]) -> None:
@@ -211,6 +228,8 @@ class GroupCollector:
         for k in columns:
             if len(columns[k]) != len(samples):
                 columns[k] = [g.row.extra.get(k) for g, _ in samples]
+        if samples and samples[0][1].episode is not None:
+            columns["messages"] = [s.episode["messages"] for _, s in samples]  # the whole episode
         actor = self.reward_actors[self._next_reward_actor % len(self.reward_actors)]
         self._next_reward_actor += 1
         ref = actor.score.remote(
@@ -221,10 +240,21 @@ class GroupCollector:
     def _on_scored(self, ref, stats: RolloutStats) -> list[Group]:
         groups = self._reward_refs.pop(ref)
         result = ray.get(ref)  # a RewardError (on_error: fail) surfaces here with its message
+        return self._scored(groups, result, stats)
+
+    def _scored(self, groups: list[Group], result, stats: RolloutStats) -> list[Group]:
+        """Rewards onto the samples (``result`` None: the environment's turn rewards alone)."""
         samples = [s for g in groups for s in g.samples]
         for i, s in enumerate(samples):
-            s.reward = float(result.rewards[i])
-            s.reward_parts = {name: float(vals[i]) for name, vals in result.per_function.items()}
+            s.reward = 0.0 if result is None else float(result.rewards[i])
+            s.reward_parts = {} if result is None else {n: float(v[i]) for n, v in result.per_function.items()}
+            if s.episode is not None:
+                # Episode reward: the reward functions' score plus the environment's turn rewards;
+                # an episode its environment failed (rollout.episode.on_error: zero) scores 0.
+                s.reward = 0.0 if s.episode["env_error"] else \
+                    s.reward + sum(r for r in s.episode["turn_rewards"] if r is not None)
+        if result is None:
+            return self._keep_varied(groups, stats)
         for name, vals in result.per_function.items():
             stats.per_function[name].extend(float(v) for v in vals)
         stats.reward_s += sum(result.seconds.values())
@@ -232,6 +262,9 @@ class GroupCollector:
         stats.reward_hung_calls = max(stats.reward_hung_calls, sum(result.hung_calls.values()))
         for e in result.errors[:3]:
             stats.reward_error_examples.append(f"{e.function}: {e.message}")
+        return self._keep_varied(groups, stats)
+
+    def _keep_varied(self, groups: list[Group], stats: RolloutStats) -> list[Group]:
         if not self.cfg.rl.skip_constant_groups:
             return groups
         kept = [g for g in groups if len(set(g.rewards)) > 1]

@@ -24,7 +24,7 @@ from fleetrl.learner.group import LearnerGroup
 from fleetrl.metrics.local import Progress
 from fleetrl.metrics.ray_metrics import RayMetricsExporter
 from fleetrl.online.advantages import AdvantageStep
-from fleetrl.online.batch import completion_stats, pad_samples
+from fleetrl.online.batch import completion_stats, episode_stats, pad_samples
 from fleetrl.online.collect import GroupCollector, RolloutStats
 from fleetrl.online.evaluate import HeldOutEval
 from fleetrl.online.off_policy import OffPolicyCorrection
@@ -127,7 +127,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         sync_s = sync.push(step + 1)
 
         row = {"step": step + 1, "optimizer_steps": optimizer_steps,
-               **_reward_metrics(scores, rstats), **completion_stats(samples),
+               **_reward_metrics(scores, rstats), **completion_stats(samples), **episode_stats(samples),
                **_mean_stats(train_stats), **_mean_stats(critic_stats, prefix="critic/"), **adv.metrics,
                **correction, **_rollout_metrics(fleet, sync, collector, rstats, samples),
                "time/reference": adv.reference_s, "time/train": train_s, "time/weight_sync": sync_s,
@@ -241,7 +241,8 @@ class _RunLog:
                     "step": done, "prompt_index": smp.prompt_index, "worker": smp.worker_index,
                     "weight_version": smp.weight_version, "last_weight_version": smp.last_weight_version,
                     "reward": smp.reward, "prompt": smp.prompt_text,
-                    "completion": smp.completion_text, "finish_reason": smp.finish_reason}) + "\n")
+                    "completion": smp.completion_text, "finish_reason": smp.finish_reason,
+                    **_episode_record(smp)}) + "\n")
             self.samples.flush()
         for example in rstats.reward_error_examples:
             log.warning("reward error (scored 0): %s", example)
@@ -266,6 +267,15 @@ def save_checkpoint(learner: LearnerGroup, run_dir: RunDir, step: int, version: 
     # generated again on resume), the data cursor, the admission count.
     (ckpt / "collector.json").write_text(json.dumps(state["collector"], indent=1) + "\n")
     (ckpt / "COMPLETE").write_text(f"step {step}\n")  # resume trusts only finished checkpoints
+
+
+def _episode_record(smp) -> dict:
+    """A multi-turn sample's episode in samples.jsonl: its messages, turn rewards and exact tokens."""
+    if smp.episode is None:
+        return {}
+    return {"episode": {k: smp.episode[k] for k in ("turns", "turn_rewards", "env_error", "messages")},
+            "prompt_ids": smp.prompt_ids, "completion_ids": smp.completion_ids,
+            "completion_mask": smp.completion_mask}
 
 
 def _mean_stats(stats: list[dict], prefix: str = "train/") -> dict[str, float]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from fleetrl.env import resolve_environment
 from fleetrl.learner.critic import CriticGroup
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.online.control import start_control_actor
@@ -68,6 +69,11 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
         for service in reversed(started):
             service.shutdown()
 
+    if cfg.rollout.environment is not None:
+        # Checked here, once (a bad path or env_kwargs fails before any actor starts); the workers
+        # get an absolute path.
+        cfg.rollout.environment = resolve_environment(cfg.rollout.environment, run_dir.config_dir,
+                                                      cfg.rollout.episode.env_kwargs)
     # Actor creation is asynchronous: the services start side by side.
     fleet = RolloutFleet(cfg.rollout, model_path, name_prefix=prefix)
     started.append(fleet)
@@ -82,7 +88,9 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
                                  mini_batch_size=cfg.mini_batch_size, name_prefix=prefix,
                                  colocate_with=learner if colocate else None, wait=False)
             started.append(critic)
-        reward_actors = make_reward_actors(cfg.reward, base_dir=str(run_dir.config_dir), name_prefix=prefix)
+        # With an environment and no reward functions, the environment's turn rewards are the reward.
+        reward_actors = make_reward_actors(cfg.reward, base_dir=str(run_dir.config_dir), name_prefix=prefix) \
+            if cfg.reward.functions else []
     except BaseException:
         stop_started()
         raise

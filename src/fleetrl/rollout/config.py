@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fleetrl.core.strict import StrictModel
+from fleetrl.env.config import EpisodeConfig
 
 
 class SamplingConfig(StrictModel):
@@ -73,6 +74,18 @@ class RolloutConfig(StrictModel):
     # Anything else for vllm.LLM(...), passed through unchanged.
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    # Multi-turn episodes: 'path/to/env.py:ClassName' (relative to the config file) or
+    # 'package.module:ClassName', a fleetrl.env.Environment; None = one completion per sample.
+    environment: str | None = None
+    episode: EpisodeConfig = Field(default_factory=EpisodeConfig)
+
+    @model_validator(mode="after")
+    def _episode_fits(self) -> RolloutConfig:
+        if self.environment is not None and self.episode.max_total_tokens > self.max_model_len:
+            raise ValueError(
+                f"rollout.episode.max_total_tokens={self.episode.max_total_tokens} exceeds rollout.max_model_len="
+                f"{self.max_model_len}: an episode must fit the engine's context; lower it or raise max_model_len")
+        return self
 
     @model_validator(mode="after")
     def _engine_kwargs_do_not_shadow(self) -> RolloutConfig:

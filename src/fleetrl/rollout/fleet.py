@@ -176,7 +176,8 @@ class FleetBook:
         return min(open_, key=lambda i: (len(self._inflight[i]), self._last_pick[i], i))
 
     def submit(
-        self, prompts: Sequence[Sequence[int]], n: int, sampling: dict[str, Any], request_ids: Sequence[Any]
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: dict[str, Any], request_ids: Sequence[Any],
+        rows: Sequence[dict[str, Any]] | None = None,
     ) -> Hashable:
         if len(prompts) != len(request_ids):
             raise ValueError(f"submit got {len(prompts)} prompts but {len(request_ids)} request_ids")
@@ -188,7 +189,9 @@ class FleetBook:
                 "before submitting"
             )
         work = Work(index, [list(p) for p in prompts], n, dict(sampling), list(request_ids), time.time())
-        fut = self._call(self._handles[index], "generate", work.prompts, n, work.sampling, work.request_ids)
+        # rows: the data rows, for multi-turn episodes (the worker's environment starts from them).
+        extra = () if rows is None else (list(rows),)
+        fut = self._call(self._handles[index], "generate", work.prompts, n, work.sampling, work.request_ids, *extra)
         self._inflight[index][fut] = work
         self._where[fut] = index
         self._last_pick[index] = next(self._pick_seq)
@@ -379,9 +382,9 @@ class RolloutFleet:
         return len(self.book.indices())
 
     def submit(self, prompts: Sequence[Sequence[int]], n: int, sampling: dict[str, Any],
-               request_ids: Sequence[Any]):
+               request_ids: Sequence[Any], rows: Sequence[dict[str, Any]] | None = None):
         """Queue one generate call on the least busy worker; an ObjectRef of list[Completion]."""
-        return self.book.submit(prompts, n, sampling, request_ids)
+        return self.book.submit(prompts, n, sampling, request_ids, rows)
 
     def on_done(self, ref) -> Work | None:
         return self.book.on_done(ref)

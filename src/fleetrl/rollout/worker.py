@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetrl.core.weight_wire import WeightPlan
+from fleetrl.env import ChatDelta, TurnOutput, load_environment, run_episode
 from fleetrl.rollout.config import RolloutConfig, resolve_device, worker_env
 from fleetrl.rollout.weight_receiver import plan_to_plain
 
@@ -43,6 +44,11 @@ class Completion:
     # The weights when its last token was sampled: later than weight_version when a weight update
     # reached the engine mid-generation (an in-flight update).
     last_weight_version: int | None = None
+    # Multi-turn episodes: token_ids holds every turn and observation after the prompt; loss_mask
+    # is 1 on the policy's tokens, 0 on observation tokens (their logprobs are 0). episode: turns,
+    # observation_tokens, env_s, env_error, turn_rewards, messages.
+    loss_mask: list[int] | None = None
+    episode: dict[str, Any] | None = None
 
 
 def sampling_params(sampling: dict[str, Any], n: int):
@@ -101,6 +107,7 @@ class RolloutWorker:
         self._requests = itertools.count()
         self._inflight = 0
         self._warm: asyncio.Task | None = None
+        self._env: tuple[type, ChatDelta] | None = None  # (environment class, chat delta), built on first use
 
         import torch
 
@@ -141,12 +148,18 @@ class RolloutWorker:
         n: int,
         sampling: dict[str, Any],
         request_ids: Sequence[Any],
+        rows: Sequence[dict[str, Any]] | None = None,
     ) -> list[Completion]:
-        """``n`` samples for each prompt (token ids); completions in prompt order, then sample order."""
+        """``n`` samples for each prompt (token ids); completions in prompt order, then sample order.
+        With ``rollout.environment`` and the prompts' data ``rows``, each sample is an episode."""
         if len(request_ids) != len(prompts):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(request_ids)} request_ids")
         if not prompts:
             return []
+        if self.cfg.environment is not None and rows is not None:
+            episodes = [self._episode(rid, i, p, row, sampling)
+                        for rid, p, row in zip(request_ids, prompts, rows) for i in range(n)]
+            return list(await asyncio.gather(*episodes))
         params = sampling_params(sampling, n)
         per_prompt = await asyncio.gather(*(self._sample(rid, p, params) for rid, p in zip(request_ids, prompts)))
         return [c for group in per_prompt for c in group]
@@ -184,6 +197,32 @@ class RolloutWorker:
                 worker_index=self.worker_index,
             ))
         return result
+
+    async def _episode(self, rid: Any, sample_index: int, prompt: Sequence[int], row: dict[str, Any],
+                       sampling: dict[str, Any]) -> Completion:
+        """One multi-turn episode: a coroutine of its own, so a slow environment holds up only it."""
+        if self._env is None:
+            from transformers import AutoTokenizer
+
+            self._env = (load_environment(self.cfg.environment),
+                         ChatDelta(AutoTokenizer.from_pretrained(self.model_path)))
+        env_cls, delta = self._env
+
+        async def turn(ids: list[int], max_tokens: int) -> TurnOutput:
+            c = (await self._sample(rid, ids, sampling_params({**sampling, "max_tokens": max_tokens}, 1)))[0]
+            return TurnOutput(c.token_ids, c.logprobs, c.finish_reason, c.weight_version, c.last_weight_version)
+
+        r = await run_episode(env_cls(**self.cfg.episode.env_kwargs), row, list(prompt), turn, delta,
+                              self.cfg.episode, int(sampling.get("max_tokens", 1024)),
+                              name=f"episode {sample_index} of prompt {rid!r} (rollout worker {self.worker_index})")
+        ep = r.episode
+        return Completion(
+            request_id=rid, sample_index=sample_index, prompt_token_ids=ep.prompt_ids, token_ids=ep.completion_ids,
+            logprobs=ep.logprobs, finish_reason=r.finish_reason, weight_version=r.weight_version,
+            last_weight_version=r.last_weight_version, worker_index=self.worker_index, loss_mask=ep.loss_mask,
+            episode={"turns": ep.num_turns, "observation_tokens": ep.observation_tokens, "env_s": r.env_s,
+                     "env_error": r.error, "turn_rewards": ep.turn_rewards, "messages": ep.messages},
+        )
 
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         """Logprobs (temperature 1, current weights) of a GIVEN completion after ``prompt_ids``."""

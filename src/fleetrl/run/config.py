@@ -269,11 +269,17 @@ class RunConfig(StrictModel):
                     f"{self.learner.num_ranks} must be a multiple of learner.micro_batch_size="
                     f"{self.learner.micro_batch_size} per rank"
                 )
-            if not self.reward.functions:
+            if not self.reward.functions and self.rollout.environment is None:
                 raise ValueError(
                     f"{self.algorithm} scores its samples: add at least one entry to reward.functions "
-                    "(kind: rule | builtin | model | http)"
+                    "(kind: rule | builtin | model | http), or set rollout.environment (its turn rewards)"
                 )
+            if not self.reward.functions and (self.eval_data is not None or self.data.eval_path is not None
+                                              or self.data.eval_fraction > 0):
+                raise ValueError(
+                    "held-out evaluation scores single completions with reward.functions, and there are none "
+                    "(the environment's turn rewards only score episodes): add a reward function or remove "
+                    "the held-out data")
             self._check_online_algorithm()
         return self
 

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fleetrl.env.base import Environment, StepResult
+
 LETTERS = ("a", "b", "c", "d", "e")
 
 # {letter} is substituted; every template ends with ":" so completions start with a space.
@@ -175,10 +177,65 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path
     return path
 
 
+def two_letters_task(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows {"prompt", "letter", "second"} for the two-turn game (TwoLettersEnv): the prompt asks
+    for ``letter``; after the first answer the environment asks for ``second`` (another letter)."""
+    _check_n(n, "two_letters_task")
+    rng = _rng(seed, "two_letters")
+    rows = []
+    for row in letters_task(n, seed):
+        second = rng.choice([x for x in LETTERS if x != row["letter"]])
+        rows.append({**row, "second": second})
+    return rows
+
+
+def letter_share(text: str, letter: str) -> float:
+    """Fraction of the non-space characters of ``text`` equal to ``letter`` (0 for no characters)."""
+    chars = [ch for ch in text if not ch.isspace()]
+    return sum(ch == letter for ch in chars) / len(chars) if chars else 0.0
+
+
+class TwoLettersEnv(Environment):
+    """The two-turn letters game: turn 1 is scored on the row's
+    ``letter``; the environment then asks for ``second``, and turn 2 is scored on it. Each turn's
+    reward is its letter share, so the episode reward (their sum) needs both turns right."""
+
+    def __init__(self, template: str = "Repeat the letter {letter}:"):
+        self.template = template
+        self.row: dict[str, Any] = {}
+        self.turn = 0
+
+    async def reset(self, row: dict[str, Any]) -> None:
+        self.row = row
+        return None  # the row's prompt asks for the first letter
+
+    async def step(self, text: str):
+        self.turn += 1
+        if self.turn == 1:
+            return StepResult(observation=self.template.format(letter=self.row["second"]),
+                              reward=letter_share(text, self.row["letter"]))
+        return StepResult(reward=letter_share(text, self.row["second"]), done=True)
+
+
+def arithmetic_task(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows {"prompt", "answer"}: multiply two 3-4 digit numbers, hard without a tool; the answer
+    is scored by the builtin numeric_answer (``#### N``). For the tool-calling example on GPU."""
+    _check_n(n, "arithmetic_task")
+    rng = _rng(seed, "arithmetic")
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(100, 9999), rng.randint(100, 9999)
+        rows.append({"prompt": f"What is {a} times {b}? You may use the calculator tool. End with the final "
+                               f"answer as {ANSWER_MARK} N.", "answer": a * b})
+    return rows
+
+
 # Name -> builder, for configs that say `dataset: builtin:letters` (the CLI resolves the prefix).
 BUILTIN_TASKS = {
     "letters": letters_task,
     "sft": sft_task,
     "preference": preference_task,
     "unpaired": unpaired_task,
+    "two_letters": two_letters_task,
+    "arithmetic": arithmetic_task,
 }
