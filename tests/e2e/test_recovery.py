@@ -92,7 +92,7 @@ def test_chaos_every_prompt_trained_once(tmp_path, ray_local, monkeypatch):
 
     def chaos_receive(self, weight_plan):
         refs = receive(self, weight_plan)
-        if seen["restarted"] and weight_plan.version == plan["broadcast_at"] and "broadcast" not in seen["fired"] \
+        if seen["restarted"] and weight_plan.version >= plan["broadcast_at"] and "broadcast" not in seen["fired"] \
                 and self.num_workers > 1:
             seen["fired"].append("broadcast")
             ray.kill(self.book.handle(self.indices()[-1]), no_restart=True)
@@ -116,10 +116,10 @@ def test_chaos_every_prompt_trained_once(tmp_path, ray_local, monkeypatch):
     assert last["run/restarts"] == 1 and all(r["run/restarts"] == 1 for r in rows[2:])
     assert last["reward/restarts"] == 1 and last["reward/rescored_groups"] >= 1
     assert last["rollout/workers_lost"] >= 2  # the dead engine and the worker lost in the broadcast
-    assert last["rollout/num_workers"] == 2  # both replaced
     log = (run_dir / "train.log").read_text()
     assert "restart 1/3 of the services from" in log and "step-000002" in log
     assert "lost during the broadcast" in log and "EngineDead" in log
+    assert "rollout fleet 1 -> 2 worker(s)" in log  # lost workers are replaced up to rollout.num_workers
 
     per_prompt: dict[int, list] = {}
     for s in read_jsonl(run_dir / "samples.jsonl"):

@@ -10,6 +10,7 @@ as an exception that is also a RewardError, with the original message.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import ray
@@ -19,6 +20,7 @@ from fleetrl.reward.scorer import RewardScorer
 
 # The actor class is the plain scorer: all behaviour is tested without Ray.
 RewardActor = ray.remote(RewardScorer)
+NAME_FREE_TIMEOUT_S = 30.0
 
 
 def reward_actor_name(index: int, name_prefix: str = "") -> str:
@@ -59,7 +61,15 @@ def restart_reward_actor(cfg: RewardConfig, index: int, base_dir: str | Path | N
     if dead is not None:
         ray.kill(dead, no_restart=True)
     base = str(Path(base_dir if base_dir is not None else Path.cwd()).resolve())
-    actor = _start(cfg, base, reward_actor_name(index, name_prefix))
+    deadline = time.monotonic() + NAME_FREE_TIMEOUT_S
+    while True:  # the dead actor's name is freed asynchronously
+        try:
+            actor = _start(cfg, base, reward_actor_name(index, name_prefix))
+            break
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     try:
         ray.get(actor.describe.remote())
     except BaseException:
