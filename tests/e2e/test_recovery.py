@@ -55,9 +55,11 @@ def test_chaos_every_prompt_trained_once(tmp_path, ray_local, monkeypatch):
     rng = random.Random(11)
     steps = 6
     # The learner dies during step 3's training (checkpoint at step 2): the services restart from it.
-    # After the restart, the other faults fire at random calls of steps 3-6.
-    plan = {"learner_at": 3, "reward_at": rng.randint(2, 6), "engine_at": rng.randint(2, 8),
-            "broadcast_at": rng.randint(4, 5)}
+    # After the restart, the reward actor dies at a random scoring call of steps 3-6, an engine at a
+    # random generate call of step 3 (its worker is replaced at step 4), and a worker during the
+    # last broadcast (no replacement to wait for: the run ends).
+    plan = {"learner_at": 3, "reward_at": rng.randint(2, 12), "engine_at": rng.randint(1, 4),
+            "broadcast_at": steps}
     seen = {"train": 0, "score": 0, "submit": 0, "restarted": False, "fired": []}
 
     start_train, score, submit = LearnerGroup.start_train, GroupCollector._score, RolloutFleet.submit
