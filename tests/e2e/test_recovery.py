@@ -11,6 +11,7 @@ checkpoint; the resumed run's later steps match an uninterrupted run's metrics.
 """
 
 import json
+import logging
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -128,6 +130,89 @@ def test_chaos_every_prompt_trained_once(tmp_path, ray_local, monkeypatch):
         per_prompt.setdefault(s["prompt_index"], []).append(s["step"])
     assert len(per_prompt) == steps * 4
     assert all(len(set(v)) == 1 and len(v) == 4 for v in per_prompt.values()), per_prompt  # once, whole group
+
+
+def test_a_worker_lost_in_the_broadcast_is_dropped_and_the_sync_completes(ray_local, caplog):
+    """WeightSync with Ray stand-ins for both sides (no engines): worker 1 is dead when the weights go
+    out and the learner's broadcast fails on the broken group; the sync rebuilds the group without
+    worker 1 and sends the version again. A dead learner is not absorbed."""
+    import ray
+
+    from fleetrl.online.weights import WeightSync
+    from fleetrl.rollout.config import RolloutConfig
+
+    @ray.remote
+    class Peer:
+        def __init__(self, fail_first: bool = False):
+            self.fail_first, self.calls = fail_first, 0
+
+        def join(self):
+            return None
+
+        def receive(self):
+            self.calls += 1
+            if self.fail_first and self.calls == 1:
+                raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+            return self.calls
+
+    class Learner:
+        def __init__(self):
+            self.rank0, self.joins = Peer.remote(fail_first=True), []
+
+        def side_group_address(self):
+            return "127.0.0.1", 0
+
+        def init_weight_sync(self, host, port, world, backend):
+            self.joins.append(world)
+            return [self.rank0.join.remote()]
+
+        def weight_plan(self, version):
+            return SimpleNamespace(version=version, buckets=())
+
+        def send_weights(self, plan):
+            return [self.rank0.receive.remote()]
+
+    class Fleet:
+        cfg = RolloutConfig(weight_sync_timeout_s=60)
+
+        def __init__(self):
+            self.workers = {0: Peer.remote(), 1: Peer.remote()}
+            self.removed = []
+
+        def indices(self):
+            return sorted(self.workers)
+
+        @property
+        def num_workers(self):
+            return len(self.workers)
+
+        def weight_group_world_size(self):
+            return 1 + len(self.workers)
+
+        def init_weight_group(self, host, port, backend):
+            return [w.join.remote() for _, w in sorted(self.workers.items())]
+
+        def receive_weights(self, plan):
+            return [w.receive.remote() for _, w in sorted(self.workers.items())]
+
+        def remove_worker(self, index, wait=False, timeout_s=None):
+            self.removed.append(index)
+            ray.kill(self.workers.pop(index))
+            return []
+
+    learner, fleet = Learner(), Fleet()
+    sync = WeightSync(learner, fleet, backend="gloo")
+    ray.kill(fleet.workers[1], no_restart=True)  # dies before the broadcast reaches it
+    with caplog.at_level(logging.WARNING, logger="fleetrl"):
+        sync.push(1)
+    assert sync.version == 1 and fleet.removed == [1] and sync.workers_dropped == 1
+    assert learner.joins == [3, 2]  # the group was built again without the dead worker
+    assert "rollout worker(s) [1] lost during the broadcast of version 1" in caplog.text
+    assert ray.get(fleet.workers[0].receive.remote()) == 3  # worker 0 got version 1 twice (idempotent)
+
+    ray.kill(learner.rank0, no_restart=True)  # a dead learner is the supervisor's business
+    with pytest.raises(ray.exceptions.RayActorError):
+        sync.push(2)
 
 
 def _train_cmd(out: Path, steps: int, resume: bool) -> list[str]:
