@@ -30,9 +30,9 @@ def train(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
             from fleetrl.offline.loop import run_offline
 
             return run_offline(cfg, run_dir)
-        from fleetrl.online.loop import run_online
+        from fleetrl.online.supervisor import run_supervised
 
-        return run_online(cfg, run_dir)
+        return run_supervised(cfg, run_dir)
 
 
 class _Tee:

@@ -229,10 +229,18 @@ class Learner:
 
     def save_checkpoint(self, ckpt_dir: str | os.PathLike, client_state: dict | None = None,
                         tag: str | None = None) -> None:
-        self.engine.save_checkpoint(ckpt_dir, client_state, tag)
+        # The rank's torch RNG goes with it (exact resume). DeepSpeed keeps rank 0's client state,
+        # so every rank resumes with rank 0's generator.
+        self.engine.save_checkpoint(ckpt_dir, {**(client_state or {}), _RNG_KEY: torch.get_rng_state()}, tag)
 
     def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
-        return self.engine.load_checkpoint(ckpt_dir, tag)
+        state = self.engine.load_checkpoint(ckpt_dir, tag)
+        if _RNG_KEY in state:
+            torch.set_rng_state(state.pop(_RNG_KEY))
+        return state
+
+
+_RNG_KEY = "learner_torch_rng"
 
 
 def PolicyLearner(cfg: LearnerConfig | dict, model_path: str | os.PathLike, *args: Any,  # noqa: N802

@@ -85,6 +85,7 @@ class GroupCollector:
         self.sampling = cfg.rollout.sampling.model_dump()
         self._gen_refs: dict[Any, list[Prompt]] = {}
         self._reward_refs: dict[Any, list[Group]] = {}
+        self._scored_by: dict[Any, tuple[int, Any]] = {}  # score ref -> (reward actor index, its handle)
         self._next_reward_actor = 0
         self.buffer: StalenessBuffer[Group] = StalenessBuffer(cfg.rl.max_staleness, lambda g: g.min_version)
         self.admission = Admission(cfg.rl.max_staleness, cfg.rl.prompts_per_step)
@@ -93,6 +94,10 @@ class GroupCollector:
         self._prompts_submitted = 0
         self.workers_lost = 0
         self.restore_fleet = None  # set by the loop: brings a fleet that lost every worker back
+        # Set by the loop: restart_reward_actor(index, dead handle) starts a reward actor in its place.
+        self.restart_reward_actor: Callable[[int, Any], Any] | None = None
+        self.reward_restarts = 0
+        self.rescored_groups = 0  # groups whose reward actor died while scoring them (scored again)
 
     def _prompt(self, row_index: int, stats: RolloutStats | None = None,
                 prompt_index: int | None = None) -> Prompt | None:
@@ -230,16 +235,37 @@ class GroupCollector:
                 columns[k] = [g.row.extra.get(k) for g, _ in samples]
         if samples and samples[0][1].episode is not None:
             columns["messages"] = [s.episode["messages"] for _, s in samples]  # the whole episode
-        actor = self.reward_actors[self._next_reward_actor % len(self.reward_actors)]
+        index = self._next_reward_actor % len(self.reward_actors)
+        actor = self.reward_actors[index]
         self._next_reward_actor += 1
         ref = actor.score.remote(
             [s.prompt_text for _, s in samples], [s.completion_text for _, s in samples], dict(columns)
         )
         self._reward_refs[ref] = groups
+        self._scored_by[ref] = (index, actor)
+
+    def _reward_actor_died(self, ref, groups: list[Group], error: BaseException) -> None:
+        """A reward actor died while scoring ``groups``: start a new one in its place (once per
+        death, whichever of its calls shows it first) and score the groups again."""
+        index, actor = self._scored_by.pop(ref)
+        if self.restart_reward_actor is None:
+            raise error
+        if self.reward_actors[index] is actor:
+            self.reward_restarts += 1
+            log.warning("reward actor %d died (%s); restarting it (restart %d of this run) and scoring its "
+                        "groups again", index, type(error).__name__, self.reward_restarts)
+            self.reward_actors[index] = self.restart_reward_actor(index, actor)
+        self.rescored_groups += len(groups)
+        self._score(groups)
 
     def _on_scored(self, ref, stats: RolloutStats) -> list[Group]:
         groups = self._reward_refs.pop(ref)
-        result = ray.get(ref)  # a RewardError (on_error: fail) surfaces here with its message
+        try:
+            result = ray.get(ref)  # a RewardError (on_error: fail) surfaces here with its message
+        except ray.exceptions.RayActorError as e:
+            self._reward_actor_died(ref, groups, e)
+            return []
+        self._scored_by.pop(ref, None)
         return self._scored(groups, result, stats)
 
     def _scored(self, groups: list[Group], result, stats: RolloutStats) -> list[Group]:

@@ -28,15 +28,19 @@ from fleetrl.online.batch import completion_stats, episode_stats, pad_samples
 from fleetrl.online.collect import GroupCollector, RolloutStats
 from fleetrl.online.evaluate import HeldOutEval
 from fleetrl.online.off_policy import OffPolicyCorrection
+from fleetrl.online.recovery import exact_resume_state, recovery_metrics, restore_exact_state
 from fleetrl.online.services import Services, check_critic_tokenizer, local_path, process_age_s, start_services
 from fleetrl.online.weights import WeightSync, resize_fleet
+from fleetrl.reward.actor import restart_reward_actor
 from fleetrl.run.config import ConfigError, RunConfig
 from fleetrl.run.runtime import RunDir, connect_ray, load_tokenizer, pick_backend, resolve_model
 
 log = logging.getLogger("fleetrl")
 
 
-def run_online(cfg: RunConfig, run_dir: RunDir) -> Path:
+def run_online(cfg: RunConfig, run_dir: RunDir, restarts: int = 0) -> Path:
+    """One online run; ``restarts``: how many times the supervisor (online/supervisor.py) has
+    started it again so far (``run/restarts`` in the metrics)."""
     connect_ray(cfg.ray)
     cfg = cfg.model_copy(deep=True)
     for fn in cfg.reward.functions:
@@ -56,7 +60,7 @@ def run_online(cfg: RunConfig, run_dir: RunDir) -> Path:
     t0 = time.perf_counter()
     services = start_services(cfg, run_dir, model_path, backend, critic_path)
     try:
-        return _train(cfg, run_dir, services, tokenizer, stream, backend, t0, eval_rows)
+        return _train(cfg, run_dir, services, tokenizer, stream, backend, t0, eval_rows, restarts)
     finally:
         services.shutdown()
 
@@ -70,16 +74,18 @@ def _startup_metrics(services: Services, since_services_s: float) -> dict[str, f
 
 
 def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, stream: PromptStream,
-           backend: str, t0: float, eval_rows=()) -> Path:
+           backend: str, t0: float, eval_rows=(), restarts: int = 0) -> Path:
     fleet, learner, critic, control = services.fleet, services.learner, services.critic, services.control
     sync = WeightSync(learner, fleet, backend)
     collector = GroupCollector(cfg, fleet, services.reward_actors, stream, tokenizer,
                                fleet_version=lambda: sync.version)
     collector.restore_fleet = lambda: resize_fleet(fleet, sync, collector, max(1, cfg.rollout.num_workers))
+    collector.restart_reward_actor = lambda index, dead: restart_reward_actor(
+        cfg.reward, index, run_dir.config_dir, run_dir.actor_prefix, dead=dead)
     advantages = AdvantageStep(cfg, learner, critic)
     off_policy = OffPolicyCorrection(cfg, learner)
     evaluator = _evaluator(cfg, services, eval_rows, tokenizer)
-    start_step = _resume(cfg, run_dir, learner, critic, advantages, collector, sync)
+    start_step = _resume(cfg, run_dir, learner, critic, advantages, collector, sync, services)
     print(f"fleetrl: services ready in {time.perf_counter() - t0:.1f}s", flush=True)
 
     run_log = _RunLog(cfg, run_dir, start_step, evaluator)
@@ -131,13 +137,16 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
                **_mean_stats(train_stats), **_mean_stats(critic_stats, prefix="critic/"), **adv.metrics,
                **correction, **_rollout_metrics(fleet, sync, collector, rstats, samples),
                "time/reference": adv.reference_s, "time/train": train_s, "time/weight_sync": sync_s,
-               "time/step": time.perf_counter() - step_start, **startup}
+               "time/step": time.perf_counter() - step_start, **startup,
+               **recovery_metrics(collector, restarts)}
         run_log.step(step, row, samples, rstats)
         steps_done = step + 1
         if cfg.run.save_every and steps_done % cfg.run.save_every == 0:
-            save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, advantages.kl_ctl)
+            save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, advantages.kl_ctl,
+                            extra=exact_resume_state(services))
     if run_dir.latest_checkpoint() != run_dir.checkpoint_dir(steps_done):
-        save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, advantages.kl_ctl)
+        save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, advantages.kl_ctl,
+                        extra=exact_resume_state(services))
     final = run_dir.path / "final_model"
     learner.save_hf(str(final))
     if critic is not None:
@@ -158,9 +167,13 @@ def _evaluator(cfg: RunConfig, services: Services, eval_rows, tokenizer) -> Held
 
 
 def _resume(cfg: RunConfig, run_dir: RunDir, learner: LearnerGroup, critic: CriticGroup | None,
-            advantages: AdvantageStep, collector: GroupCollector, sync: WeightSync) -> int:
+            advantages: AdvantageStep, collector: GroupCollector, sync: WeightSync,
+            services: Services | None = None) -> int:
     """The step to start from: 0, or the last finished checkpoint's with every service restored."""
-    if not cfg.run.resume or (ckpt := run_dir.latest_checkpoint()) is None:
+    if not cfg.run.resume:
+        return 0
+    if (ckpt := run_dir.latest_checkpoint()) is None:
+        run_dir.truncate_logs(0)  # a restart before the first checkpoint redoes every step
         return 0
     state = learner.load_checkpoint(str(ckpt))
     if critic is not None:
@@ -168,6 +181,8 @@ def _resume(cfg: RunConfig, run_dir: RunDir, learner: LearnerGroup, critic: Crit
     if advantages.kl_ctl is not None and "kl_coef" in state:
         advantages.kl_ctl.value = float(state["kl_coef"])
     collector.load_state_dict(state["collector"])
+    if services is not None:
+        restore_exact_state(services, state)
     start_step = state["step"]
     run_dir.truncate_logs(start_step)
     sync.push(state["weight_version"])
@@ -193,7 +208,7 @@ def _rollout_metrics(fleet, sync: WeightSync, collector: GroupCollector, rstats:
         "rollout/num_workers": fleet.num_workers,
         "prompts_in_flight": rstats.max_prompts_in_flight,
         "queue_depth/reward": rstats.max_reward_queue,
-        "rollout/workers_lost": collector.workers_lost,
+        "rollout/workers_lost": collector.workers_lost + sync.workers_dropped,
         # Versions the trained groups lagged the learner by (the oldest weights any token came from).
         "staleness/mean": sum(rstats.staleness) / len(rstats.staleness),
         "staleness/max": max(rstats.staleness),
@@ -255,9 +270,11 @@ class _RunLog:
 
 
 def save_checkpoint(learner: LearnerGroup, run_dir: RunDir, step: int, version: int,
-                    collector: GroupCollector, critic: CriticGroup | None = None, kl_ctl=None) -> None:
+                    collector: GroupCollector, critic: CriticGroup | None = None, kl_ctl=None,
+                    extra: dict | None = None) -> None:
+    """``extra``: more client state (exact_resume_state: RNG states, reward stats, fleet size)."""
     ckpt = run_dir.checkpoint_dir(step)
-    state = {"step": step, "weight_version": version, "collector": collector.state_dict()}
+    state = {"step": step, "weight_version": version, "collector": collector.state_dict(), **(extra or {})}
     if kl_ctl is not None:
         state["kl_coef"] = kl_ctl.value
     learner.save_checkpoint(str(ckpt), state)

@@ -3,13 +3,16 @@ fleet between steps (which rebuilds that group)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
 
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.online.collect import GroupCollector
-from fleetrl.rollout.fleet import RolloutFleet
+from fleetrl.rollout.fleet import EngineDead, RolloutFleet
+
+log = logging.getLogger("fleetrl")
 
 
 class WeightSync:
@@ -20,6 +23,7 @@ class WeightSync:
         self.fleet = fleet
         self.backend = backend
         self.version = 0
+        self.workers_dropped = 0  # workers lost during a broadcast (dropped; the others got the weights)
         self._plan = None
         self.connect()
 
@@ -31,12 +35,31 @@ class WeightSync:
                    self.fleet.init_weight_group(host, port, self.backend))
         self._members = tuple(self.fleet.indices())
 
-    def _wait(self, what: str, learner_refs: list, fleet_refs: list) -> None:
-        """Wait for both sides within rollout.weight_sync_timeout_s; a TimeoutError names who is late."""
+    def _wait(self, what: str, learner_refs: list, fleet_refs: list, drop_lost: bool = False) -> list[int]:
+        """Wait for both sides within rollout.weight_sync_timeout_s; a TimeoutError names who is late.
+
+        ``drop_lost``: a worker that died meanwhile is taken out of the fleet (its calls come back
+        to the collector as lost), and so is any worker still blocked in the broadcast by then; the
+        learner's error from the broken group is then expected. Returns the dropped indices.
+        """
         timeout = self.fleet.cfg.weight_sync_timeout_s
         names = {r: f"learner rank {i}" for i, r in enumerate(learner_refs)}
-        names.update({r: f"rollout worker {i}" for i, r in zip(self.fleet.indices(), fleet_refs)})
+        worker_of = dict(zip(fleet_refs, self.fleet.indices()))
+        names.update({r: f"rollout worker {i}" for r, i in worker_of.items()})
         _, late = ray.wait(list(names), num_returns=len(names), timeout=timeout)
+        dead = [worker_of[r] for r in fleet_refs if r not in late and _died(r)] if drop_lost else []
+        if dead and not any(r in late for r in learner_refs):
+            stuck = [worker_of[r] for r in late]
+            for index in dead + stuck:
+                self.fleet.remove_worker(index, wait=True, timeout_s=0)
+            for r in learner_refs:
+                try:
+                    ray.get(r)
+                except ray.exceptions.RayActorError:
+                    raise  # the learner itself died: not a fault the sync can absorb
+                except Exception as e:  # the side group broke when the peer went away; rebuilt next
+                    log.info("learner side of the broken broadcast: %s", str(e).splitlines()[0][:200])
+            return dead + stuck
         if late:
             raise TimeoutError(
                 f"weight sync ({what}) did not finish within rollout.weight_sync_timeout_s={timeout:.0f}s: "
@@ -44,17 +67,40 @@ class WeightSync:
                 "for everyone: check that process (the Ray dashboard names its actor), or raise the timeout "
                 "for very large models")
         ray.get(list(names))  # raises a side's own error, if it failed
+        return []
 
     def push(self, version: int) -> float:
+        """Send the learner's weights as ``version`` to every worker. A worker lost during the
+        broadcast is dropped (replaced at the next step, like any dead worker): the group is built
+        again without it and the weights sent again to the others."""
         start = time.perf_counter()
-        if tuple(self.fleet.indices()) != self._members:  # a worker died during the step
-            self.connect()
-        if self._plan is None:
-            self._plan = self.learner.weight_plan(version)
-        plan = type(self._plan)(version=version, buckets=self._plan.buckets)
-        self._wait(f"version {version}", self.learner.send_weights(plan), self.fleet.receive_weights(plan))
+        while True:
+            if tuple(self.fleet.indices()) != self._members:  # a worker died during the step
+                self.connect()
+            if self._plan is None:
+                self._plan = self.learner.weight_plan(version)
+            plan = type(self._plan)(version=version, buckets=self._plan.buckets)
+            dropped = self._wait(f"version {version}", self.learner.send_weights(plan),
+                                 self.fleet.receive_weights(plan), drop_lost=True)
+            if not dropped:
+                break
+            self.workers_dropped += len(dropped)
+            log.warning("rollout worker(s) %s lost during the broadcast of version %d: dropped, the weights "
+                        "go again to the %d other(s); replaced at the next step", dropped, version,
+                        self.fleet.num_workers)
         self.version = version
         return time.perf_counter() - start
+
+
+def _died(ref) -> bool:
+    """Whether a finished call's worker died (its actor, or the vLLM engine inside it)."""
+    try:
+        ray.get(ref)
+    except (ray.exceptions.RayActorError, EngineDead):
+        return True
+    except Exception:
+        return False
+    return False
 
 
 def resize_fleet(fleet: RolloutFleet, sync: WeightSync, collector: GroupCollector, target: int) -> None:

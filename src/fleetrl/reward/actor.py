@@ -10,6 +10,7 @@ as an exception that is also a RewardError, with the original message.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import ray
@@ -19,6 +20,7 @@ from fleetrl.reward.scorer import RewardScorer
 
 # The actor class is the plain scorer: all behaviour is tested without Ray.
 RewardActor = ray.remote(RewardScorer)
+NAME_FREE_TIMEOUT_S = 30.0
 
 
 def reward_actor_name(index: int, name_prefix: str = "") -> str:
@@ -42,16 +44,7 @@ def make_reward_actors(
     actors = []
     try:
         for i in range(cfg.num_workers):
-            name = reward_actor_name(i, name_prefix)
-            try:
-                options = RewardActor.options(name=name, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                                              resources=dict(cfg.resources) or None)
-                actors.append(options.remote(cfg, base))
-            except ValueError as e:
-                raise ValueError(
-                    f"cannot create reward actor {name!r}: {e}. Another run in this Ray namespace uses the "
-                    "name: stop it, or pass a different name_prefix"
-                ) from e
+            actors.append(_start(cfg, base, reward_actor_name(i, name_prefix)))
         if wait:
             ray.get([actor.describe.remote() for actor in actors])
     except BaseException:
@@ -59,3 +52,39 @@ def make_reward_actors(
             ray.kill(actor)
         raise
     return actors
+
+
+def restart_reward_actor(cfg: RewardConfig, index: int, base_dir: str | Path | None = None,
+                         name_prefix: str = "", dead=None):
+    """A new reward actor ``index`` in place of a dead one (``dead``: its handle, killed first so
+    its name is free); returns once it has loaded."""
+    if dead is not None:
+        ray.kill(dead, no_restart=True)
+    base = str(Path(base_dir if base_dir is not None else Path.cwd()).resolve())
+    deadline = time.monotonic() + NAME_FREE_TIMEOUT_S
+    while True:  # the dead actor's name is freed asynchronously
+        try:
+            actor = _start(cfg, base, reward_actor_name(index, name_prefix))
+            break
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        ray.get(actor.describe.remote())
+    except BaseException:
+        ray.kill(actor)
+        raise
+    return actor
+
+
+def _start(cfg: RewardConfig, base: str, name: str):
+    try:
+        options = RewardActor.options(name=name, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                      resources=dict(cfg.resources) or None)
+        return options.remote(cfg, base)
+    except ValueError as e:
+        raise ValueError(
+            f"cannot create reward actor {name!r}: {e}. Another run in this Ray namespace uses the "
+            "name: stop it, or pass a different name_prefix"
+        ) from e

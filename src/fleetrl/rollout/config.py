@@ -68,6 +68,10 @@ class RolloutConfig(StrictModel):
     weight_sync_timeout_s: float = Field(600.0, gt=0)
     # Worker i's engine uses seed + i, so workers given the same prompt sample differently.
     seed: int = 0
+    # Exact resume: each request samples from its own seed (derived from seed and the prompt's
+    # index), so a prompt's samples do not depend on what the engine generated before (a restarted
+    # engine resets its generator). Off by default: per-request generators cost sampling speed.
+    seed_per_request: bool = False
     distributed_executor_backend: Literal["mp", "ray"] | None = None
     # Extra environment variables for each worker actor (e.g. VLLM_CPU_OMP_THREADS_BIND).
     env_vars: dict[str, str] = Field(default_factory=dict)

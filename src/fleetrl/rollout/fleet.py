@@ -29,6 +29,10 @@ CallFn = Callable[..., Hashable]
 WaitFn = Callable[[list, float | None], list]
 
 
+class EngineDead(RuntimeError):
+    """A worker's vLLM engine died while its actor lives (vLLM's EngineDeadError): the worker is dead."""
+
+
 class NoCapacity(RuntimeError):
     """Every worker already has max_inflight_per_worker calls queued."""
 
@@ -281,7 +285,7 @@ class RolloutFleet:
             cfg.max_inflight_per_worker,
             call=lambda handle, method, *args: getattr(handle, method).remote(*args),
             ranks_per_worker=cfg.tensor_parallel_size * pp,
-            dead_errors=(ray.exceptions.RayActorError,),
+            dead_errors=(ray.exceptions.RayActorError, EngineDead),
         )
         for _ in range(cfg.num_workers):
             self.add_worker()
@@ -369,7 +373,7 @@ class RolloutFleet:
         for ref in answered:
             try:
                 ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, EngineDead):
                 dead.append(pings[ref])
         for index in dead:
             self.remove_worker(index, wait=True, timeout_s=0)

@@ -7,10 +7,12 @@ vLLM is imported when a worker is built, so importing this module stays cheap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from fleetrl.core.weight_wire import WeightPlan
 from fleetrl.env import ChatDelta, TurnOutput, load_environment, run_episode
 from fleetrl.rollout.config import RolloutConfig, resolve_device, worker_env
+from fleetrl.rollout.fleet import EngineDead
 from fleetrl.rollout.weight_receiver import plan_to_plain
 
 # vLLM returns, per sampled token, the logprob under the distribution it sampled from
@@ -161,8 +164,34 @@ class RolloutWorker:
                         for rid, p, row in zip(request_ids, prompts, rows) for i in range(n)]
             return list(await asyncio.gather(*episodes))
         params = sampling_params(sampling, n)
-        per_prompt = await asyncio.gather(*(self._sample(rid, p, params) for rid, p in zip(request_ids, prompts)))
+        async with self._engine_alive():
+            per_prompt = await asyncio.gather(*(self._sample(rid, p, self._params_for(rid, params))
+                                                for rid, p in zip(request_ids, prompts)))
         return [c for group in per_prompt for c in group]
+
+    def _params_for(self, rid: Any, params):
+        """rollout.seed_per_request: the request's own seed, from rollout.seed and its id (a prompt
+        index), so its samples do not depend on what the engine generated before."""
+        if not self.cfg.seed_per_request or params.seed is not None:
+            return params
+        seeded = params.clone()
+        seeded.seed = zlib.crc32(f"{self.cfg.seed}:{rid}".encode()) & 0x7FFFFFFF
+        return seeded
+
+    @contextlib.asynccontextmanager
+    async def _engine_alive(self):
+        """vLLM's EngineDeadError (the engine process died; this actor lives on) becomes EngineDead,
+        which the fleet reads as a dead worker: its prompts go to the others and it is replaced."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.engine.errored:
+            raise EngineDead(f"rollout worker {self.worker_index}: its vLLM engine is dead "
+                             f"({self.engine.dead_error}); the fleet replaces this worker")
+        try:
+            yield
+        except EngineDeadError as e:
+            raise EngineDead(f"rollout worker {self.worker_index}: its vLLM engine died ({e}); the fleet "
+                             "replaces this worker") from e
 
     async def _sample(self, rid: Any, prompt: Sequence[int], params) -> list[Completion]:
         """All samples of one prompt: one engine request (vLLM fans it out to params.n sequences)."""
@@ -269,12 +298,13 @@ class RolloutWorker:
         t0 = time.perf_counter()
         inflight = self._inflight
         mode = "keep" if self.cfg.weight_update == "in_flight" else "wait"
-        await self.engine.pause_generation(mode=mode, clear_cache=True)
-        try:
-            stats = await self.engine.collective_rpc("receive_weights", args=(plain,))
-            self.weight_version = int(plain["version"])
-        finally:
-            await self.engine.resume_generation()
+        async with self._engine_alive():
+            await self.engine.pause_generation(mode=mode, clear_cache=True)
+            try:
+                stats = await self.engine.collective_rpc("receive_weights", args=(plain,))
+                self.weight_version = int(plain["version"])
+            finally:
+                await self.engine.resume_generation()
         self.weight_updates_in_flight += int(inflight > 0 and mode == "keep")
         return {
             "worker_index": self.worker_index,
@@ -287,8 +317,10 @@ class RolloutWorker:
     # -- info -------------------------------------------------------------------------
 
     async def ping(self) -> dict[str, Any]:
-        """The worker's facts, once its engine is warm (the fleet's readiness probe)."""
-        await self.ready()
+        """The worker's facts, once its engine is warm (the fleet's readiness probe); EngineDead
+        when its engine died."""
+        async with self._engine_alive():
+            await self.ready()
         return {
             "worker_index": self.worker_index,
             "weight_version": self.weight_version,

@@ -72,6 +72,9 @@ class RunSection(StrictModel):
     steps: int | None = Field(None, ge=1, description="training iterations / optimizer steps")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
     resume: bool = False  # continue the run in output_dir/name from its last checkpoint
+    # Online: a fault the loop cannot absorb (a dead learner rank, a sync that timed out) restarts the
+    # services from the last complete checkpoint, at most this many times (online/supervisor.py).
+    max_restarts: int = Field(3, ge=0, description="automatic restarts from the last checkpoint")
     # Write every sample (prompt, completion, reward, worker, weight version) to samples.jsonl.
     log_samples: bool = False
     tensorboard: bool = True  # event files in <run dir>/tensorboard
