@@ -58,6 +58,10 @@ def test_a_stalled_weight_sync_names_the_peer_that_did_not_answer(ray_local):
     def stall():
         time.sleep(3600)
 
+    # Start the task workers first: on a loaded machine starting them takes longer than the deadline below,
+    # and then the peers that did answer would be named too.
+    ray.get([answer.remote() for _ in range(3)], timeout=120)
+
     class Learner:
         def side_group_address(self):
             return "127.0.0.1", 0
@@ -66,7 +70,7 @@ def test_a_stalled_weight_sync_names_the_peer_that_did_not_answer(ray_local):
             return [answer.remote()]
 
     class Fleet:
-        cfg = RolloutConfig(weight_sync_timeout_s=1.0)
+        cfg = RolloutConfig(weight_sync_timeout_s=3.0)
 
         def weight_group_world_size(self):
             return 3

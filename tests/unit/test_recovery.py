@@ -102,7 +102,7 @@ class FakeActor:
 
 def _groups(n):
     return [SimpleNamespace(prompt_index=i, row=SimpleNamespace(extra={"letter": "a"}),
-                            samples=[SimpleNamespace(prompt_text=f"p{i}", completion_text="aa")])
+                            samples=[SimpleNamespace(prompt_text=f"p{i}", completion_text="aa", episode=None)])
             for i in range(n)]
 
 
