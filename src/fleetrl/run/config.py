@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from fleetrl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, OnlineAlgorithm
 from fleetrl.algos import ONLINE_ALGORITHMS as ONLINE_REGISTRY
 from fleetrl.core.strict import StrictModel
-from fleetrl.data.rows import DataConfig
+from fleetrl.data.rows import DataConfig, looks_like_dataset_name
 from fleetrl.learner.config import LearnerConfig
 from fleetrl.learner.critic_config import CriticConfig
 from fleetrl.learner.offline_config import (
@@ -577,8 +577,16 @@ def _resolve_relative_paths(tree: dict, base: Path) -> None:
             continue
         for key in ("path", "eval_path"):
             value = node.get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute():
+            # A hub dataset name (org/name, not a file next to the config) stays as written.
+            if isinstance(value, str) and value and not Path(value).is_absolute() and (
+                    (base / value).exists() or not looks_like_dataset_name(value)):
                 node[key] = str(base / value)
+        files = node.get("data_files")
+        rel = (lambda f: f if not isinstance(f, str) or Path(f).is_absolute() or "://" in f else str(base / f))
+        if isinstance(files, (str, list)):
+            node["data_files"] = rel(files) if isinstance(files, str) else [rel(f) for f in files]
+        elif isinstance(files, dict):
+            node["data_files"] = {k: rel(v) if isinstance(v, str) else [rel(f) for f in v] for k, v in files.items()}
     model = tree.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str) and (base / model["path"]).exists():
         model["path"] = str(base / model["path"])
