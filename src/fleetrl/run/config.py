@@ -581,8 +581,7 @@ def _resolve_relative_paths(tree: dict, base: Path) -> None:
             if isinstance(value, str) and value and not Path(value).is_absolute() and (
                     (base / value).exists() or not looks_like_dataset_name(value)):
                 node[key] = str(base / value)
-        files = node.get("data_files")
-        rel = (lambda f: f if not isinstance(f, str) or Path(f).is_absolute() or "://" in f else str(base / f))
+        files, rel = node.get("data_files"), _relative_to(base)
         if isinstance(files, (str, list)):
             node["data_files"] = rel(files) if isinstance(files, str) else [rel(f) for f in files]
         elif isinstance(files, dict):
@@ -595,6 +594,12 @@ def _resolve_relative_paths(tree: dict, base: Path) -> None:
         path = fn.get("model_path") if isinstance(fn, dict) else None
         if isinstance(path, str) and path and not Path(path).is_absolute() and (base / path).exists():
             fn["model_path"] = str(base / path)
+
+
+def _relative_to(base: Path):
+    def rel(f):
+        return f if not isinstance(f, str) or Path(f).is_absolute() or "://" in f else str(base / f)
+    return rel
 
 
 def config_from_dict(tree: dict, overrides=(), source: str = "<config>",
