@@ -338,7 +338,7 @@ def read_records(
         return _read_datasets(cfg, str(path), max_rows)
     if not p.exists():
         hint = (" (a hub dataset name reads from the datasets cache: set data.format: hub)"
-                if _HUB_NAME.match(str(path)) else "")
+                if looks_like_dataset_name(str(path)) else "")
         raise DataError(f"data file not found: {path} (resolved to {p.resolve()}); check data.path{hint}")
     fmt = resolve_format(p, fmt)
     if fmt != "hf_disk" and p.is_dir():
