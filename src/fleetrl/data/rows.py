@@ -306,6 +306,8 @@ def _read_datasets(cfg: DataConfig, path: str, max_rows: int | None) -> Iterator
 
     label = (f"{path}" + (f" {cfg.data_files}" if cfg.data_files is not None else "") + f"[{cfg.split}]"
              + (f" ({cfg.name})" if cfg.name else ""))
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one bar per file and split: noise on the console and in train.log
     try:
         ds = datasets.load_dataset(path, cfg.name, data_files=cfg.data_files, split=cfg.split,
                                    streaming=cfg.streaming)
@@ -321,6 +323,9 @@ def _read_datasets(cfg: DataConfig, path: str, max_rows: int | None) -> Iterator
         ) from None
     except ValueError as e:  # a bad split or configuration name: datasets lists the valid ones
         raise DataError(f"data.path {path!r}: {str(e).splitlines()[0][:300]}; check data.split and data.name") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     if max_rows is not None:
         ds = ds.take(max_rows) if cfg.streaming else ds.select(range(min(max_rows, len(ds))))
     for i, record in enumerate(ds):
