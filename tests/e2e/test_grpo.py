@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetrl.run.check import CheckError
 from fleetrl.run.config import load_config
 from fleetrl.train import train
 
@@ -60,7 +61,7 @@ def test_grpo_tiny_learns_writes_a_run_and_resumes(tmp_path, ray_local):
 
     # Interrupted after step 24's checkpoint was started but not finished: resume redoes 13..24.
     shutil.rmtree(run_dir / "checkpoints" / "step-000024")
-    with pytest.raises(FileExistsError, match="run.resume=true"):
+    with pytest.raises(CheckError, match="already holds a run; set run.resume=true"):  # before Ray
         train(load_config(EXAMPLE, overrides + ["run.steps=26"]), config_path=EXAMPLE)
     again = train(load_config(EXAMPLE, overrides + ["run.steps=26", "run.resume=true"]), config_path=EXAMPLE)
     assert again == run_dir
