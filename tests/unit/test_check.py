@@ -120,6 +120,8 @@ CASES = [
     ("override-misspelt-algorithm", None, {}, ["algorithm=grp"], [r"override 'algorithm=grp'.*did you mean 'grpo'"]),
     ("override-out-of-range", None, {}, ["rl.group_size=0"], [r"override 'rl.group_size=0': 'rl.group_size'"]),
     ("override-cross-key-rule", None, {}, ["rl.mini_batch_size=3"],
+     [r"override 'rl.mini_batch_size=3': rl.mini_batch_size=3 must divide the samples per step"]),
+    ("file-cross-key-rule", with_(rl={"group_size": 2, "prompts_per_step": 2, "mini_batch_size": 3}), {}, [],
      [r"base.yaml: rl.mini_batch_size=3 must divide the samples per step"]),
     ("override-not-key-value", None, {}, ["learner.lr"], [r"override 'learner.lr' is not KEY=VALUE"]),
     ("override-into-a-value", None, {}, ["rl.group_size.x=1"], [r"rl.group_size is a value, not a section"]),

@@ -523,8 +523,9 @@ def _describe(err: dict, overrides: dict[str, str], source: str, lines: dict[str
         tag = (err.get("ctx") or {}).get("tag", "")
         expected = re.findall(r"'([^']+)'", (err.get("ctx") or {}).get("expected_tags", ""))
         msg += did_you_mean(tag, expected)
-    if not dotted:  # a rule across keys: its message names them
-        return f"{origin}: {msg}"
+    if not dotted:  # a rule across keys: its message names them; blame the overrides it names
+        named = [o for key, o in overrides.items() if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", msg)]
+        return f"{', '.join(named) if named else origin}: {msg}"
     got = err.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
     if err["type"] == "literal_error" and isinstance(got, str):
