@@ -275,3 +275,17 @@ def test_resources_against_the_cluster():
     assert want == {"CPU": 7.0, "GPU": 6.0}
     assert resource_shortfall(want, {"CPU": 16.0, "GPU": 4.0}) == ["GPU: the run asks for 6, the cluster has 4"]
     assert resource_shortfall(requested_resources(cfg, cluster_has_gpus=False), {"CPU": 8.0}) == []
+
+
+def test_joining_a_cluster_too_small_for_the_config(tmp_path, capsys, monkeypatch):
+    import ray
+
+    import fleetrl.run.runtime
+
+    monkeypatch.setattr(fleetrl.run.runtime, "connect_ray", lambda cfg: None)  # no cluster here: its answer
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    rc, out, err = run_check(tmp_path, capsys, overrides=["ray.address=ray://head:10001", "rollout.num_workers=2"])
+    assert rc == 2
+    assert "cluster: cluster ray://head:10001 is too small for this config (CPU: the run asks for 4, the " \
+           "cluster has 2)" in err
+    assert main(["check", str(tmp_path / "base.yaml"), "ray.address=ray://head:10001", "--no-cluster"]) == 0
