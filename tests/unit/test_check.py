@@ -253,8 +253,14 @@ def test_a_failed_start_leaves_no_directory_that_demands_resume(tmp_path):
     (run_dir / "config.yaml").write_text("x")
     (run_dir / "train.log").write_text("started\n")
     assert not holds_run(run_dir)
+    from fleetrl.run.runtime import RunDir
+
+    cfg = load_config(write_case(tmp_path))
+    assert RunDir(cfg).path == run_dir  # the retry takes the directory back, no run.resume needed
     (run_dir / "metrics.jsonl").write_text("{}\n")
     assert holds_run(run_dir)
+    with pytest.raises(FileExistsError, match="set run.resume=true"):
+        RunDir(cfg)
 
 
 def test_train_checks_before_any_run_directory_or_ray(tmp_path):
