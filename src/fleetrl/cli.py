@@ -19,6 +19,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from fleetrl.run.check import check_config
+
+    report = check_config(args.config, args.overrides, cluster=not args.no_cluster)
+    print(f"fleetrl: {args.config}: ready to train\n{report.summary()}")
+    return 0
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from fleetrl.run.config import dump_config, load_config
 
@@ -64,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML run config (see examples/)")
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     t.set_defaults(func=_cmd_train)
+
+    ck = sub.add_parser(
+        "check",
+        help="check a config's inputs without starting anything",
+        description="Run the checks `fleetrl train` starts with, and nothing else: the config, the model and "
+        "tokenizer, every data row, the reward functions against the data's columns, the output location and, "
+        "when joining a cluster (ray.address / RAY_ADDRESS), its resources. Exit 0 when ready, 2 with one line "
+        "per problem otherwise.",
+    )
+    ck.add_argument("config", help="YAML run config")
+    ck.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    ck.add_argument("--no-cluster", action="store_true", help="skip the cluster resource check")
+    ck.set_defaults(func=_cmd_check)
 
     c = sub.add_parser("config", help="inspect configs", description="Inspect configs.")
     csub = c.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

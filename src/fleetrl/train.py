@@ -16,7 +16,11 @@ from fleetrl.run.config import (
 )
 
 
-def train(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
+def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = True) -> Path:
+    if check:  # the checks of `fleetrl check`, before Ray or a run directory exist
+        from fleetrl.run.check import check_run
+
+        sys.stdout.write(f"fleetrl: inputs checked\n{check_run(cfg, config_path).summary()}\n")
     if cfg.algorithm in PLANNED_ALGORITHMS:
         raise ConfigError(
             f"algorithm '{cfg.algorithm}' is not built yet in this version of fleetrl; "

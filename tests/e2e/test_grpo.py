@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetrl.run.check import CheckError
 from fleetrl.run.config import load_config
 from fleetrl.train import train
 
@@ -70,7 +71,7 @@ def test_grpo_tiny_learns_writes_a_run_and_resumes(tmp_path, ray_local):
 
     # Interrupted after step 24's checkpoint was started but not finished: resume redoes 13..24.
     shutil.rmtree(run_dir / "checkpoints" / "step-000024")
-    with pytest.raises(FileExistsError, match="run.resume=true"):
+    with pytest.raises(CheckError, match="already holds a run; set run.resume=true"):  # before Ray
         train(load_config(EXAMPLE, overrides + ["run.steps=26"]), config_path=EXAMPLE)
     again = train(load_config(EXAMPLE, overrides + ["run.steps=26", "run.resume=true"]), config_path=EXAMPLE)
     assert again == run_dir
@@ -99,11 +100,17 @@ def test_new_policy_losses_train(tmp_path, ray_local, algorithm):
     rollout worker and a few small steps, so the suite stays within its budget). Two optimizer steps
     per rollout batch, so the second one is off-policy and the ratios (and GSPO's tiny clip) act.
     Trains = every step updates the policy (finite loss and grad norm, the weights reach the fleet)
-    and the reward rises over the run."""
+    and the reward rises over the run.
+
+    The CISPO run reads the task as TRL writes it, unchanged: a dataset file whose prompts are
+    message lists with a `solution` column, scored by a reward function in TRL's signature that reads
+    the completions as message lists (it would raise on strings) and returns None for empty ones."""
     steps = 12
     overrides = [f"run.output_dir={tmp_path}", f"run.name={algorithm}", f"run.steps={steps}",
                  "learner.lr=1e-2", "rollout.num_workers=1", "rl.prompts_per_step=8",
                  "rl.mini_batch_size=32", "learner.micro_batch_size=16", "rl.max_staleness=0"]
+    if algorithm == "cispo":
+        overrides += trl_task(tmp_path)
     cfg = load_config(EXAMPLE, overrides + [f"algorithm={algorithm}"])
     assert cfg.learner.loss.policy_loss == algorithm
     rows = read_jsonl(train(cfg, config_path=EXAMPLE) / "metrics.jsonl")
@@ -119,3 +126,26 @@ def test_new_policy_losses_train(tmp_path, ray_local, algorithm):
     first = sum(r["reward/mean"] for r in rows[:3]) / 3
     later = sum(r["reward/mean"] for r in rows[steps // 2:]) / (steps - steps // 2)
     assert later > first, (first, later, [r["reward/mean"] for r in rows])
+    if algorithm == "cispo":
+        assert all("reward/skipped" in r for r in rows)
+
+
+TRL_REWARD = """
+def letter_reward(completions, solution, **kwargs):
+    out = []
+    for completion, letter in zip(completions, solution):
+        chars = [ch for ch in completion[0]["content"] if not ch.isspace()]  # a message list, as in TRL
+        out.append(sum(ch == letter for ch in chars) / len(chars) if chars else None)
+    return out
+"""
+
+
+def trl_task(tmp_path: Path) -> list[str]:
+    """The letters task as a TRL-format dataset and reward function; the overrides that use them."""
+    rows = read_jsonl(EXAMPLE.parent / "data" / "letters_train.jsonl")
+    (tmp_path / "trl_letters.jsonl").write_text("".join(
+        json.dumps({"prompt": [{"role": "user", "content": r["prompt"]}], "solution": r["letter"]}) + "\n"
+        for r in rows))
+    (tmp_path / "trl_reward.py").write_text(TRL_REWARD)
+    return [f"data.path={tmp_path / 'trl_letters.jsonl'}",
+            f"reward.functions=[{{name: letter, kind: rule, path: '{tmp_path / 'trl_reward.py'}:letter_reward'}}]"]

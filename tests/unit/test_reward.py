@@ -181,7 +181,7 @@ def short(prompts, completions, **columns):
 def scalar(prompts, completions, **columns):
     return 1.0
 
-def one_arg(completions):
+def one_arg(prompts):
     return [1.0]
 
 NOT_A_FUNCTION = 3

@@ -16,7 +16,9 @@ A malformed row raises :class:`DataError` naming the file, the line or row, the 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +51,17 @@ class DataError(ValueError):
 class DataConfig(StrictModel):
     """Where the training data lives and how its columns are named."""
 
+    # A file, a datasets directory (save_to_disk), a hub dataset name (read from the local cache when
+    # offline), or a datasets builder (json, csv, parquet) with data_files.
     path: str = Field(min_length=1)
-    format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
-    split: str = "train"  # used when `path` is a saved datasets.DatasetDict
+    format: Literal["auto", "jsonl", "json", "parquet", "hf_disk", "hub"] = "auto"
+    split: str = "train"  # of a saved datasets.DatasetDict or a hub dataset (slices too: "train[:1000]")
+    name: str | None = None  # a hub dataset's configuration, e.g. "main" for openai/gsm8k
+    # Files for datasets.load_dataset(path, data_files=...): one, a list, or {split: files}; relative to
+    # the config file. Several files are read as one dataset.
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    # Read a hub dataset (or data_files) as a stream instead of converting it all first: for large data.
+    streaming: bool = False
     kind: Literal["auto", "prompt", "preference", "unpaired", "sft"] = "auto"
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
@@ -277,13 +287,64 @@ def _read_hf_disk(path: Path, split: str, max_rows: int | None) -> Iterator[tupl
         yield f"{label} row {i + 1}", record
 
 
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_dataset_name(path: str) -> bool:
+    """``org/name`` or a builder (``json``): no data-file suffix, the shape of a hub dataset name."""
+    return bool(_HUB_NAME.match(path)) and Path(path).suffix.lower() not in _SUFFIX_FORMATS
+
+
+def is_hub_name(path: str) -> bool:
+    """A dataset name (see looks_like_dataset_name) that is not a file or directory here."""
+    return looks_like_dataset_name(path) and not Path(path).exists()
+
+
+def _read_datasets(cfg: DataConfig, path: str, max_rows: int | None) -> Iterator[tuple[str, dict]]:
+    """Rows through datasets.load_dataset: a hub name (local cache when offline) or a builder + data_files."""
+    import datasets  # heavy import: only when used
+
+    label = (f"{path}" + (f" {cfg.data_files}" if cfg.data_files is not None else "") + f"[{cfg.split}]"
+             + (f" ({cfg.name})" if cfg.name else ""))
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one bar per file and split: noise on the console and in train.log
+    try:
+        ds = datasets.load_dataset(path, cfg.name, data_files=cfg.data_files, split=cfg.split,
+                                   streaming=cfg.streaming)
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        where = ("HF_HUB_OFFLINE is set, so only the local cache (HF_HOME / HF_DATASETS_CACHE) is read"
+                 if offline else "it is neither a local file nor reachable on the hub")
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(
+            f"data.path {path!r}: dataset not found ({first}); {where}. Download it once where the hub is "
+            "reachable (it is then read from the cache with HF_HUB_OFFLINE=1), or point data.path at a local "
+            ".jsonl/.json/.parquet file or a save_to_disk directory"
+        ) from None
+    except ValueError as e:  # a bad split or configuration name: datasets lists the valid ones
+        raise DataError(f"data.path {path!r}: {str(e).splitlines()[0][:300]}; check data.split and data.name") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    if max_rows is not None:
+        ds = ds.take(max_rows) if cfg.streaming else ds.select(range(min(max_rows, len(ds))))
+    for i, record in enumerate(ds):
+        yield f"{label} row {i + 1}", dict(record)
+
+
 def read_records(
-    path: str | Path, fmt: str = "auto", split: str = "train", max_rows: int | None = None
+    path: str | Path, fmt: str = "auto", split: str = "train", max_rows: int | None = None,
+    cfg: DataConfig | None = None,
 ) -> Iterator[tuple[str, dict]]:
-    """Yield (source, raw row dict) from a data file or datasets directory, in file order."""
+    """Yield (source, raw row dict) from a data file, datasets directory or hub dataset, in order."""
     p = Path(path)
+    if cfg is not None and (fmt == "hub" or cfg.data_files is not None or cfg.streaming
+                            or (fmt == "auto" and is_hub_name(str(path)))):
+        return _read_datasets(cfg, str(path), max_rows)
     if not p.exists():
-        raise DataError(f"data file not found: {path} (resolved to {p.resolve()}); check data.path")
+        hint = (" (a hub dataset name reads from the datasets cache: set data.format: hub)"
+                if looks_like_dataset_name(str(path)) else "")
+        raise DataError(f"data file not found: {path} (resolved to {p.resolve()}); check data.path{hint}")
     fmt = resolve_format(p, fmt)
     if fmt != "hf_disk" and p.is_dir():
         raise DataError(f"{path} is a directory but data.format is {fmt!r}; use 'hf_disk' or point at a file")
@@ -510,7 +571,7 @@ def _load(cfg: DataConfig, path: str, kind: RowKind | None) -> tuple[list[Row], 
             f"data.kind is '{cfg.kind}' but this trainer needs '{kind}' rows; "
             f"set data.kind to '{kind}' or 'auto'"
         )
-    records = read_records(path, cfg.format, cfg.split, cfg.max_rows)
+    records = read_records(path, cfg.format, cfg.split, cfg.max_rows, cfg)
     parser: _RowParser | None = None
     rows: list[Row] = []
     for source, record in records:

@@ -40,6 +40,7 @@ class RolloutStats:
     prompts_skipped_too_long: int = 0
     groups_skipped_constant: int = 0
     reward_errors: int = 0
+    reward_skipped: int = 0  # values a TRL-style function returned None for (left out of the sum)
     reward_hung_calls: int = 0  # reward function calls past reward.timeout_s still running (most seen)
     max_prompts_in_flight: int = 0  # prompts at the fleet whose completions had not come back
     max_reward_queue: int = 0  # scoring calls waiting at the reward actors
@@ -239,7 +240,8 @@ class GroupCollector:
         actor = self.reward_actors[index]
         self._next_reward_actor += 1
         ref = actor.score.remote(
-            [s.prompt_text for _, s in samples], [s.completion_text for _, s in samples], dict(columns)
+            [s.prompt_text for _, s in samples], [s.completion_text for _, s in samples], dict(columns),
+            [g.row.prompt for g, _ in samples],  # as written in the data, for TRL-style functions
         )
         self._reward_refs[ref] = groups
         self._scored_by[ref] = (index, actor)
@@ -285,6 +287,7 @@ class GroupCollector:
             stats.per_function[name].extend(float(v) for v in vals)
         stats.reward_s += sum(result.seconds.values())
         stats.reward_errors += len(result.errors)
+        stats.reward_skipped += sum(result.skipped.values())
         stats.reward_hung_calls = max(stats.reward_hung_calls, sum(result.hung_calls.values()))
         for e in result.errors[:3]:
             stats.reward_error_examples.append(f"{e.function}: {e.message}")

@@ -75,7 +75,8 @@ class HeldOutEval:
         # Split the scoring over the reward actors.
         k = len(self.reward_actors)
         bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
-        refs = [a.score.remote(prompts[lo:hi], texts[lo:hi], {c: v[lo:hi] for c, v in columns.items()})
+        raw = [row.prompt for row, _, _ in self.prompts]  # as written in the data, for TRL-style functions
+        refs = [a.score.remote(prompts[lo:hi], texts[lo:hi], {c: v[lo:hi] for c, v in columns.items()}, raw[lo:hi])
                 for a, lo, hi in zip(self.reward_actors, bounds, bounds[1:]) if hi > lo]
         results = ray.get(refs)
         rewards = [r for res in results for r in res.rewards]

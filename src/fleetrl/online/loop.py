@@ -196,6 +196,7 @@ def _reward_metrics(scores: torch.Tensor, rstats: RolloutStats) -> dict[str, flo
         "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
         **{f"reward/{name}": sum(v) / len(v) for name, v in rstats.per_function.items() if v},
         "reward/errors": rstats.reward_errors,
+        "reward/skipped": rstats.reward_skipped,
         "reward/hung_calls": rstats.reward_hung_calls,
     }
 

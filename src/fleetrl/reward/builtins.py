@@ -12,6 +12,11 @@ and reads its reference from a data column (the column name is a kwarg):
   which case its last number is used.
 - `format_regex` (kwargs: pattern (required), fullmatch=False): 1.0 if `re.search(pattern,
   completion)` (or `re.fullmatch`) matches. Use inline flags such as `(?s)` or `(?i)` in the pattern.
+- `math_answer` (kwargs: answer_key="answer"): 1.0 if the completion's final answer is mathematically
+  equal to the reference, checked by the `math_verify` package (LaTeX and plain expressions, `\\boxed{}`
+  preferred, fractions, decimals, sets...). The reference may be a bare answer (`42`, `\\frac{1}{2}`), a
+  MATH solution with `\\boxed{...}`, or a GSM8K solution ending in `#### 42`; a completion with `####`
+  is read after its last marker. A reference with no answer in it is a data error (raised).
 - `letter_fraction` (kwargs: letter_key="letter"): the fraction of the completion's non-whitespace
   characters equal to the row's letter (a one-character string); 0.0 for an empty completion. This
   is the reward of the built-in GRPO demo task ("write the letter X").
@@ -171,6 +176,45 @@ class FormatRegex(_Builtin):
         return [float(match(c) is not None) for c in completions]
 
 
+class MathAnswer(_Builtin):
+    name = "math_answer"
+    options: ClassVar[dict[str, Any]] = {"answer_key": "answer"}
+
+    def _check(self) -> None:
+        self._check_key("answer_key")
+
+    @staticmethod
+    def _parse(text: str) -> list:
+        import logging
+
+        from math_verify import parse
+
+        # Its signal-based timeout works only in the main thread; the scorer's timeout_s bounds the call.
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+        _, marker, tail = text.rpartition(GSM8K_MARKER)
+        if marker:
+            text = tail.strip().replace(",", "").replace("$", "")
+        found = parse(text, parsing_timeout=None)
+        if not found and "$" not in text:  # bare LaTeX such as \frac12: read it as math
+            found = parse(f"${text.strip()}$", parsing_timeout=None)
+        return found
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: list) -> list[float]:
+        from math_verify import verify
+
+        answers = _column(columns, self.answer_key, self.name, "answer_key")
+        out = []
+        for completion, answer in zip(completions, answers, strict=True):
+            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+                raise TypeError(f"answer {answer!r} is a {type(answer).__name__}, expected text or a number")
+            gold = self._parse(str(answer))
+            if not gold:
+                raise ValueError(f"answer {str(answer)[-80:]!r} holds no answer math_verify can read")
+            pred = self._parse(completion)
+            out.append(float(bool(pred) and verify(gold, pred, timeout_seconds=None)))
+        return out
+
+
 class LetterFraction(_Builtin):
     name = "letter_fraction"
     options: ClassVar[dict[str, Any]] = {"letter_key": "letter"}
@@ -190,7 +234,7 @@ class LetterFraction(_Builtin):
 
 
 BUILTINS: dict[str, type[_Builtin]] = {
-    cls.name: cls for cls in (ExactMatch, NumericAnswer, FormatRegex, LetterFraction)
+    cls.name: cls for cls in (ExactMatch, NumericAnswer, MathAnswer, FormatRegex, LetterFraction)
 }
 
 

@@ -89,7 +89,7 @@ class BuiltinFunctionConfig(_LocalFunctionBase):
     """One of the functions shipped in `fleetrl.reward.builtins`; `kwargs` are its options."""
 
     kind: Literal["builtin"]
-    builtin: Literal["exact_match", "numeric_answer", "format_regex", "letter_fraction"]
+    builtin: Literal["exact_match", "numeric_answer", "math_answer", "format_regex", "letter_fraction"]
     kwargs: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("kwargs")

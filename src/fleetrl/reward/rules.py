@@ -11,6 +11,13 @@ Columns can also be named parameters, `def my_reward(prompts, completions, answe
 without `**columns` receives only the columns it names. The path is relative to the directory of the
 config file (`base_dir`), else to the current directory; absolute paths work as they are. Under Ray
 the file must exist on the node of each reward actor (ship it with the job's `working_dir`).
+
+TRL's reward functions work unchanged. A function whose first parameter is named `completions`
+(`def accuracy_reward(completions, solution, **kwargs)`) is called TRL's way, by keyword: `completions`
+(and `prompts` when it takes them) hold plain strings for plain-text data, and message lists for
+conversational data (`prompts[i]` is the row's message list, `completions[i]` is
+`[{"role": "assistant", "content": text}]`); the data's other columns come as keyword arguments; a
+`None` for a sample leaves that function out of the sample's reward (TRL's rule) and is counted.
 """
 
 from __future__ import annotations
@@ -75,7 +82,10 @@ def _load_module(file_path: Path, spec: str):
 
 
 class RuleFunction:
-    """A loaded user function, called as fn(prompts, completions, **columns) with the columns it accepts."""
+    """A loaded user function, called as fn(prompts, completions, **columns) with the columns it accepts,
+    or TRL's way (``trl_style``: first parameter ``completions``, every argument by keyword)."""
+
+    trl_style = False
 
     def __init__(self, fn: Callable, spec: str):
         self.fn = fn
@@ -85,22 +95,54 @@ class RuleFunction:
         except (TypeError, ValueError):  # some C callables have no signature: pass every column
             self._takes_all, self._named = True, set()
             return
+        if params and params[0].name == "completions" and params[0].kind != params[0].VAR_POSITIONAL:
+            self.trl_style = True
+            self._takes_all = any(p.kind == p.VAR_KEYWORD for p in params)
+            self._named = {p.name for p in params[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+            return
         positional = [
             p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
         if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
             raise RewardLoadError(
-                f"rule {spec!r}: the function must take (prompts, completions, **columns); "
-                f"its signature is {inspect.signature(fn)}"
+                f"rule {spec!r}: the function must take (prompts, completions, **columns), or TRL's "
+                f"(completions, **kwargs) with `completions` first; its signature is {inspect.signature(fn)}"
             )
         self._takes_all = any(p.kind == p.VAR_KEYWORD for p in params)
         # Columns it names beyond the first two positional parameters (prompts, completions).
         self._named = {p.name for p in positional[2:]} | {p.name for p in params if p.kind == p.KEYWORD_ONLY}
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: list) -> list[float]:
+    def required_columns(self) -> set[str]:
+        """Data columns the function names without a default (checked against the data before a run)."""
+        try:
+            params = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):
+            return set()
+        skip = 1 if self.trl_style else 2
+        named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)][skip:]
+        return {p.name for p in named if p.default is p.empty and p.name not in TRL_ARGUMENTS}
+
+    def __call__(self, prompts: Sequence, completions: Sequence[str], raw_prompts: Sequence | None = None,
+                 **columns: list) -> list[float]:
+        if self.trl_style:
+            return self._call_trl(prompts, completions, raw_prompts, columns)
         if not self._takes_all:
             columns = {k: v for k, v in columns.items() if k in self._named}
         return self.fn(list(prompts), list(completions), **columns)
+
+    def _call_trl(self, prompts, completions, raw_prompts, columns: dict) -> list:
+        raw = list(raw_prompts) if raw_prompts is not None else list(prompts)
+        chat = [isinstance(p, list) for p in raw]
+        kwargs = {**columns, "prompts": raw,
+                  "completions": [[{"role": "assistant", "content": c}] if conv else c
+                                  for c, conv in zip(completions, chat)]}
+        if not self._takes_all:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._named or k == "completions"}
+        return self.fn(**kwargs)
+
+
+# Keyword arguments TRL itself passes (not data columns): never required from the data.
+TRL_ARGUMENTS = frozenset({"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric"})
 
 
 def load_rule_function(spec: str, base_dir: str | Path | None = None) -> RuleFunction:

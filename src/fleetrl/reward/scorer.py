@@ -78,6 +78,8 @@ class ScoreResult:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per function
     # Calls past their deadline still running in the background, per function with any (a gauge).
     hung_calls: dict[str, int] = field(default_factory=dict)
+    # Samples a TRL-style function returned None for (left out of that sample's sum), per function with any.
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 def preview(text: Any, limit: int = PREVIEW_CHARS) -> str:
@@ -225,14 +227,17 @@ class RewardScorer:
         prompts: Sequence[str],
         completions: Sequence[str],
         columns: dict[str, list] | None = None,
+        raw_prompts: Sequence | None = None,
     ) -> ScoreResult:
+        """``raw_prompts``: each row's prompt as written in the data (a string or a message list), for
+        TRL-style functions; ``prompts`` are the rendered texts the model continued."""
         prompts, completions = list(prompts), list(completions)
         columns = {k: list(v) for k, v in (columns or {}).items()}
         n = len(completions)
         if len(prompts) != n:
             raise ValueError(f"score() got {len(prompts)} prompts but {n} completions; pass one prompt per completion")
         for key, values in columns.items():
-            if key in ("prompts", "completions"):
+            if key in ("prompts", "completions", "raw_prompts"):
                 raise ValueError(f"column {key!r} clashes with the argument of the same name; rename it")
             if len(values) != n:
                 raise ValueError(
@@ -245,13 +250,21 @@ class RewardScorer:
         per_function: dict[str, list[float]] = {}
         errors: list[RewardErrorInfo] = []
         seconds: dict[str, float] = {}
+        skipped: dict[str, int] = {}
         if n == 0:
             return ScoreResult([], {f.name: [] for f in self.functions}, [], {})
         for func in self.functions:
             self._refuse_if_broken(func)
         for func in self.functions:
             start = time.perf_counter()
-            values, failures = self._run(func, prompts, completions, columns)
+            cols = columns
+            if getattr(func.fn, "trl_style", False):  # a column, so one-sample reruns slice it too
+                cols = {**columns, "raw_prompts": list(raw_prompts) if raw_prompts is not None else list(prompts)}
+            values, failures = self._run(func, prompts, completions, cols)
+            left_out = [i for i, v in enumerate(values) if v is None]
+            if left_out:
+                skipped[func.name] = len(left_out)
+                values = [0.0 if v is None else v for v in values]  # 0 weight in the sum: left out
             seconds[func.name] = time.perf_counter() - start
             infos = [
                 RewardErrorInfo(func.name, i, msg, preview(prompts[i]), preview(completions[i])) for i, msg in failures
@@ -262,7 +275,7 @@ class RewardScorer:
             per_function[func.name] = values
             for i, v in enumerate(values):
                 rewards[i] += func.weight * v
-        return ScoreResult(rewards, per_function, errors, seconds, self.hung_calls())
+        return ScoreResult(rewards, per_function, errors, seconds, self.hung_calls(), skipped)
 
     def hung_calls(self) -> dict[str, int]:
         """Calls past their deadline still running, per function that has any."""
@@ -346,7 +359,11 @@ class RewardScorer:
             message = f"returned {len(raw)} values for {n} completions (it must return one float per completion)"
             return [0.0] * n, [(i, message) for i in range(n)]
         values, failures = [], []
+        trl = getattr(func.fn, "trl_style", False)
         for i, item in enumerate(raw):
+            if trl and item is None:  # TRL: None means "this function does not apply to the sample"
+                values.append(None)
+                continue
             value, why = _check_value(item)
             values.append(value)
             if why:
@@ -361,7 +378,7 @@ class RewardScorer:
             sub_values, sub_failures = self._run(
                 func, [prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()}
             )
-            values.append(sub_values[0])
+            values.append(sub_values[0])  # None stays None: left out
             failures.extend((i, msg) for _, msg in sub_failures)
         return values, failures
 

@@ -7,6 +7,7 @@ came from (the file or the override) and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import re
 import typing
 from pathlib import Path
@@ -19,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from fleetrl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, OnlineAlgorithm
 from fleetrl.algos import ONLINE_ALGORITHMS as ONLINE_REGISTRY
 from fleetrl.core.strict import StrictModel
-from fleetrl.data.rows import DataConfig
+from fleetrl.data.rows import DataConfig, looks_like_dataset_name
 from fleetrl.learner.config import LearnerConfig
 from fleetrl.learner.critic_config import CriticConfig
 from fleetrl.learner.offline_config import (
@@ -427,16 +428,40 @@ def _list_index(items: list, key: str, where: str, origin: str) -> int:
 
 
 def _model_at(loc: tuple) -> type | None:
-    """The pydantic model class found by walking ``loc`` from RunConfig (None if not a model)."""
+    """The pydantic model class found by walking ``loc`` from RunConfig (None if not a model). A tag
+    after a list index (reward.functions.0.builtin) picks that member of a discriminated union."""
     cls: Any = RunConfig
+    union: tuple = ()
     for part in loc:
         if isinstance(part, int):
+            continue
+        tagged = [m for m in union if _tag_of(m) == part]
+        if tagged:
+            cls, union = tagged[0], ()
             continue
         fields = getattr(cls, "model_fields", None)
         if not fields or part not in fields:
             return None
-        cls = _unwrap_model(fields[part].annotation)
+        annotation = fields[part].annotation
+        union = tuple(_models_in(annotation))
+        cls = _unwrap_model(annotation)
     return cls
+
+
+def _models_in(annotation: Any) -> list[type]:
+    out = []
+    for arg in typing.get_args(annotation) or ():
+        if isinstance(arg, type) and hasattr(arg, "model_fields"):
+            out.append(arg)
+        else:
+            out.extend(_models_in(arg))
+    return out
+
+
+def _tag_of(model: type) -> str | None:
+    field = getattr(model, "model_fields", {}).get("kind")
+    args = typing.get_args(field.annotation) if field is not None else ()
+    return args[0] if len(args) == 1 and isinstance(args[0], str) else None
 
 
 def _unwrap_model(annotation: Any) -> Any:
@@ -450,19 +475,93 @@ def _unwrap_model(annotation: Any) -> Any:
     return annotation
 
 
-def _describe(err: dict, overrides: dict[str, str], source: str) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
-    origin = overrides.get(dotted, source)
+def _origin(dotted: str, overrides: dict[str, str], source: str, lines: dict[str, int] | None = None) -> str:
+    """Who set ``dotted``: the override that wrote it (or wrote inside it, or above it), else the
+    file, with the line of the nearest key written there when known."""
+    for key, origin in overrides.items():
+        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+            return origin
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        line = (lines or {}).get(".".join(parts[:n]))
+        if line is not None:
+            return f"{source}:{line}"
+    return source
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """The error location as config keys: without pydantic's union/validator labels and the tag of a
+    discriminated union (reward.functions.0.builtin.kwargs -> reward.functions.0.kwargs)."""
+    out: list = []
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and ("[" in part or part.startswith("function-")):
+            continue
+        if i and isinstance(loc[i - 1], int) and any(_tag_of(m) == part for m in _union_at(loc[:i])):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _union_at(loc: tuple) -> list[type]:
+    parent = _model_at(tuple(p for p in loc if not isinstance(p, int))[:-1])
+    name = next((p for p in reversed(loc) if isinstance(p, str)), None)
+    fields = getattr(parent, "model_fields", {})
+    return _models_in(fields[name].annotation) if name in fields else []
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'learner'?)' for a close match among ``choices``, else ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _describe(err: dict, overrides: dict[str, str], source: str, lines: dict[str, int] | None = None) -> str:
+    raw_loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    loc = _clean_loc(err["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    origin = _origin(dotted, overrides, source, lines) if dotted else source
     if err["type"] == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        allowed = ", ".join(parent.model_fields) if parent is not None else "?"
-        return f"{origin}: unknown key '{dotted}'. Allowed keys here: {allowed}"
+        parent = _model_at(raw_loc[:-1])
+        allowed = list(parent.model_fields) if parent is not None else []
+        return (f"{origin}: unknown key '{dotted}'{did_you_mean(loc[-1], allowed)}. "
+                f"Allowed keys here: {', '.join(allowed) or '?'}")
     if err["type"] == "missing":
         return f"{origin}: '{dotted}' is required"
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if err["type"] == "union_tag_invalid":
+        tag = (err.get("ctx") or {}).get("tag", "")
+        expected = re.findall(r"'([^']+)'", (err.get("ctx") or {}).get("expected_tags", ""))
+        msg += did_you_mean(tag, expected)
+    if not dotted:  # a rule across keys: its message names them; blame the overrides it names
+        named = [o for key, o in overrides.items() if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", msg)]
+        return f"{', '.join(named) if named else origin}: {msg}"
     got = err.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{origin}: '{dotted}': {err['msg']}{got_text}"
+    if err["type"] == "literal_error" and isinstance(got, str):
+        got_text += did_you_mean(got, re.findall(r"'([^']+)'", msg))
+    return f"{origin}: '{dotted}': {msg}{got_text}"
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """{dotted key: 1-based line} of every mapping key in a YAML document (for file:line in errors)."""
+    out: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                out[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[f"{prefix}{i}"] = v.start_mark.line + 1
+                walk(v, f"{prefix}{i}.")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return out
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -477,7 +576,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (algorithm, model, data, ...)")
     _resolve_relative_paths(tree, path.resolve().parent)
-    return config_from_dict(tree, overrides, source=str(path))
+    return config_from_dict(tree, overrides, source=str(path), lines=_key_lines(path.read_text()))
 
 
 def _resolve_relative_paths(tree: dict, base: Path) -> None:
@@ -488,8 +587,15 @@ def _resolve_relative_paths(tree: dict, base: Path) -> None:
             continue
         for key in ("path", "eval_path"):
             value = node.get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute():
+            # A hub dataset name (org/name, not a file next to the config) stays as written.
+            if isinstance(value, str) and value and not Path(value).is_absolute() and (
+                    (base / value).exists() or not looks_like_dataset_name(value)):
                 node[key] = str(base / value)
+        files, rel = node.get("data_files"), _relative_to(base)
+        if isinstance(files, (str, list)):
+            node["data_files"] = rel(files) if isinstance(files, str) else [rel(f) for f in files]
+        elif isinstance(files, dict):
+            node["data_files"] = {k: rel(v) if isinstance(v, str) else [rel(f) for f in v] for k, v in files.items()}
     model = tree.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str) and (base / model["path"]).exists():
         model["path"] = str(base / model["path"])
@@ -500,7 +606,14 @@ def _resolve_relative_paths(tree: dict, base: Path) -> None:
             fn["model_path"] = str(base / path)
 
 
-def config_from_dict(tree: dict, overrides=(), source: str = "<config>") -> RunConfig:
+def _relative_to(base: Path):
+    def rel(f):
+        return f if not isinstance(f, str) or Path(f).is_absolute() or "://" in f else str(base / f)
+    return rel
+
+
+def config_from_dict(tree: dict, overrides=(), source: str = "<config>",
+                     lines: dict[str, int] | None = None) -> RunConfig:
     tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
     origins: dict[str, str] = {}
     for text in overrides:
@@ -517,8 +630,8 @@ def config_from_dict(tree: dict, overrides=(), source: str = "<config>") -> RunC
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        lines = [_describe(err, origins, source) for err in e.errors()]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+        found = [_describe(err, origins, source, lines) for err in e.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(found)) from None
 
 
 def _redacted_keys(tree: Any, prefix: str = "") -> list[str]:

@@ -17,7 +17,10 @@ class RunDir:
         name = cfg.run.name or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.path = Path(cfg.run.output_dir) / name
         self.config_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
-        if self.path.exists() and not cfg.run.resume and any(self.path.iterdir()):
+        from fleetrl.run.check import holds_run
+
+        # A start that failed before step 1 left only config.yaml/train.log: reuse it, no resume needed.
+        if not cfg.run.resume and holds_run(self.path):
             raise FileExistsError(
                 f"run directory {self.path} already holds a run; set run.resume=true to continue it, "
                 f"or choose another run.name"

@@ -1,0 +1,328 @@
+"""``fleetrl check``: what a run needs, checked in the driver before Ray, vLLM or DeepSpeed start.
+
+The same checks open ``fleetrl train`` (``train.train`` calls :func:`check_run`), so a bad input ends
+in seconds with one message instead of minutes later inside an actor. Checked, in order: the config
+(by ``load_config``), the model (a local directory with config.json, the built-in tiny models, or a
+hub id found in the local cache; no network wait when HF_HUB_OFFLINE is set), the tokenizer and the
+chat template (every prompt is rendered), every data row (the first CHECK_SAMPLE_ROWS of streamed
+data, and the report says so), the reward functions (rule files imported, the columns they name
+present in the data; reward models reachable), the output location (writable, not an earlier run
+unless run.resume) and, when joining an existing cluster (ray.address / RAY_ADDRESS), the resources
+asked for against the cluster's. Each problem is one line naming the setting, file or column to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetrl.run.config import OFFLINE_ALGORITHMS, ConfigError, RunConfig, did_you_mean, load_config
+
+CHECK_SAMPLE_ROWS = 10_000  # rows read from streamed (large) data; files are read whole
+HUB_PROBE_TIMEOUT_S = 10.0  # one metadata request for a hub model missing from the cache
+RUN_FILES = frozenset({"config.yaml", "train.log"})  # what a start that failed before step 1 leaves
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckError(ConfigError):
+    """One or more inputs of a run are wrong; the message has one line per problem."""
+
+
+@dataclass
+class CheckReport:
+    cfg: RunConfig
+    notes: list[str] = field(default_factory=list)  # what was checked, one line each
+
+    def summary(self) -> str:
+        return "\n".join(f"  ok  {n}" for n in self.notes)
+
+
+def check_config(path: str | Path, overrides=(), cluster: bool = True) -> CheckReport:
+    """``fleetrl check CONFIG [overrides]``: load and validate the config, then :func:`check_run`."""
+    return check_run(load_config(path, overrides), path, cluster=cluster)
+
+
+def check_run(cfg: RunConfig, config_path: str | Path | None = None, cluster: bool = True) -> CheckReport:
+    """Every check of the module docstring; CheckError listing all problems found, else the report."""
+    base_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
+    report, problems = CheckReport(cfg), []
+    state: dict[str, Any] = {}
+
+    def step(name: str, fn: Callable[[], str | None]) -> None:
+        try:
+            note = fn()
+        except _SKIPPED:
+            return
+        except (ValueError, OSError, ImportError, TypeError, RuntimeError) as e:
+            problems.append(f"{name}: {_one_line(e)}")
+            return
+        if note:
+            report.notes.append(f"{name}: {note}")
+
+    step("model", lambda: _check_model_step(cfg, state))
+    step("tokenizer", lambda: _check_tokenizer(cfg, state))
+    step("data", lambda: _check_data(cfg, state))
+    if cfg.algorithm not in OFFLINE_ALGORITHMS:
+        for i, fc in enumerate(cfg.reward.functions):
+            step(f"reward.functions.{i} ({fc.name})", lambda fc=fc: _check_reward_function(fc, base_dir, state))
+    step("run.output_dir", lambda: check_output(cfg))
+    if cluster:
+        step("cluster", lambda: _check_cluster(cfg))
+    if problems:
+        head = f"{len(problems)} problem{'s' if len(problems) > 1 else ''} found before starting anything"
+        raise CheckError(head + ":\n  " + "\n  ".join(problems))
+    return report
+
+
+class _Skipped(Exception):
+    """A check that cannot run because an earlier one failed (that failure is already reported)."""
+
+
+_SKIPPED = _Skipped
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and tokenizers
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model(path: str, setting: str, probe: Callable[[str], Any] | None = None) -> str:
+    """Where ``path`` (the value of ``setting``) is found: a local directory, a built-in tiny model or
+    the hub cache. ValueError naming the setting otherwise; with HF_HUB_OFFLINE set, one line and no
+    network. ``probe`` (tests) replaces the hub metadata request."""
+    from fleetrl.testing.tiny import TINY_NAMES
+
+    if path in TINY_NAMES:
+        return f"{path} (built-in tiny model, built and cached on first use)"
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ValueError(f"{setting}={path!r} is not a model directory (no config.json in it); point "
+                             "it at a Hugging Face model directory (save_pretrained) or a hub id")
+        return f"{p.resolve()} (local directory)"
+    if not _REPO_ID.match(path):
+        raise ValueError(f"{setting}={path!r}: no such directory ({p.resolve()}), and it is not a hub id "
+                         "(org/name); check the path")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return f"{path} (hub id, found in the local cache)"
+    if hub_offline():
+        raise ValueError(f"{setting}={path!r} is not in the local hub cache and HF_HUB_OFFLINE is set, so it "
+                         "cannot be downloaded: download it where the hub is reachable (huggingface-cli "
+                         "download), or point at a local directory")
+    try:
+        (probe or _probe_hub)(path)
+    except Exception as e:  # noqa: BLE001 - any hub/network failure is one line
+        raise ValueError(f"{setting}={path!r} is not in the local hub cache and the hub did not answer "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); with no "
+                         "network, set HF_HUB_OFFLINE=1 and fill the cache first, or use a local directory") from None
+    return f"{path} (hub id, downloaded at start)"
+
+
+def _probe_hub(repo: str) -> None:
+    from huggingface_hub import model_info
+
+    model_info(repo, timeout=HUB_PROBE_TIMEOUT_S)
+
+
+def _check_model_step(cfg: RunConfig, state: dict) -> str:
+    note = check_model(cfg.model.path, "model.path")
+    state["model"] = cfg.model.path
+    if cfg.model.tokenizer:
+        check_model_or_tokenizer(cfg.model.tokenizer)
+    return note
+
+
+def check_model_or_tokenizer(path: str) -> None:
+    """A tokenizer directory needs no config.json: only that it exists (or is a hub id)."""
+    if Path(path).expanduser().is_dir():
+        return
+    check_model(path, "model.tokenizer")
+
+
+def _check_tokenizer(cfg: RunConfig, state: dict) -> str:
+    if "model" not in state:
+        raise _Skipped
+    from fleetrl.run.runtime import load_tokenizer, resolve_model
+
+    source = cfg.model.tokenizer or resolve_model(cfg.model.path)
+    try:
+        tok = load_tokenizer(source)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; one line each
+        raise ValueError(f"cannot load the tokenizer of {source} ({type(e).__name__}: {_one_line(e)[:200]}); "
+                         "set model.tokenizer to a directory with tokenizer files") from None
+    state["tokenizer"] = tok
+    from fleetrl.data.rows import has_chat_template
+
+    template = "with a chat template" if has_chat_template(tok) else "no chat template (prompts used as written)"
+    return f"{type(tok).__name__}, {template}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _check_data(cfg: RunConfig, state: dict) -> str:
+    from fleetrl.data.rows import DataError, load_rows, load_train_eval, render_prompt
+
+    online = cfg.algorithm not in OFFLINE_ALGORITHMS
+    kind = "prompt" if online else None
+    data, sampled = _bounded(cfg.data)
+    rows, held = load_train_eval(data, kind=kind)
+    if cfg.eval_data is not None:
+        eval_cfg, eval_sampled = _bounded(cfg.eval_data)
+        held = load_rows(eval_cfg, kind=kind)
+        sampled = sampled or eval_sampled
+    tok = state.get("tokenizer")
+    too_long = 0
+    for row in [*rows, *held]:
+        if tok is None:
+            continue
+        text = render_prompt(row, tok, cfg.data.apply_chat_template)
+        if online and len(tok(text, add_special_tokens=False)["input_ids"]) > cfg.rl.max_prompt_tokens:
+            too_long += 1
+    if online and rows and too_long >= len(rows) + len(held):
+        raise DataError(f"every prompt is longer than rl.max_prompt_tokens={cfg.rl.max_prompt_tokens} tokens: "
+                        "raise it or shorten the prompts")
+    columns: set[str] = set()
+    for row in rows:
+        columns |= set(row.extra)
+    state["columns"] = columns
+    state["row_kind"] = type(rows[0]).__name__ if rows else None
+    text = (f"{len(rows)} rows" + (f" + {len(held)} held out" if held else "")
+            + (f" (the first {CHECK_SAMPLE_ROWS} of streamed data only)" if sampled else "")
+            + f", columns {sorted(columns) or 'none besides the prompt'}")
+    if too_long:
+        text += f"; {too_long} prompt(s) longer than rl.max_prompt_tokens will be skipped"
+    return text
+
+
+def _bounded(data):
+    """Streamed data is checked on its first CHECK_SAMPLE_ROWS rows; files are read whole."""
+    if data.streaming and (data.max_rows is None or data.max_rows > CHECK_SAMPLE_ROWS):
+        return data.model_copy(update={"max_rows": CHECK_SAMPLE_ROWS}), True
+    return data, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward functions
+
+
+def _check_reward_function(fc, base_dir: Path, state: dict) -> str:
+    from fleetrl.reward.scorer import build_function
+
+    if fc.kind == "http":
+        return f"http {fc.url} (not contacted by the check)"
+    if fc.kind == "model":
+        return check_model(fc.model_path, f"reward.functions[{fc.name}].model_path")
+    func = build_function(fc, base_dir)  # imports the rule file: RewardLoadError names file and line
+    columns = state.get("columns")
+    if columns is None:
+        return f"{func.label} loaded (columns not checked: the data did not load)"
+    if fc.kind == "rule":
+        needed = sorted(func.fn.required_columns())
+        code = getattr(func.fn.fn, "__code__", None)
+        where = f"{code.co_filename}:{code.co_firstlineno}" if code is not None else fc.path
+        style = "TRL-style" if func.fn.trl_style else "fleetrl-style"
+    else:
+        key = next((k for k in ("answer_key", "letter_key") if hasattr(func.fn, k)), None)
+        needed = [getattr(func.fn, key)] if key else []
+        where, style = f"builtin {fc.builtin}", "builtin"
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        hints = "".join(did_you_mean(c, columns) for c in missing)
+        raise ValueError(
+            f"{where} reads data column(s) {missing}{hints} but the data's columns are {sorted(columns) or 'none'}; "
+            "add the column to the data, rename the parameter"
+            + (", or set the builtin's kwargs key" if fc.kind == "builtin" else "")
+        )
+    return f"{func.label} ({style}) reads {needed or 'no columns'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output and cluster
+
+
+def holds_run(path: Path) -> bool:
+    """A directory an earlier run wrote into (anything beyond what a failed start leaves)."""
+    return path.is_dir() and any(p.name not in RUN_FILES for p in path.iterdir())
+
+
+def check_output(cfg: RunConfig) -> str:
+    """The run directory can be written and is not an earlier run (unless run.resume)."""
+    out = cfg.run.output_dir
+    if "://" in out:
+        return f"{out} is a URI: checked by its storage layer when the run starts"
+    root = Path(out).expanduser()
+    if cfg.run.name is not None:
+        run_dir = root / cfg.run.name
+        if holds_run(run_dir) and not cfg.run.resume:
+            raise ValueError(f"run directory {run_dir} already holds a run; set run.resume=true to continue it, "
+                             "or choose another run.name")
+    existing = next((p for p in [root, *root.resolve().parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ValueError(f"{out}: {existing} is a file, not a directory; set run.output_dir to a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: {existing} is not writable by this user; set run.output_dir to a writable "
+                         "directory (on a cluster: a shared mount or an object-store URI)")
+    return f"{root.resolve()} writable"
+
+
+def requested_resources(cfg: RunConfig, cluster_has_gpus: bool) -> dict[str, float]:
+    """Ray resources the run's actors ask for in total (rollout workers, learner ranks, reward actors;
+    PPO's critic ranks when not colocated)."""
+    ro, lc, rw = cfg.rollout, cfg.learner, cfg.reward
+    gpu_default = 1.0 if cluster_has_gpus else 0.0
+    rollout_gpus = ro.num_gpus_per_worker if ro.num_gpus_per_worker is not None else (
+        float(ro.tensor_parallel_size) if cluster_has_gpus else 0.0)
+    learner_gpus = lc.num_gpus_per_rank if lc.num_gpus_per_rank is not None else gpu_default
+    total: dict[str, float] = {"CPU": lc.num_ranks * lc.num_cpus_per_rank, "GPU": lc.num_ranks * learner_gpus}
+    for k, v in lc.resources_per_rank.items():
+        total[k] = total.get(k, 0.0) + lc.num_ranks * v
+    if cfg.algorithm not in OFFLINE_ALGORITHMS:
+        total["CPU"] += ro.num_workers * ro.num_cpus_per_worker + rw.num_workers * rw.num_cpus
+        total["GPU"] += ro.num_workers * rollout_gpus + rw.num_workers * rw.num_gpus
+        for res, n in ((ro.resources, ro.num_workers), (rw.resources, rw.num_workers)):
+            for k, v in res.items():
+                total[k] = total.get(k, 0.0) + n * v
+    return {k: v for k, v in total.items() if v}
+
+
+def resource_shortfall(requested: dict[str, float], cluster: dict[str, float]) -> list[str]:
+    """'GPU: asks 8, the cluster has 4' for each resource the cluster has too little of."""
+    return [f"{k}: the run asks for {v:g}, the cluster has {cluster.get(k, 0):g}"
+            for k, v in sorted(requested.items()) if v > cluster.get(k, 0) + 1e-9]
+
+
+def _check_cluster(cfg: RunConfig) -> str | None:
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return None  # a local Ray is sized by the run itself (ray.num_cpus)
+    import ray
+
+    from fleetrl.run.runtime import connect_ray
+
+    connect_ray(cfg.ray)
+    have = {k: float(v) for k, v in ray.cluster_resources().items()}
+    want = requested_resources(cfg, have.get("GPU", 0) > 0)
+    short = resource_shortfall(want, have)
+    if short:
+        raise ValueError(f"cluster {address} is too small for this config ({'; '.join(short)}): lower "
+                         "rollout.num_workers / learner.num_ranks / their per-actor resources, or add nodes "
+                         "(the autoscaler may add them: then this is a warning you can ignore with --no-cluster)")
+    return f"{address}: {', '.join(f'{k} {v:g}' for k, v in sorted(want.items()))} of " \
+           f"{', '.join(f'{k} {have.get(k, 0):g}' for k in sorted(want))}"
