@@ -201,6 +201,19 @@ CASES = [
     ("output-holds-a-run", None, {"runs/r/metrics.jsonl": "{}\n"}, [],
      [r"run directory .*runs/r already holds a run; set run.resume=true"]),
     ("output-is-a-file", None, {"afile": "x"}, ["run.output_dir={tmp}/afile"], [r"afile is a file, not a directory"]),
+    # --- environments (multi-turn) ---------------------------------------------------------------
+    ("env-file-missing", None, {}, ["rollout.environment=no_env.py:Env"],
+     [r"rollout.environment: rollout.environment 'no_env.py:Env': file not found"]),
+    ("env-class-missing", None, {"env.py": "class Env:\n    pass\n"}, ["rollout.environment=env.py:Envv"],
+     [r"rollout.environment: .*'env.py:Envv'"]),
+    ("env-without-step", None, {"env.py": "class Env:\n    pass\n"}, ["rollout.environment=env.py:Env"],
+     [r"rollout.environment: .*Env has no step\(text\) method"]),
+    ("env-kwargs-rejected", None, {"env.py": "from fleetrl.env import Environment\n"
+                                             "class Env(Environment):\n    def __init__(self, turns):\n        pass\n"
+                                             "    def reset(self, row):\n        return 'hi'\n"
+                                             "    def step(self, text):\n        return None\n"},
+     ["rollout.environment=env.py:Env", "rollout.episode.env_kwargs={\"turnz\": 2}"],
+     [r"rollout.environment: .*env_kwargs=\{'turnz': 2\}: building it raised TypeError"]),
 ]
 
 

@@ -69,6 +69,8 @@ def check_run(cfg: RunConfig, config_path: str | Path | None = None, cluster: bo
     if cfg.algorithm not in OFFLINE_ALGORITHMS:
         for i, fc in enumerate(cfg.reward.functions):
             step(f"reward.functions.{i} ({fc.name})", lambda fc=fc: _check_reward_function(fc, base_dir, state))
+        if cfg.rollout.environment is not None:
+            step("rollout.environment", lambda: _check_environment(cfg, base_dir))
     step("run.output_dir", lambda: check_output(cfg))
     if cluster:
         step("cluster", lambda: _check_cluster(cfg))
@@ -251,6 +253,14 @@ def _check_reward_function(fc, base_dir: Path, state: dict) -> str:
             + (", or set the builtin's kwargs key" if fc.kind == "builtin" else "")
         )
     return f"{func.label} ({style}) reads {needed or 'no columns'}"
+
+
+def _check_environment(cfg: RunConfig, base_dir: Path) -> str:
+    from fleetrl.env import resolve_environment
+
+    # Imports the file and builds the class with rollout.episode.env_kwargs (EnvLoadError names both).
+    resolve_environment(cfg.rollout.environment, base_dir, cfg.rollout.episode.env_kwargs)
+    return f"{cfg.rollout.environment} loads and builds"
 
 
 # ---------------------------------------------------------------------------------------------
