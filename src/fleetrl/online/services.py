@@ -4,6 +4,7 @@ the run's control actor and (algorithms with a critic) the critic; ``Services.sh
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
     print(f"fleetrl: starting {cfg.rollout.num_workers} rollout worker(s), {cfg.reward.num_workers} reward "  # noqa: T201
           f"worker(s), {cfg.learner.num_ranks} learner rank(s) [{backend}] on {model_path}{critic_note}",
           flush=True)
+    t0 = time.perf_counter()
     prefix = run_dir.actor_prefix
     total_steps = cfg.run.steps * cfg.optimizer_steps_per_step
     colocate = with_critic and cfg.critic.placement == "colocate"
@@ -82,13 +84,21 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
                         critic=critic)
     try:
         learner.wait_ready()
+        _ready(f"learner ({cfg.learner.num_ranks} rank(s))", t0)
         if critic is not None:
             critic.wait_ready()
+            _ready("critic", t0)
         fleet.wait_ready()
+        _ready(f"rollout fleet ({cfg.rollout.num_workers} vLLM engine(s))", t0)
     except BaseException:
         services.shutdown()
         raise
     return services
+
+
+def _ready(what: str, t0: float) -> None:
+    # Start-up takes minutes on a cluster (placement, model loading, engine warm-up): say what is up.
+    print(f"fleetrl: {what} ready, {time.perf_counter() - t0:.1f}s after start", flush=True)  # noqa: T201
 
 
 def local_path(path: str) -> str:
