@@ -49,10 +49,10 @@ def test_one_online_run_gives_every_figure_with_the_logged_values(tmp_path):
     assert curves(draw(panels["eval"])) == {"grpo-a: eval/reward/mean": ([0, 5], [0.1, 0.5])}
     # The breakdown: mean seconds per phase over training steps (step 0 is the first eval only).
     bars = panels["step_time"]
-    assert bars.categories == ["eval", "generate", "train"]
-    assert bars.curves[0].values == [1.0, 2.0, 1.0]
+    assert bars.categories == ["step (total)", "eval", "generate", "train"]
+    assert bars.curves[0].values == pytest.approx([3.5, 0.2, 2.0, 1.0])  # one eval in 5 steps: 0.2 s per step
     heights = [patch.get_height() for patch in draw(bars).axes[0].patches]
-    assert heights == [1.0, 2.0, 1.0]
+    assert heights == pytest.approx([3.5, 0.2, 2.0, 1.0])
 
 
 def test_two_runs_are_overlaid_and_missing_keys_are_noted(tmp_path):
@@ -69,8 +69,9 @@ def test_two_runs_are_overlaid_and_missing_keys_are_noted(tmp_path):
     assert [c.label for c in by_name["reward"].curves] == ["a"]
     # Phases are the union of both runs; a run without one shows 0 there.
     bars = by_name["step_time"]
-    assert bars.categories == ["eval", "generate", "reference", "train"]
-    assert [c.values for c in bars.curves] == [[1.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.5]]
+    assert bars.categories == ["step (total)", "eval", "generate", "reference", "train"]
+    assert bars.curves[0].values == pytest.approx([3.5, 0.2, 2.0, 0.0, 1.0])
+    assert bars.curves[1].values == pytest.approx([0.6, 0.0, 0.0, 0.0, 0.5])  # step 0's reference time: not a step
 
 
 def test_a_figure_no_run_has_is_not_written_and_said_so(tmp_path):
@@ -90,9 +91,15 @@ def test_same_run_names_are_told_apart_by_path(tmp_path):
     assert panel.curves[1].values == [0.2, 0.4, 0.6, 0.8, 1.0]
 
 
-def test_smoothing_is_a_trailing_mean():
+def test_smoothing_is_a_trailing_mean_drawn_over_the_raw_values(tmp_path):
     assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
     assert smooth([1, 2], 0) == [1, 2]
+    run = load_run(write_run(tmp_path / "r", online_rows()))
+    panel = next(p for p in plan([run], smooth_window=2)[0] if p.name == "reward")
+    lines = curves(draw(panel))
+    assert lines["r"][1] == pytest.approx([0.1, 0.15, 0.25, 0.35, 0.45])
+    assert lines["_raw r"][1] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert [t.get_text() for t in draw(panel).axes[0].get_legend().get_texts()] == ["r"]
 
 
 def test_bad_paths_and_bad_rows_are_clear_errors(tmp_path, capsys):

@@ -31,6 +31,7 @@ class Curve:
     label: str
     steps: list[float]
     values: list[float]
+    raw: list[float] | None = None  # the values before smoothing (drawn faintly), when smoothed
 
 
 @dataclass
@@ -129,7 +130,8 @@ def plan(runs: list[Run], smooth_window: int = 0) -> tuple[list[Panel], list[str
                     continue
                 found = True
                 label = run.name if len(keys) == 1 else f"{run.name}: {key}"
-                panel.curves.append(Curve(label, steps, smooth(values, smooth_window)))
+                panel.curves.append(Curve(label, steps, smooth(values, smooth_window),
+                                          raw=values if smooth_window > 1 else None))
             if not found:
                 notes.append(f"{run.name}: no {' / '.join(keys)} in metrics.jsonl; its {name} curve is skipped")
         if panel.curves:
@@ -141,23 +143,25 @@ def plan(runs: list[Run], smooth_window: int = 0) -> tuple[list[Panel], list[str
 
 
 def _time_panels(runs: list[Run], notes: list[str]) -> list[Panel]:
-    """time/step over steps, and the mean seconds of each phase (time/*) per run as grouped bars.
-    Phases of an asynchronous step overlap, so they are not stacked."""
+    """time/step over steps, and per run the mean seconds per step of the whole step and of each phase
+    (time/*) as grouped bars. Phases of an asynchronous step overlap, so they are not stacked; a phase
+    that runs every N steps (eval) counts 0 in the others."""
     total = Panel("step_time_curve", "Step time", "seconds")
     bars = Panel(BREAKDOWN, "Step-time breakdown (mean seconds per step)", "seconds", kind="bars")
     phases = sorted({k for run in runs for row in run.rows for k in row
                      if k.startswith("time/") and k != STEP_TIME})
-    bars.categories = [p.removeprefix("time/") for p in phases]
+    keys = [STEP_TIME, *phases]
+    bars.categories = ["step (total)", *(p.removeprefix("time/") for p in phases)]
     for run in runs:
         steps, values = series(run.rows, STEP_TIME)
         if steps:
             total.curves.append(Curve(run.name, steps, values))
-        means = []
-        for phase in phases:
-            _, v = series([r for r in run.rows if _number(r.get("step")) != 0], phase)  # step 0: eval only
-            means.append(sum(v) / len(v) if v else 0.0)
+        # Training steps only: the row of step 0 holds the evaluation before any update.
+        trained = [r for r in run.rows if (_number(r.get("step")) or 0) > 0]
+        n = len({r["step"] for r in trained})
+        means = [sum(series(trained, key)[1]) / n if n else 0.0 for key in keys]
         if any(means):
-            bars.curves.append(Curve(run.name, list(range(len(phases))), means))
+            bars.curves.append(Curve(run.name, list(range(len(keys))), means))
         else:
             notes.append(f"{run.name}: no time/* keys in metrics.jsonl; its step-time breakdown is skipped")
     return [p for p in (total, bars) if p.curves]
@@ -180,7 +184,10 @@ def draw(panel: Panel):
         ax.set_xticks(range(len(panel.categories)), panel.categories, rotation=30, ha="right", fontsize=8)
     else:
         for c in panel.curves:
-            ax.plot(c.steps, c.values, label=c.label, linewidth=1.5, marker="o" if len(c.steps) < 3 else None)
+            line, = ax.plot(c.steps, c.values, label=c.label, linewidth=1.5,
+                            marker="o" if len(c.steps) < 3 else None)
+            if c.raw is not None:  # underscore labels stay out of the legend
+                ax.plot(c.steps, c.raw, label=f"_raw {c.label}", color=line.get_color(), alpha=0.3, linewidth=1)
         ax.set_xlabel("step")
     ax.set_title(panel.title)
     ax.set_ylabel(panel.ylabel)
