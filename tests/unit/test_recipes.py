@@ -79,3 +79,52 @@ def test_ultrafeedback_rows_keep_the_conversations():
     rejected = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]
     assert prep.ultrafeedback_row({"chosen": chosen, "rejected": rejected, "score_chosen": 8.0}) == {
         "chosen": chosen, "rejected": rejected}
+
+
+def _key_exists(dotted: str) -> bool:
+    """Whether a dotted fleetrl key (list indexes as N, `*` for any child) names a field of RunConfig."""
+    from fleetrl.run.config import RunConfig
+
+    models = [RunConfig]
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if part in ("N", "*"):
+            if part == "*":
+                return i == len(parts) - 1
+            continue
+        found = [m.model_fields[part].annotation for m in models if part in m.model_fields]
+        if not found:
+            return False
+        models = [m for ann in found for m in _models_in(ann)]
+        if i < len(parts) - 1 and not models and parts[i + 1] != "*":
+            return False
+    return True
+
+
+def _models_in(annotation) -> list:
+    import typing
+
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def test_every_fleetrl_key_on_the_coming_from_page_exists():
+    import re
+
+    from fleetrl.run.config import RunConfig
+
+    text = (ROOT / "docs/coming-from.md").read_text()
+    keys = set()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or set(cells[0]) <= {"-", " "}:
+            continue
+        for token in re.findall(r"`([^`]+)`", cells[1]):
+            key = token.split(":")[0].strip()
+            if "." in key and key.split(".")[0] in RunConfig.model_fields and " " not in key:
+                keys.add(key)
+    assert len(keys) > 60  # the tables were parsed
+    missing = sorted(k for k in keys if not _key_exists(k))
+    assert not missing, f"docs/coming-from.md names keys fleetrl does not have: {missing}"
+    assert not _key_exists("learner.no_such_key") and not _key_exists("rl.group_size.x")
