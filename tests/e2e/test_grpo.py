@@ -7,6 +7,7 @@ are synchronous (rl.max_staleness=0): always the latest weights.
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -53,7 +54,10 @@ def test_grpo_tiny_learns_writes_a_run_and_resumes(tmp_path, ray_local):
     assert last > first + 0.04 and last > 1.4 * first, (first, last, [r["reward/mean"] for r in rows])
 
     assert (run_dir / "config.yaml").is_file()
-    assert f"step {steps}/{steps}" in (run_dir / "train.log").read_text()  # the console, kept
+    console = (run_dir / "train.log").read_text()
+    assert f"step {steps}/{steps}" in console  # the console, kept
+    for service in ("learner (1 rank(s))", "rollout fleet (2 vLLM engine(s))"):  # start-up, with its seconds
+        assert re.search(rf"fleetrl: {re.escape(service)} ready, [0-9.]+s after start", console), service
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "final_model" / "config.json").is_file()
     assert (run_dir / "checkpoints" / "step-000012" / "COMPLETE").is_file()
