@@ -290,7 +290,7 @@ class OfflineRun:
         kind = self.objective.evaluation
         if kind == "pairs" and not isinstance(self.eval[0], Pair):
             kind = "unpaired"  # KTO / offline PPO on unpaired held-out data
-        ticker = Ticker(f"eval at step {step}", len(self._seqs(self.eval)))
+        ticker = Ticker(f"eval at step {step}", len(self._seqs(self.eval)), last_line=False)  # summary below
         out = getattr(self, f"_eval_{kind}")(learner, ticker)
         out["time/eval"] = time.perf_counter() - t
         figures = ", ".join(f"{k.removeprefix('eval/')} {out[k]:.4g}" for k in ("eval/loss", "eval/accuracy",
