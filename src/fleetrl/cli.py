@@ -53,6 +53,18 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     return 0 if done else 1
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fleetrl.metrics.plot import plot_runs
+
+    out = args.out or os.path.join(args.run_dirs[0], "plots")
+    written, notes = plot_runs(args.run_dirs, out, smooth_window=args.smooth)
+    for note in notes:
+        print(f"fleetrl: note: {note}")
+    for f in written:
+        print(f"fleetrl: wrote {f}")
+    return 0 if written else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fleetrl",
@@ -125,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--namespace", default="fleetrl", help="Ray namespace of the run (ray.namespace; default fleetrl)")
     sc.add_argument("--wait", type=float, default=600.0, metavar="S", help="seconds to wait for it (default 600)")
     sc.set_defaults(func=_cmd_scale)
+
+    pl = sub.add_parser(
+        "plot",
+        help="PNGs of reward, KL, length, loss, eval and step time from run directories",
+        description="Read each RUN_DIR's metrics.jsonl and write one PNG per figure (reward, kl, length, "
+        "loss, eval, step_time_curve, step_time), several runs overlaid with a legend. Keys a run does "
+        "not have are skipped with a note.",
+    )
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (run.output_dir/<run name>)")
+    pl.add_argument("--out", default=None, metavar="DIR", help="where to write the PNGs (default: RUN_DIR/plots "
+                    "of the first run)")
+    pl.add_argument("--smooth", type=int, default=0, metavar="N", help="trailing mean over N steps (default: none)")
+    pl.set_defaults(func=_cmd_plot)
 
     from fleetrl.deploy.cli import add_deploy_commands  # submit, status, logs, stop, jobs (Ray Jobs API)
 

@@ -190,6 +190,12 @@ def test_kto_two_ranks_on_ray_through_fleetrl_train(ray_local, out, capsys):
     print(f"kto on 2 Ray ranks: {time.perf_counter() - t0:.1f}s")
     printed = capsys.readouterr().out
     assert "kto weights lambda_D=1 lambda_U=1" in printed and "256 desirable, 256 undesirable" in printed
+    # Progress: start-up with its seconds, the reference precompute, each evaluation.
+    assert "fleetrl: learner ready in " in printed
+    assert "fleetrl: precomputing reference log-probs of the training data: 512/512 sequences (" in printed
+    assert "fleetrl: precomputing KTO's reference KL terms: 20/20 steps (" in printed
+    assert "fleetrl: eval at step 0: " in printed and "fleetrl: eval at step 20: " in printed
+    assert "held-out examples (" in printed
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(21))
     assert rows[-1]["eval/accuracy"] > 0.6, rows[-1]

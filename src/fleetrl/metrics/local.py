@@ -85,6 +85,39 @@ class Progress:
         print("fleetrl: " + " | ".join(parts), file=self.stream, flush=True)
 
 
+class Ticker:
+    """Progress of one long phase (reference precompute, evaluation) as console lines
+    ``fleetrl: <what>: done/total <unit> (Ns)``: at each tenth of the way, or after ``every_s``
+    seconds of silence, and at the end; a phase that ends within ``quiet_s`` prints only its last
+    line. ``last_line=False``: no line at the end (the caller prints its own summary)."""
+
+    def __init__(self, what: str, total: int, unit: str = "sequences", every_s: float = 30.0,
+                 quiet_s: float = 2.0, stream=None, clock=time.perf_counter, last_line: bool = True):
+        self.what, self.total, self.unit = what, max(int(total), 0), unit
+        self.every_s, self.quiet_s, self.clock = every_s, quiet_s, clock
+        self.stream = stream or sys.stdout
+        self.last_line = last_line
+        self.done = 0
+        self.t0 = self.last = clock()
+        self._next_tenth = 1
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        tenth = self.done * 10 // max(self.total, 1)
+        if self.done >= self.total:
+            if self.last_line:
+                self._say(now)
+        elif now - self.t0 >= self.quiet_s and (tenth >= self._next_tenth or now - self.last >= self.every_s):
+            self._say(now)
+        self._next_tenth = max(self._next_tenth, tenth + 1)
+
+    def _say(self, now: float) -> None:
+        self.last = now
+        print(f"fleetrl: {self.what}: {self.done}/{self.total} {self.unit} ({now - self.t0:.1f}s)",
+              file=self.stream, flush=True)
+
+
 def _fmt_s(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -46,7 +46,7 @@ from fleetrl.data.rows import (
 from fleetrl.learner.offline import preference_losses, reward_model_losses
 from fleetrl.learner.offline_config import OFFLINE_TABLE
 from fleetrl.learner.rank import objective_class
-from fleetrl.metrics.local import Progress, _fmt_s
+from fleetrl.metrics.local import Progress, Ticker, _fmt_s
 from fleetrl.run.config import RunConfig
 from fleetrl.run.runtime import RunDir, connect_ray, load_tokenizer, resolve_model
 
@@ -200,30 +200,34 @@ class OfflineRun:
 
     # ------------------------------------------------------------------ scoring helpers
 
-    def _chunks(self, seqs: Sequence[Seq]):
+    def _chunks(self, seqs: Sequence[Seq], ticker: Ticker | None = None):
         bs = self.cfg.offline.eval_batch_size
         for i in range(0, len(seqs), bs):
             yield collate_rows(seqs[i : i + bs], self.pad_id, self.completion_only)
+            if ticker is not None:
+                ticker.advance(len(seqs[i : i + bs]))
 
-    def _logps(self, learner, seqs: Sequence[Seq], which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logps(self, learner, seqs: Sequence[Seq], which: str,
+               ticker: Ticker | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         lp, n = [], []
-        for rows in self._chunks(seqs):
+        for rows in self._chunks(seqs, ticker):
             out = learner.sequence_logps(rows, which)
             lp.append(out["logps"])
             n.append(out["tokens"])
         return torch.cat(lp), torch.cat(n)
 
-    def _token_logps(self, learner, seqs: Sequence[Seq], which: str) -> list[torch.Tensor]:
+    def _token_logps(self, learner, seqs: Sequence[Seq], which: str,
+                     ticker: Ticker | None = None) -> list[torch.Tensor]:
         """Per sequence, the log-probs of its completion tokens (1-D, in order)."""
         out = []
-        for rows in self._chunks(seqs):
+        for rows in self._chunks(seqs, ticker):
             lp = learner.compute_logprobs(rows, which)
             mask = (rows["loss_mask"] * rows["attention_mask"]).bool()
             out.extend(lp[i][mask[i]].float() for i in range(lp.shape[0]))
         return out
 
-    def _scores(self, learner, seqs: Sequence[Seq]) -> torch.Tensor:
-        return torch.cat([learner.sequence_scores(rows) for rows in self._chunks(seqs)])
+    def _scores(self, learner, seqs: Sequence[Seq], ticker: Ticker | None = None) -> torch.Tensor:
+        return torch.cat([learner.sequence_scores(rows) for rows in self._chunks(seqs, ticker)])
 
     @staticmethod
     def _seqs(examples: Sequence[Any]) -> list[Seq]:
@@ -241,7 +245,9 @@ class OfflineRun:
             return 0.0
         t = time.perf_counter()
         if self.eval:
-            self._eval_ref = self._logps(learner, self._seqs(self.eval), "reference")[0]
+            seqs = self._seqs(self.eval)
+            self._eval_ref = self._logps(learner, seqs, "reference",
+                                         Ticker("reference log-probs of the held-out data", len(seqs)))[0]
         if self.precompute:
             getattr(self, f"_precompute_{self.reference_inputs}")(learner, start_step)
             learner.release_reference()
@@ -250,23 +256,33 @@ class OfflineRun:
         print(f"fleetrl: reference log-probs {what} in {seconds:.1f}s", flush=True)
         return seconds
 
+    @staticmethod
+    def _train_ticker(seqs: Sequence[Seq]) -> Ticker:
+        return Ticker("precomputing reference log-probs of the training data", len(seqs))
+
     def _precompute_pair(self, learner, start_step: int) -> None:
-        lp, _ = self._logps(learner, self._seqs(self.train), "reference")
+        seqs = self._seqs(self.train)
+        lp, _ = self._logps(learner, seqs, "reference", self._train_ticker(seqs))
         n = len(self.train)
         self._ref = {"chosen": lp[:n], "rejected": lp[n:]}
 
     def _precompute_kto(self, learner, start_step: int) -> None:
-        self._ref = {"logps": self._logps(learner, self._seqs(self.train), "reference")[0]}
-        for step in range(start_step, self.schedule.total_steps):
+        seqs = self._seqs(self.train)
+        self._ref = {"logps": self._logps(learner, seqs, "reference", self._train_ticker(seqs))[0]}
+        steps = range(start_step, self.schedule.total_steps)
+        ticker = Ticker("precomputing KTO's reference KL terms", len(steps), unit="steps")
+        for step in steps:
             rows = collate([self.units[i] for i in self.schedule.batch(step)], self.pad_id)
             self._ref_kl[step] = learner.kl_reference_logps(rows)
+            ticker.advance(1)
 
     def _precompute_tokens(self, learner, start_step: int) -> None:
-        self._ref_tokens = self._token_logps(learner, self._seqs(self.train), "reference")
+        seqs = self._seqs(self.train)
+        self._ref_tokens = self._token_logps(learner, seqs, "reference", self._train_ticker(seqs))
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, learner) -> dict[str, float]:
+    def evaluate(self, learner, step: int = 0) -> dict[str, float]:
         """Held-out metrics (eval/...) computed with the training losses' own formulas."""
         if not self.eval:
             return {}
@@ -274,17 +290,22 @@ class OfflineRun:
         kind = self.objective.evaluation
         if kind == "pairs" and not isinstance(self.eval[0], Pair):
             kind = "unpaired"  # KTO / offline PPO on unpaired held-out data
-        out = getattr(self, f"_eval_{kind}")(learner)
+        ticker = Ticker(f"eval at step {step}", len(self._seqs(self.eval)), last_line=False)  # summary below
+        out = getattr(self, f"_eval_{kind}")(learner, ticker)
         out["time/eval"] = time.perf_counter() - t
+        figures = ", ".join(f"{k.removeprefix('eval/')} {out[k]:.4g}" for k in ("eval/loss", "eval/accuracy",
+                                                                                "eval/nll") if k in out)
+        print(f"fleetrl: eval at step {step}: {figures} on {len(self.eval)} held-out examples "
+              f"({out['time/eval']:.1f}s)", flush=True)
         return out
 
-    def _eval_nll(self, learner) -> dict[str, float]:
-        lp, n = self._logps(learner, self.eval, "policy")
+    def _eval_nll(self, learner, ticker: Ticker | None = None) -> dict[str, float]:
+        lp, n = self._logps(learner, self.eval, "policy", ticker)
         nll = float(-lp.sum() / n.sum().clamp(min=1))
         return {"eval/nll": nll, "eval/loss": nll}
 
-    def _eval_scores(self, learner) -> dict[str, float]:
-        scores = self._scores(learner, self._seqs(self.eval))
+    def _eval_scores(self, learner, ticker: Ticker | None = None) -> dict[str, float]:
+        scores = self._scores(learner, self._seqs(self.eval), ticker)
         k = len(self.eval)
         margin = None
         if self.eval[0].margin is not None:
@@ -293,8 +314,8 @@ class OfflineRun:
         return {"eval/loss": losses.mean().item(), **_means("eval/", stats),
                 "eval/accuracy": stats["scores/accuracies"].mean().item()}
 
-    def _eval_pairs(self, learner) -> dict[str, float]:
-        lp, n = self._logps(learner, self._seqs(self.eval), "policy")
+    def _eval_pairs(self, learner, ticker: Ticker | None = None) -> dict[str, float]:
+        lp, n = self._logps(learner, self._seqs(self.eval), "policy", ticker)
         k = len(self.eval)
         ref = self._eval_ref
         ref_c, ref_r = (ref[:k], ref[k:]) if ref is not None else (None, None)
@@ -310,15 +331,16 @@ class OfflineRun:
         out["eval/accuracy"] = stats["rewards/accuracies"].mean().item()
         return out
 
-    def _eval_unpaired(self, learner) -> dict[str, float]:
-        lp, _ = self._logps(learner, self._seqs(self.eval), "policy")
+    def _eval_unpaired(self, learner, ticker: Ticker | None = None) -> dict[str, float]:
+        lp, _ = self._logps(learner, self._seqs(self.eval), "policy", ticker)
         rewards = self.implicit_beta * (lp - self._eval_ref)
         good = torch.tensor([e.desirable for e in self.eval])
         return _kto_unpaired_eval(rewards, good)
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, learner) -> Path:
+    def run(self, learner, ray_metrics: Any = None) -> Path:
+        """Train; ``ray_metrics`` (a RayMetricsExporter) also gets every metrics row."""
         cfg, run_dir = self.cfg, self.run_dir
         sched = self.schedule
         start_step = 0
@@ -343,10 +365,12 @@ class OfflineRun:
         if self.weights is not None:
             constant = {"kto/desirable_weight": self.weights[0], "kto/undesirable_weight": self.weights[1]}
         if start_step == 0:
-            row = {"step": 0, **self.evaluate(learner), **constant, "time/reference": ref_s,
+            row = {"step": 0, **self.evaluate(learner, 0), **constant, "time/reference": ref_s,
                    **self.train_stats.as_metrics("data/train"), **self.eval_stats.as_metrics("data/eval"),
                    "data/left_out_per_epoch": sched.dropped_per_epoch}
             metrics.write(row)
+            if ray_metrics is not None:
+                ray_metrics.export(row)
             if self.eval:
                 progress.update(0, row)
 
@@ -363,7 +387,7 @@ class OfflineRun:
                    **{f"train/{k}": v for k, v in stats.items()}, **constant,
                    "tokens_per_s": stats["num_tokens"] / max(train_s, 1e-9), "time/train": train_s}
             if (every and done % every == 0) or last:
-                row.update(self.evaluate(learner))
+                row.update(self.evaluate(learner, done))
             if not math.isfinite(stats["loss"]):
                 log.warning("step %d: the training loss is not finite (%s)", done, stats["loss"])
             if (cfg.run.save_every and done % cfg.run.save_every == 0) or last:
@@ -372,6 +396,8 @@ class OfflineRun:
                 (ckpt / "COMPLETE").write_text(f"step {done}\n")  # resume trusts only finished checkpoints
             row["time/step"] = time.perf_counter() - t0
             metrics.write(row)
+            if ray_metrics is not None:
+                ray_metrics.export(row)
             progress.update(done, row)
         final = run_dir.path / "final_model"
         learner.save_hf(str(final))
@@ -420,6 +446,7 @@ def _kto_unpaired_eval(rewards: torch.Tensor, desirable: torch.Tensor) -> dict[s
 
 def run_offline(cfg: RunConfig, run_dir: RunDir) -> Path:
     from fleetrl.learner.offline import OfflineLearnerGroup
+    from fleetrl.metrics.ray_metrics import RayMetricsExporter
 
     model_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path)
@@ -435,6 +462,6 @@ def run_offline(cfg: RunConfig, run_dir: RunDir) -> Path:
                                   name_prefix=run_dir.actor_prefix)
     try:
         print(f"fleetrl: learner ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        return run.run(learner)
+        return run.run(learner, RayMetricsExporter(run_dir.path.name))  # the same rows, on the Ray dashboard
     finally:
         learner.shutdown()
