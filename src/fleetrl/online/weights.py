@@ -3,6 +3,7 @@ fleet between steps (which rebuilds that group)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import ray
@@ -51,7 +52,7 @@ class WeightSync:
             self.connect()
         if self._plan is None:
             self._plan = self.learner.weight_plan(version)
-        plan = type(self._plan)(version=version, buckets=self._plan.buckets)
+        plan = dataclasses.replace(self._plan, version=version)
         self._wait(f"version {version}", self.learner.send_weights(plan), self.fleet.receive_weights(plan))
         self.version = version
         return time.perf_counter() - start
