@@ -31,7 +31,10 @@ def _logps(model, ids=IDS):
     return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
-def _trained_adapter(base, cfg=LoraConfig(r=4, alpha=8.0)):
+SMALL = LoraConfig(r=4, alpha=8.0)
+
+
+def _trained_adapter(base, cfg=SMALL):
     """A LoRA model whose adapter is not the identity (B is zero at init: give it values)."""
     model = apply_lora(copy.deepcopy(base), cfg)
     torch.manual_seed(0)

@@ -30,7 +30,6 @@ from fleetrl.learner.config import (
     resolve_backend,
     resolve_dtype,
 )
-from fleetrl.learner.lora import AdapterDisabled, adapter_tensors, apply_lora
 from fleetrl.learner.deepspeed_utils import (
     client_optimizer,
     lr_lambda,
@@ -39,6 +38,7 @@ from fleetrl.learner.deepspeed_utils import (
     skip_cpu_shm_comm_op,
     train_ds_config,
 )
+from fleetrl.learner.lora import AdapterDisabled, adapter_tensors, apply_lora
 
 _CLIENT_KEY = "fleetrl_client_state"
 
