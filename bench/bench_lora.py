@@ -28,7 +28,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--rounds", type=int, default=5, help="timed syncs per mode (after one warm-up sync)")
+    p.add_argument("--bytes-only", action="store_true",
+                   help="no Ray, vLLM or DeepSpeed: the same byte counts from plain torch (AdamW step) and "
+                        "the weight plan, without sync times")
     return p.parse_args(argv)
+
+
+def bytes_only(model_path: str, rank: int) -> dict[str, dict[str, int]]:
+    """Parameter (+ a reference copy for full), trainable, optimizer-state and sync bytes, in one process."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fleetrl.core.weight_wire import plan_buckets
+    from fleetrl.learner.lora import LoraConfig, adapter_tensors, apply_lora
+
+    def nbytes(ps) -> int:
+        return sum(p.numel() * p.element_size() for p in ps)
+
+    out = {}
+    for mode in ("full", "lora"):
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if mode == "lora":
+            model = apply_lora(model, LoraConfig(r=rank, alpha=2 * rank))
+            sent = adapter_tensors(model)
+            params = nbytes(model.parameters())  # base + adapter; the reference is the same model
+        else:
+            params = 2 * nbytes(model.parameters())  # + the frozen reference copy a KL run loads
+            sent = dict(model.named_parameters())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+        ids = torch.randint(0, 100, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        state = [t for st in opt.state.values() for t in st.values() if t.dim() > 0]
+        plan = plan_buckets([(n, tuple(p.shape), p.dtype) for n, p in sent.items()], 0)
+        out[mode] = {"param_bytes": params, "trainable_bytes": nbytes(trainable), "optimizer_bytes": nbytes(state),
+                     "sync_bytes": plan.num_bytes}
+    return out
 
 
 def _mib(n: float) -> str:
@@ -39,6 +75,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from _util import bench_model, init_local_ray
 
+    if args.bytes_only:
+        model = bench_model(args.hidden_size, args.num_layers)
+        print(f"model: tiny Qwen2 hidden {args.hidden_size}, {args.num_layers} layers, float32; LoRA r={args.rank} "
+              f"alpha={2 * args.rank} all-linear; plain torch AdamW (no DeepSpeed), bytes only")
+        report(bytes_only(model, args.rank))
+        return
     init_local_ray()
     import torch
 
@@ -84,6 +126,10 @@ def main(argv=None) -> None:
     finally:
         fleet.shutdown()
 
+    report(results)
+
+
+def report(results: dict) -> None:
     full, lora = results["full"], results["lora"]
     print(f"\n{'':28s}{'full':>16s}{'LoRA':>16s}{'LoRA / full':>14s}")
     for key, label in (("param_bytes", "parameters (+reference)"), ("trainable_bytes", "trainable parameters"),
@@ -92,6 +138,8 @@ def main(argv=None) -> None:
     learner_mem = {m: r["param_bytes"] + r["optimizer_bytes"] for m, r in results.items()}
     print(f"{'learner memory (params+opt)':28s}{_mib(learner_mem['full']):>16s}{_mib(learner_mem['lora']):>16s}"
           f"{learner_mem['lora'] / learner_mem['full']:>14.4f}")
+    if "sync_s" not in full:
+        return
     med = {m: statistics.median(r["sync_s"]) for m, r in results.items()}
     spread = {m: f"[{min(r['sync_s']) * 1e3:.0f}-{max(r['sync_s']) * 1e3:.0f}]" for m, r in results.items()}
     print(f"{'sync time, median [min-max]':28s}{med['full'] * 1e3:>9.0f} ms {spread['full']:>5s}"
