@@ -65,6 +65,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fleetrl.learner.lora import export_merged
+
+    out = export_merged(Path(args.run_dir) / "final_model", args.merged)
+    print(f"fleetrl: wrote the base model with the run's LoRA adapter merged in to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fleetrl",
@@ -150,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "of the first run)")
     pl.add_argument("--smooth", type=int, default=0, metavar="N", help="trailing mean over N steps (default: none)")
     pl.set_defaults(func=_cmd_plot)
+
+
+    ex = sub.add_parser(
+        "export",
+        help="merge a LoRA run's adapter into its base model",
+        description="A run with learner.lora writes final_model/ as a PEFT adapter naming its base model. "
+        "This merges the adapter into the base weights and writes a plain Hugging Face model (loadable by "
+        "transformers and vLLM) to OUT.",
+    )
+    ex.add_argument("run_dir", help="the run directory (holds final_model/)")
+    ex.add_argument("--merged", required=True, metavar="OUT", help="directory to write the merged model to")
+    ex.set_defaults(func=_cmd_export)
 
     from fleetrl.deploy.cli import add_deploy_commands  # submit, status, logs, stop, jobs (Ray Jobs API)
 

@@ -52,6 +52,9 @@ class WeightPlan:
 
     version: int
     buckets: tuple[Bucket, ...]
+    # Set when the plan carries only a LoRA adapter (`<module>.lora_A.weight` / `.lora_B.weight`):
+    # the receiver merges W = W_base + lora_scale * B @ A into base weights it keeps (merge_lora).
+    lora_scale: float | None = None
 
     @property
     def num_bytes(self) -> int:
@@ -62,6 +65,7 @@ def plan_buckets(
     params: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
     version: int,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    lora_scale: float | None = None,
 ) -> WeightPlan:
     """Group (name, shape, dtype) in order into buckets of at most ``bucket_bytes``.
 
@@ -90,7 +94,7 @@ def plan_buckets(
         cur.append(TensorSpec(name, shape, cur_numel))
         cur_numel += numel
     close()
-    return WeightPlan(version=version, buckets=tuple(buckets))
+    return WeightPlan(version=version, buckets=tuple(buckets), lora_scale=lora_scale)
 
 
 def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -108,6 +112,39 @@ def unpack_bucket(bucket: Bucket, flat: torch.Tensor) -> Iterator[tuple[str, tor
     """Views of ``flat`` as the bucket's named parameters (no copy)."""
     for spec in bucket.specs:
         yield spec.name, flat[spec.offset : spec.offset + spec.numel].view(spec.shape)
+
+
+def merge_lora(base: dict[str, torch.Tensor], adapter: Iterable[tuple[str, torch.Tensor]],
+               scale: float) -> dict[str, torch.Tensor]:
+    """New tensors ``W_base + scale * B @ A`` for every module the adapter touches.
+
+    ``base`` maps Hugging Face names to the BASE weights (never an already merged copy: each
+    version is merged from the base, so versions do not pile up); ``adapter`` yields
+    ``<module>.lora_A.weight`` [r, in] and ``<module>.lora_B.weight`` [out, r]. The sum is taken in
+    float32 and cast to the base weight's dtype.
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in adapter:
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if name.endswith(suffix):
+                pairs.setdefault(name.removesuffix(suffix), {})[part] = t
+                break
+        else:
+            raise ValueError(f"adapter tensor {name!r} is neither <module>.lora_A.weight nor <module>.lora_B.weight")
+    out = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"adapter module {module!r} has only {sorted(ab)}: both lora_A and lora_B must be sent")
+        key = f"{module}.weight"
+        if key not in base:
+            raise KeyError(f"adapter module {module!r} has no base weight {key!r} in the base model")
+        w = base[key]
+        delta = ab["lora_B"].float() @ ab["lora_A"].float()
+        if delta.shape != w.shape:
+            raise ValueError(f"adapter {module!r}: B @ A has shape {tuple(delta.shape)}, base weight {tuple(w.shape)}")
+        out[key] = (w.float() + scale * delta).to(w.dtype)
+    return out
 
 
 def init_side_group(host: str, port: int, rank: int, world_size: int, backend: str):

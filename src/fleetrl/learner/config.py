@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fleetrl.core.strict import StrictModel
+from fleetrl.learner.lora import LoraConfig
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -121,6 +122,8 @@ class LearnerConfig(StrictModel):
     # waiting forever on a rank stuck in a collective.
     call_timeout_s: float = Field(3600.0, gt=0)
     loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig)
+    # LoRA adapter (r, alpha, dropout, target_modules) instead of full fine-tuning; null = full.
+    lora: LoraConfig | None = None
 
     def cpu_threads(self) -> int:
         """torch/OpenMP threads of one CPU rank."""

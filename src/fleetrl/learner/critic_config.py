@@ -68,6 +68,7 @@ class CriticConfig(StrictModel):
             if mine is not None:
                 values[key] = mine
         values["reference"] = False
+        values["lora"] = None  # the critic keeps full weights
         values["loss"] = PolicyLossConfig(kl_coef=0.0).model_dump()
         cfg = LearnerConfig.model_validate(values)
         if self.placement == "colocate" and cfg.num_ranks != policy.num_ranks:

@@ -38,6 +38,7 @@ from fleetrl.learner.deepspeed_utils import (
     skip_cpu_shm_comm_op,
     train_ds_config,
 )
+from fleetrl.learner.lora import AdapterDisabled, adapter_tensors, apply_lora
 
 _CLIENT_KEY = "fleetrl_client_state"
 
@@ -170,6 +171,10 @@ class Engine:
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lora = cfg.lora
+        if self.lora is not None:
+            # Base weights frozen: only the adapter lands in the optimizer groups below.
+            model = apply_lora(model, self.lora, model_kind)
 
         decay, no_decay = [], []
         for name, p in model.named_parameters():
@@ -198,7 +203,10 @@ class Engine:
 
         self.ref_engine = None
         self.ref_module = None
-        if reference:
+        if reference and self.lora is not None:
+            # The reference is the policy with its adapter switched off: no second model.
+            self.ref_module = AdapterDisabled(self.engine, self.engine.module)
+        elif reference:
             ref = self._load(self.model_path)
             ref.config.use_cache = False
             ref.requires_grad_(False)
@@ -252,6 +260,8 @@ class Engine:
         """Drop the frozen reference (e.g. once its log-probs are precomputed) to free its memory."""
         import gc
 
+        if self.lora is not None:
+            return  # the adapter-disabled reference costs no memory; keep it
         self.ref_engine = None
         self.ref_module = None
         gc.collect()
@@ -271,6 +281,22 @@ class Engine:
             "pid": os.getpid(),
         }
 
+    def memory(self) -> dict[str, int]:
+        """This rank's learner memory in bytes: parameters (policy + a separate reference, if any),
+        the trainable part, and the optimizer's state tensors (after a first step)."""
+        def nbytes(ps) -> int:
+            return sum(p.numel() * p.element_size() for p in ps)
+
+        params = nbytes(self.engine.module.parameters())
+        if isinstance(self.ref_module, torch.nn.Module):
+            params += nbytes(self.ref_module.parameters())
+        opt = self.engine.optimizer
+        opt = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
+        state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return {"param_bytes": params,
+                "trainable_bytes": nbytes(p for p in self.engine.module.parameters() if p.requires_grad),
+                "optimizer_bytes": nbytes(state)}
+
     @property
     def global_step(self) -> int:
         """Optimizer steps taken (restored by load_checkpoint)."""
@@ -279,6 +305,10 @@ class Engine:
     def _params(self) -> dict[str, torch.nn.Parameter]:
         # named_parameters drops tied duplicates (lm_head tied to the embedding is sent once).
         return dict(self.engine.module.named_parameters())
+
+    def _sync_params(self) -> dict[str, torch.nn.Parameter]:
+        """What a weight sync sends: the whole model, or with LoRA only the adapter's A/B tensors."""
+        return adapter_tensors(self.engine.module) if self.lora is not None else self._params()
 
     def _gathered(self, params: list[torch.nn.Parameter]):
         import deepspeed
@@ -336,8 +366,9 @@ class Engine:
         `dtype` (e.g. "bfloat16") casts on send; default: the training dtype.
         """
         cast = getattr(torch, dtype) if dtype else None
-        specs = [(name, _shape(p), cast or p.dtype) for name, p in self._params().items()]
-        return plan_buckets(specs, version, bucket_bytes=self.cfg.weight_sync_bucket_mb * 2**20)
+        specs = [(name, _shape(p), cast or p.dtype) for name, p in self._sync_params().items()]
+        return plan_buckets(specs, version, bucket_bytes=self.cfg.weight_sync_bucket_mb * 2**20,
+                            lora_scale=None if self.lora is None else self.lora.scale)
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Rank 0 joins the side group as its rank 0 (blocks until every receiver joins)."""
@@ -351,7 +382,7 @@ class Engine:
         if self.rank == 0 and self._side_group is None:
             raise RuntimeError("send_weights before init_weight_sync: join the side group first")
         t0 = time.perf_counter()
-        params = self._params()
+        params = self._sync_params()
         for bucket in plan.buckets:
             missing = [s.name for s in bucket.specs if s.name not in params]
             if missing:
@@ -385,6 +416,8 @@ class Engine:
         if self.rank == 0:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
+            # With LoRA the module is a PeftModel: this writes the adapter in PEFT's format, and
+            # adapter_config.json names the base model (`fleetrl export --merged` merges the two).
             self.engine.module.save_pretrained(out, state_dict=state)
             AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out)
         self.barrier()
@@ -393,12 +426,15 @@ class Engine:
                         tag: str | None = None) -> None:
         """DeepSpeed checkpoint (weights, optimizer, LR schedule) for resuming; every rank calls it."""
         # Under one key: DeepSpeed hands back its own bookkeeping mixed into the client state.
+        # With LoRA the frozen base is not saved: resume reloads it from the model path.
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag,
-                                    client_state={_CLIENT_KEY: dict(client_state or {})})
+                                    client_state={_CLIENT_KEY: dict(client_state or {})},
+                                    exclude_frozen_parameters=self.lora is not None)
 
     def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
         """Restore a save_checkpoint; returns its client_state."""
-        path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag,
+                                                         load_module_strict=self.lora is None)
         if path is None:
             raise FileNotFoundError(
                 f"no DeepSpeed checkpoint in {ckpt_dir} (no 'latest' file or tag {tag!r}): "

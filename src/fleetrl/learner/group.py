@@ -279,6 +279,10 @@ class LearnerGroup:
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         return self._gather(self._call_all("gathered_state_dict"))[0]
 
+    def memory(self) -> list[dict[str, int]]:
+        """Each rank's `Engine.memory()` (parameter, trainable and optimizer-state bytes)."""
+        return self._gather(self._call_all("memory"))
+
     def save_hf(self, out_dir: str | os.PathLike) -> None:
         self._gather(self._call_all("save_hf", str(out_dir)))
 

@@ -224,6 +224,9 @@ class Learner:
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.gathered_state_dict()
 
+    def memory(self) -> dict[str, int]:
+        return self.engine.memory()
+
     def save_hf(self, out_dir: str | os.PathLike) -> None:
         self.engine.save_hf(out_dir)
 

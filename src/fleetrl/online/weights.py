@@ -3,6 +3,7 @@ fleet between steps (which rebuilds that group)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -79,7 +80,7 @@ class WeightSync:
                 self.connect()
             if self._plan is None:
                 self._plan = self.learner.weight_plan(version)
-            plan = type(self._plan)(version=version, buckets=self._plan.buckets)
+            plan = dataclasses.replace(self._plan, version=version)  # keeps every field of the plan
             dropped = self._wait(f"version {version}", self.learner.send_weights(plan),
                                  self.fleet.receive_weights(plan), drop_lost=True)
             if not dropped:

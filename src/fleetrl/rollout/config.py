@@ -58,6 +58,10 @@ class RolloutConfig(StrictModel):
     # steps, loads, and resumes the same requests under the new weights (a partial rollout: its
     # tokens record both versions); drain lets the running requests finish first (no new ones start).
     weight_update: Literal["in_flight", "drain"] = "in_flight"
+    # With learner.lora only the adapter travels. merged: each worker merges it into the base
+    # weights it keeps (read from the model directory) and reloads. adapter (vLLM enable_lora + a
+    # LoRARequest per version) is not implemented yet and is refused.
+    lora_sync: Literal["merged", "adapter"] = "merged"
     # Deadlines. A worker whose engine has not started and warmed up within ready_timeout_s fails
     # the start with what the cluster lacks; a generate call older than generate_timeout_s means
     # its engine is hung: the worker is removed (its prompts go to the others) and replaced at the
@@ -89,6 +93,16 @@ class RolloutConfig(StrictModel):
             raise ValueError(
                 f"rollout.episode.max_total_tokens={self.episode.max_total_tokens} exceeds rollout.max_model_len="
                 f"{self.max_model_len}: an episode must fit the engine's context; lower it or raise max_model_len")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_sync(self) -> RolloutConfig:
+        if self.lora_sync == "adapter":
+            raise ValueError(
+                "rollout.lora_sync: adapter (vLLM serving the adapter through enable_lora and a LoRARequest "
+                "per version) is not implemented in fleetrl yet: use rollout.lora_sync: merged, which sends "
+                "the same adapter-only bytes and merges them into the fleet's base weights"
+            )
         return self
 
     @model_validator(mode="after")

@@ -15,13 +15,39 @@ from typing import Any
 
 import torch
 
-from fleetrl.core.weight_wire import Bucket, TensorSpec, WeightPlan, broadcast, init_side_group, unpack_bucket
+from fleetrl.core.weight_wire import (
+    Bucket,
+    TensorSpec,
+    WeightPlan,
+    broadcast,
+    init_side_group,
+    merge_lora,
+    unpack_bucket,
+)
+
+
+def load_base_weights(model_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face checkpoint directory (its *.safetensors files), on the CPU."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"LoRA weight sync: no *.safetensors in {model_dir}; the fleet merges adapters into the base "
+            "weights it reads from there, so the model directory must hold safetensors files")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
 
 
 def plan_to_plain(plan: WeightPlan) -> dict[str, Any]:
     """A plan as dicts, lists, str and int only (survives vLLM's rpc serialization)."""
     return {
         "version": plan.version,
+        "lora_scale": plan.lora_scale,
         "buckets": [
             {
                 "dtype": b.dtype,
@@ -42,7 +68,9 @@ def plan_from_plain(data: dict[str, Any]) -> WeightPlan:
         )
         for b in data["buckets"]
     )
-    return WeightPlan(version=int(data["version"]), buckets=buckets)
+    scale = data.get("lora_scale")
+    return WeightPlan(version=int(data["version"]), buckets=buckets,
+                      lora_scale=None if scale is None else float(scale))
 
 
 def refresh_tied_layers(model: torch.nn.Module, vllm_config) -> int:
@@ -104,6 +132,14 @@ class WeightReceiver:
             broadcast(group, flat, src=0)
             weights.extend(unpack_bucket(bucket, flat))
         t1 = time.perf_counter()
+        if plan.lora_scale is not None:
+            # Adapter only on the wire: merge it into the BASE weights (kept from the checkpoint, never
+            # the merged ones, so each version replaces the last) and reload the whole model at once.
+            base = getattr(self, "_fleetrl_base_weights", None)
+            if base is None:
+                base = self._fleetrl_base_weights = load_base_weights(self.vllm_config.model_config.model)
+            merged = merge_lora(base, weights, plan.lora_scale)
+            weights = [(name, merged.get(name, t)) for name, t in base.items()]
         # The worker's reload_weights wraps model_runner.reload_weights in the engine's
         # config context (vLLM's in-place reload: checkpoint-format names, i.e. Hugging Face
         # names, re-run through the model's load_weights and post-load processing such as

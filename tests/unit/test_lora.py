@@ -1,0 +1,164 @@
+"""LoRA: the PEFT wrapping, what gets gradients, the adapter-disabled reference, merge == adapter model,
+the adapter-only wire payload, export, and the config errors. Plain torch + transformers + peft."""
+
+import copy
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from fleetrl.core.weight_wire import merge_lora, plan_buckets
+from fleetrl.learner.config import LearnerConfig
+from fleetrl.learner.critic_config import CriticConfig
+from fleetrl.learner.lora import AdapterDisabled, LoraConfig, adapter_tensors, apply_lora, export_merged, wire_name
+from fleetrl.rollout.config import RolloutConfig
+from fleetrl.rollout.weight_receiver import plan_from_plain, plan_to_plain
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 7, 120, 3], [8, 9, 10, 11, 12, 13, 14, 15]])
+
+
+@pytest.fixture(scope="module")
+def base(tiny_policy):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+
+
+def _logps(model, ids=IDS):
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+SMALL = LoraConfig(r=4, alpha=8.0)
+
+
+def _trained_adapter(base, cfg=SMALL):
+    """A LoRA model whose adapter is not the identity (B is zero at init: give it values)."""
+    model = apply_lora(copy.deepcopy(base), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapter_tensors(model).items():
+            if name.endswith("lora_B.weight"):
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_only_adapter_params_get_gradients_and_optimizer_state(base):
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # "all-linear": every projection of every block, never the embedding or the head.
+    assert len(trainable) == 2 * 7 * base.config.num_hidden_layers
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    opt.step()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    state_params = {id(p) for p in opt.state}
+    assert state_params == {id(p) for n, p in model.named_parameters() if n in trainable}
+
+
+def test_reference_with_adapter_disabled_equals_the_base_model(base):
+    model = _trained_adapter(base)
+    model.train()  # the reference switches to eval itself and back
+    ref = AdapterDisabled(model, model)
+    assert torch.allclose(_logps(ref), _logps(base), atol=1e-6)
+    assert model.training
+    assert (_logps(model.eval()) - _logps(base)).abs().max() > 1e-3  # the adapter does change the model
+
+
+def test_merge_then_reload_gives_the_adapter_models_logprobs(base):
+    model = _trained_adapter(base)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    adapter = [(n, p.detach()) for n, p in adapter_tensors(model).items()]
+    merged = merge_lora(base_state, adapter, LoraConfig(r=4, alpha=8.0).scale)
+    assert len(merged) == 7 * base.config.num_hidden_layers
+    fresh = copy.deepcopy(base)
+    fresh.load_state_dict({**base_state, **merged})
+    assert torch.allclose(_logps(fresh), _logps(model), atol=1e-5)
+    # Merging a second version from the same base does not pile the first one up.
+    twice = merge_lora(base_state, adapter, 2.0)
+    once = merge_lora(base_state, [(n, t * 0) if n.endswith("lora_B.weight") else (n, t) for n, t in adapter], 2.0)
+    key = next(iter(twice))
+    assert torch.equal(once[key], base_state[key]) and not torch.equal(twice[key], base_state[key])
+
+
+def test_adapter_only_plan_bytes(base):
+    r = 8
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=r, alpha=16))
+    tensors = adapter_tensors(model)
+    plan = plan_buckets([(n, tuple(p.shape), p.dtype) for n, p in tensors.items()], version=3,
+                        bucket_bytes=2**20, lora_scale=2.0)
+    c = base.config
+    hd = c.hidden_size // c.num_attention_heads
+    q, kv, o = (c.hidden_size, c.num_attention_heads * hd), (c.hidden_size, c.num_key_value_heads * hd), \
+        (c.num_attention_heads * hd, c.hidden_size)
+    mlp_in, mlp_out = (c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size)
+    per_layer = sum(r * (i + o_) for i, o_ in (q, kv, kv, o, mlp_in, mlp_in, mlp_out))
+    assert plan.num_bytes == 4 * per_layer * c.num_hidden_layers  # float32 A and B of 7 modules per layer
+    full = sum(p.numel() * 4 for p in base.parameters())
+    assert plan.num_bytes < full / 3
+    # Names are the Hugging Face module names; the scale survives the rpc-safe plain form.
+    assert all(s.name.startswith("model.layers.") for b in plan.buckets for s in b.specs)
+    back = plan_from_plain(plan_to_plain(plan))
+    assert back == plan and back.lora_scale == 2.0
+
+
+def test_wire_names():
+    assert wire_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") == \
+        "model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert wire_name("base_model.model.model.embed_tokens.weight") is None
+
+
+def test_merge_errors_name_the_module():
+    base = {"m.weight": torch.zeros(3, 2)}
+    with pytest.raises(ValueError, match="'m' has only \\['lora_A'\\]"):
+        merge_lora(base, [("m.lora_A.weight", torch.zeros(1, 2))], 1.0)
+    with pytest.raises(KeyError, match="no base weight 'x.weight'"):
+        merge_lora(base, [("x.lora_A.weight", torch.zeros(1, 2)), ("x.lora_B.weight", torch.zeros(3, 1))], 1.0)
+    with pytest.raises(ValueError, match="neither"):
+        merge_lora(base, [("m.weight", torch.zeros(3, 2))], 1.0)
+
+
+def test_export_merged_writes_a_loadable_model(base, tiny_policy, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _trained_adapter(base)
+    model.save_pretrained(tmp_path / "final_model")
+    cfg = json.loads((tmp_path / "final_model" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_policy)
+    out = export_merged(tmp_path / "final_model", tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.allclose(_logps(loaded), _logps(model), atol=1e-5)
+    assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    with pytest.raises(FileNotFoundError, match="is not a LoRA adapter"):
+        export_merged(tiny_policy, tmp_path / "x")
+
+
+def test_config_errors_and_defaults():
+    assert LearnerConfig().lora is None
+    cfg = LearnerConfig(lora={"r": 8, "target_modules": ["q_proj", "v_proj"]})
+    assert cfg.lora.scale == 4.0
+    with pytest.raises(ValidationError, match="target_modules must be 'all-linear' or a non-empty list"):
+        LearnerConfig(lora={"target_modules": []})
+    with pytest.raises(ValidationError, match="r\n"):
+        LearnerConfig(lora={"r": 0})
+    with pytest.raises(ValidationError, match="rollout.lora_sync: adapter .* use rollout.lora_sync: merged"):
+        RolloutConfig(lora_sync="adapter")
+    assert CriticConfig().learner_config(cfg).lora is None  # the critic keeps full weights
+
+
+def test_bad_target_modules_name_the_key(base):
+    with pytest.raises(ValueError, match="learner.lora.target_modules=\\['nope'\\]"):
+        apply_lora(copy.deepcopy(base), LoraConfig(target_modules=["nope"]))
+
+
+def test_override_turns_lora_on():
+    from fleetrl.run.config import load_config
+
+    cfg = load_config("examples/grpo_tiny.yaml", ["learner.lora.r=8"])
+    assert cfg.learner.lora == LoraConfig(r=8)
