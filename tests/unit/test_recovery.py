@@ -95,13 +95,13 @@ class FakeActor:
         self.name, self.calls = name, []
         self.score = SimpleNamespace(remote=self._remote)
 
-    def _remote(self, prompts, completions, columns):
+    def _remote(self, prompts, completions, columns, raw_prompts=None):
         self.calls.append(prompts)
         return (self.name, len(self.calls))  # a hashable stand-in for an ObjectRef
 
 
 def _groups(n):
-    return [SimpleNamespace(prompt_index=i, row=SimpleNamespace(extra={"letter": "a"}),
+    return [SimpleNamespace(prompt_index=i, row=SimpleNamespace(extra={"letter": "a"}, prompt=f"p{i}"),
                             samples=[SimpleNamespace(prompt_text=f"p{i}", completion_text="aa", episode=None)])
             for i in range(n)]
 
