@@ -223,15 +223,16 @@ class Learner:
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.gathered_state_dict()
 
-    def save_hf(self, out_dir: str | os.PathLike) -> None:
-        self.engine.save_hf(out_dir)
+    def save_hf(self, out_dir: str | os.PathLike, storage_options: dict | None = None) -> None:
+        self.engine.save_hf(out_dir, storage_options)
 
     def save_checkpoint(self, ckpt_dir: str | os.PathLike, client_state: dict | None = None,
-                        tag: str | None = None) -> None:
-        self.engine.save_checkpoint(ckpt_dir, client_state, tag)
+                        tag: str | None = None, storage_options: dict | None = None) -> None:
+        self.engine.save_checkpoint(ckpt_dir, client_state, tag, storage_options)
 
-    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
-        return self.engine.load_checkpoint(ckpt_dir, tag)
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None,
+                        storage_options: dict | None = None) -> dict:
+        return self.engine.load_checkpoint(ckpt_dir, tag, storage_options)
 
 
 def PolicyLearner(cfg: LearnerConfig | dict, model_path: str | os.PathLike, *args: Any,  # noqa: N802
