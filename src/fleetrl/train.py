@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from fleetrl.run.config import (
@@ -16,7 +18,8 @@ from fleetrl.run.config import (
 )
 
 
-def train(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
+def train(cfg: RunConfig, config_path: str | Path | None = None) -> Path | str:
+    """Run it; returns the run directory (a Path, or the URI of a remote run.output_dir)."""
     if cfg.algorithm in PLANNED_ALGORITHMS:
         raise ConfigError(
             f"algorithm '{cfg.algorithm}' is not built yet in this version of fleetrl; "
@@ -25,7 +28,7 @@ def train(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
     from fleetrl.run.runtime import RunDir
 
     run_dir = RunDir(cfg, config_path)
-    with _log_to(run_dir.path / "train.log"):
+    with _log_to(run_dir.path / "train.log"), _graceful_sigterm(run_dir):
         if cfg.algorithm in OFFLINE_ALGORITHMS:
             from fleetrl.offline.loop import run_offline
 
@@ -33,6 +36,28 @@ def train(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
         from fleetrl.online.loop import run_online
 
         return run_online(cfg, run_dir)
+
+
+@contextlib.contextmanager
+def _graceful_sigterm(run_dir):
+    """SIGTERM to the driver = a graceful stop: the loop finishes its step, checkpoints and exits 0.
+    A second SIGTERM ends the process at once. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        if run_dir.stop_signal:
+            raise SystemExit(128 + signum)
+        run_dir.stop_signal = True
+        logging.getLogger("fleetrl").warning(
+            "SIGTERM: stopping after this step with a checkpoint (send it again to end now)")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Tee:

@@ -31,8 +31,8 @@ COMPLETE = "COMPLETE"
 STAGING_SUFFIX = ".tmp"
 _MANIFEST = ".manifest-rank-{}.json"
 _MANIFEST_RE = re.compile(r"^\.manifest-rank-(\d+)\.json$")
-# Leave this much on top of an estimate: file system metadata, the estimate's own error.
-FREE_SPACE_MARGIN = 1.1
+# Leave this fraction on top of an estimate: file system metadata, the estimate's own error.
+FREE_SPACE_MARGIN = 10  # percent
 
 
 class StorageError(RuntimeError):
@@ -205,7 +205,7 @@ def _fsync_dir(path: str) -> None:
 def check_free_space(storage: Storage, location: str, needed_bytes: int, what: str) -> None:
     """Raise StorageError if the file system of ``location`` has less than ``needed_bytes`` (x margin) free."""
     free = storage.free_bytes(location)
-    needed = int(needed_bytes * FREE_SPACE_MARGIN)
+    needed = needed_bytes + needed_bytes * FREE_SPACE_MARGIN // 100
     if free is not None and free < needed:
         raise StorageError(
             f"not enough free space for {what} at {location}: needs about {needed:,} bytes, "

@@ -462,8 +462,10 @@ def _tensors_only_load(path: str, map_location=None):
     except Exception as e:  # torch raises UnpicklingError (or RuntimeError) naming the global
         if "weights_only" not in str(e).lower() and "unsupported global" not in str(e).lower():
             raise
+        lines = str(e).splitlines()
+        why = next((ln.strip() for ln in lines if "global" in ln.lower() and "weights_only" not in ln), lines[-1])
         raise RuntimeError(
             f"{path}: refused to load (it holds objects other than tensors and plain data): "
-            f"{str(e).splitlines()[-1][:300]}. Resume only from checkpoints fleetrl wrote; if this one is "
+            f"{why[:300]}. Resume only from checkpoints fleetrl wrote; if this one is "
             "yours and a new DeepSpeed version stores a new class, add it to "
             "fleetrl.learner.engine._safe_checkpoint_globals") from None

@@ -185,6 +185,10 @@ def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> 
     except FileNotFoundError:
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; give the run directory (output_dir/name) "
                           "of an earlier fleetrl train") from None
+    except Exception as e:  # unreachable store, missing credentials
+        raise ConfigError(f"--resume {run_dir}: cannot read {saved}: {type(e).__name__}: {e}; credentials and "
+                          "endpoint come from the AWS environment variables or run.storage_options.* "
+                          "overrides") from None
     tree = yaml.safe_load(text) or {}
     run = tree.setdefault("run", {})
     run.update(output_dir=Storage.parent(run_dir), name=Storage.name(run_dir), resume=True)
