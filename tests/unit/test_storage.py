@@ -178,3 +178,22 @@ def test_resume_loads_only_tensors(tmp_path):
     torch.save({"w": torch.ones(2), "evil": _NotATensor()}, bad)
     with pytest.raises(RuntimeError, match=r"bad.pt: refused to load .*_NotATensor.*_safe_checkpoint_globals"):
         _tensors_only_load(str(bad))
+
+
+def test_kuberay_manifests_keep_outputs_off_the_pods():
+    """The RayJob writes to a bucket; head and learner pods (driver logs, checkpoint shards) get the
+    S3 credentials from one optional Secret, in both manifests."""
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[2] / "src" / "fleetrl" / "deploy" / "kuberay"
+    job = yaml.safe_load((deploy / "rayjob.yaml").read_text())
+    assert any(a.startswith("run.output_dir=s3://") for a in shlex.split(job["spec"]["entrypoint"]))
+    for spec in (job["spec"]["rayClusterSpec"], yaml.safe_load((deploy / "raycluster.yaml").read_text())["spec"]):
+        pods = [spec["headGroupSpec"]] + [g for g in spec["workerGroupSpecs"] if g["groupName"] == "learner"]
+        for group in pods:
+            (container,) = group["template"]["spec"]["containers"]
+            assert {"secretRef": {"name": "fleetrl-s3", "optional": True}} in container["envFrom"]
+    assert "persistentVolumeClaim" in (deploy / "raycluster.yaml").read_text()  # the shared-mount example
