@@ -197,3 +197,23 @@ def test_kuberay_manifests_keep_outputs_off_the_pods():
             (container,) = group["template"]["spec"]["containers"]
             assert {"secretRef": {"name": "fleetrl-s3", "optional": True}} in container["envFrom"]
     assert "persistentVolumeClaim" in (deploy / "raycluster.yaml").read_text()  # the shared-mount example
+
+
+def test_sigterm_asks_the_driver_for_a_graceful_stop_and_a_second_one_ends_it():
+    import os
+    import signal
+
+    from fleetrl.train import _graceful_sigterm
+
+    class Run:
+        stop_signal = False
+
+    run = Run()
+    with _graceful_sigterm(run):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert run.stop_signal
+        with pytest.raises(SystemExit) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):
+                pass
+        assert e.value.code == 128 + signal.SIGTERM
