@@ -28,14 +28,25 @@ def train(cfg: RunConfig, config_path: str | Path | None = None) -> Path | str:
     from fleetrl.run.runtime import RunDir
 
     run_dir = RunDir(cfg, config_path)
-    with _log_to(run_dir.path / "train.log"), _graceful_sigterm(run_dir):
-        if cfg.algorithm in OFFLINE_ALGORITHMS:
-            from fleetrl.offline.loop import run_offline
+    try:
+        with _log_to(run_dir.path / "train.log"), _graceful_sigterm(run_dir):
+            if cfg.algorithm in OFFLINE_ALGORITHMS:
+                from fleetrl.offline.loop import run_offline
 
-            return run_offline(cfg, run_dir)
-        from fleetrl.online.loop import run_online
+                return run_offline(cfg, run_dir)
+            from fleetrl.online.loop import run_online
 
-        return run_online(cfg, run_dir)
+            return run_online(cfg, run_dir)
+    finally:
+        _upload_logs(run_dir)
+
+
+def _upload_logs(run_dir) -> None:
+    """A remote run directory gets the driver's last log lines too, also after a failure."""
+    try:
+        run_dir.sync(force=True)
+    except Exception as e:  # never hide the run's own error behind an upload failure
+        logging.getLogger("fleetrl").warning("could not upload the logs to %s: %s", run_dir.uri, e)
 
 
 @contextlib.contextmanager
