@@ -21,7 +21,7 @@ import pytest
 from fleetrl import cli
 from fleetrl.core.storage import Storage
 from fleetrl.run.config import load_config
-from fleetrl.run.runtime import resume_config
+from fleetrl.run.runtime import RunDir, resume_config
 from fleetrl.train import train
 
 pytestmark = pytest.mark.e2e
@@ -39,12 +39,13 @@ def test_s3_run_dir_graceful_stop_and_resume(tmp_path, ray_local, s3_server, mon
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint_url"])
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("FLEETRL_SCRATCH", str(tmp_path / "scratch"))  # the driver's local log mirror
+    monkeypatch.setattr(RunDir, "STOP_POLL_S", 0.0)  # look for STOP every step (5 s apart by default)
     uri = "s3://fleetrl-e2e/runs/g"
     store = Storage(s3_server)
     options = [f"run.storage_options.{k}={v}" for k, v in s3_server.items() if k != "client_kwargs"]
     options.append("run.storage_options.client_kwargs.region_name=eu-west-1")
     small = ["rollout.num_workers=1", "rl.prompts_per_step=4", "rl.group_size=4", "learner.micro_batch_size=16",
-             "rollout.sampling.max_tokens=12", "rl.max_staleness=0", "run.keep_last=1", "run.checkpoint_every=2"]
+             "rollout.sampling.max_tokens=8", "rl.max_staleness=0", "run.keep_last=1", "run.checkpoint_every=2"]
     cfg = load_config(EXAMPLE, ["run.output_dir=s3://fleetrl-e2e/runs", "run.name=g", "run.steps=40",
                                 *options, *small])
 
@@ -79,11 +80,11 @@ def test_s3_run_dir_graceful_stop_and_resume(tmp_path, ray_local, s3_server, mon
     assert s3_server["secret"] not in saved and "<redacted>" in saved
     assert "stop requested" in store.read_text(f"{uri}/train.log")
 
-    # Resume by run directory: the saved config (secrets back as overrides), two more steps.
-    again = resume_config(uri, options + [f"run.steps={stopped_at + 2}"])
+    # Resume by run directory: the saved config (secrets back as overrides), one more step.
+    again = resume_config(uri, options + [f"run.steps={stopped_at + 1}"])
     assert train(again) == uri
     rows = [json.loads(line) for line in store.read_text(f"{uri}/metrics.jsonl").splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, stopped_at + 3))
-    assert [r["weight_version"] for r in rows] == list(range(1, stopped_at + 3))
-    assert store.listdir(f"{uri}/checkpoints") == [f"step-{stopped_at + 2:06d}"]
+    assert [r["step"] for r in rows] == list(range(1, stopped_at + 2))
+    assert [r["weight_version"] for r in rows] == list(range(1, stopped_at + 2))
+    assert store.listdir(f"{uri}/checkpoints") == [f"step-{stopped_at + 1:06d}"]
     assert f"resumed from {uri}/checkpoints/step-{stopped_at:06d}" in store.read_text(f"{uri}/train.log")
