@@ -48,3 +48,24 @@ def tiny_reward() -> Path:
     from fleetrl.testing.tiny import ensure_tiny_model
 
     return ensure_tiny_model("reward", seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on a free loopback port, for the session. Yields the
+    ``run.storage_options`` that reach it; make a bucket with ``s3fs.S3FileSystem(**options).mkdir``."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test-key-id", "secret": "test-secret-key",
+           "client_kwargs": {"region_name": "eu-west-1"}}
+    server.stop()

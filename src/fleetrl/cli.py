@@ -10,11 +10,22 @@ OVERRIDES_HELP = "dotted overrides applied after the file, e.g. learner.lr=1e-6 
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fleetrl.run.config import load_config
+    from fleetrl.run.config import ConfigError, load_config
     from fleetrl.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, config_path=args.config)
+    if args.resume:
+        from fleetrl.run.runtime import resume_config
+
+        given = ([args.config] if args.config else []) + args.overrides
+        if any("=" not in text for text in given):
+            raise ConfigError(f"train --resume {args.resume}: the run's saved config.yaml is used; give only "
+                              f"key=value overrides after it (got {[t for t in given if '=' not in t]})")
+        cfg, config_path = resume_config(args.resume, given), None
+    elif not args.config:
+        raise ConfigError("train needs a CONFIG file, or --resume RUN_DIR")
+    else:
+        cfg, config_path = load_config(args.config, args.overrides), args.config
+    run_dir = train(cfg, config_path=config_path)
     print(f"fleetrl: run finished; outputs in {run_dir}")
     return 0
 
@@ -91,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(run.output_dir/run.name) with config.yaml (resolved), metrics.jsonl (one JSON object per "
         "step, always with `step`), checkpoints/ and the final model as a Hugging Face directory.",
     )
-    t.add_argument("config", help="YAML run config (see examples/)")
+    t.add_argument("config", nargs="?", help="YAML run config (see examples/); not with --resume")
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR (a local path or s3:// URI) from its last complete "
+                   "checkpoint, with its saved config.yaml plus any overrides (secrets it shows as "
+                   "<redacted> must be given again as overrides)")
     t.set_defaults(func=_cmd_train)
 
     ck = sub.add_parser(

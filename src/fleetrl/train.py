@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from fleetrl.run.config import (
@@ -16,7 +18,8 @@ from fleetrl.run.config import (
 )
 
 
-def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = True) -> Path:
+def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = True) -> Path | str:
+    """Run it; returns the run directory (a Path, or the URI of a remote run.output_dir)."""
     if check:  # the checks of `fleetrl check`, before Ray or a run directory exist
         from fleetrl.run.check import check_run
 
@@ -29,14 +32,47 @@ def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = T
     from fleetrl.run.runtime import RunDir
 
     run_dir = RunDir(cfg, config_path)
-    with _log_to(run_dir.path / "train.log"):
-        if cfg.algorithm in OFFLINE_ALGORITHMS:
-            from fleetrl.offline.loop import run_offline
+    try:
+        with _log_to(run_dir.path / "train.log"), _graceful_sigterm(run_dir):
+            if cfg.algorithm in OFFLINE_ALGORITHMS:
+                from fleetrl.offline.loop import run_offline
 
-            return run_offline(cfg, run_dir)
-        from fleetrl.online.supervisor import run_supervised
+                return run_offline(cfg, run_dir)
+            from fleetrl.online.supervisor import run_supervised
 
-        return run_supervised(cfg, run_dir)
+            return run_supervised(cfg, run_dir)
+    finally:
+        _upload_logs(run_dir)
+
+
+def _upload_logs(run_dir) -> None:
+    """A remote run directory gets the driver's last log lines too, also after a failure."""
+    try:
+        run_dir.sync(force=True)
+    except Exception as e:  # never hide the run's own error behind an upload failure
+        logging.getLogger("fleetrl").warning("could not upload the logs to %s: %s", run_dir.uri, e)
+
+
+@contextlib.contextmanager
+def _graceful_sigterm(run_dir):
+    """SIGTERM to the driver = a graceful stop: the loop finishes its step, checkpoints and exits 0.
+    A second SIGTERM ends the process at once. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        if run_dir.stop_signal:
+            raise SystemExit(128 + signum)
+        run_dir.stop_signal = True
+        logging.getLogger("fleetrl").warning(
+            "SIGTERM: stopping after this step with a checkpoint (send it again to end now)")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Tee:

@@ -31,7 +31,7 @@ def test_example_loads_and_data_path_is_relative_to_the_file():
 
 def test_overrides_are_applied_and_parsed_as_yaml(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL),
-                      ["learner.lr=1e-6", "rollout.num_workers=4", "run.resume=true"])
+                      ["learner.lr=1e-6", "rollout.num_workers=4", "run.name=r", "run.resume=true"])
     assert cfg.learner.lr == pytest.approx(1e-6)
     assert cfg.rollout.num_workers == 4
     assert cfg.run.resume is True

@@ -4,11 +4,13 @@ with the training batches, KTO weight rule wiring, evaluation cadence, metrics, 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from fleetrl.core.storage import Storage, commit_rank_files, scratch_dir
 from fleetrl.data.rows import DataError
 from fleetrl.learner.offline import kto_mismatched_rows
 from fleetrl.offline.loop import OfflineRun
@@ -40,6 +42,7 @@ class FakeLearner:
         self.released = False
         self.batches: list[dict] = []
         self.log: list[str] = []
+        self.num_ranks = 1
 
     def sequence_logps(self, rows, which):
         self.log.append(f"logps:{which}")
@@ -72,18 +75,21 @@ class FakeLearner:
         self.log.append("release")
         self.released = True
 
-    def save_checkpoint(self, path, state):
-        Path(path).mkdir(parents=True, exist_ok=True)  # a crashed run may have left it half-written
-        (Path(path) / "state.json").write_text(json.dumps({**state, "fake_steps": self.steps}))
+    def save_checkpoint(self, path, state, storage_options=None):
+        # One rank's part of the durable protocol: write locally, then commit files + manifest.
+        scratch = scratch_dir(Storage(), path, 0)
+        (Path(scratch) / "state.json").write_text(json.dumps({**state, "fake_steps": self.steps}))
+        commit_rank_files(Storage(), scratch, path, 0)
 
-    def load_checkpoint(self, path):
+    def load_checkpoint(self, path, storage_options=None):
         state = json.loads((Path(path) / "state.json").read_text())
         self.steps = state["fake_steps"]
         return state
 
-    def save_hf(self, path):
-        Path(path).mkdir(parents=True)
-        (Path(path) / "config.json").write_text("{}")
+    def save_hf(self, path, storage_options=None):
+        scratch = scratch_dir(Storage(), path, 0)
+        (Path(scratch) / "config.json").write_text("{}")
+        commit_rank_files(Storage(), scratch, path, 0)
 
 
 def make_run(tmp_path, algorithm, data_rows, eval_rows=None, **sections):
@@ -203,8 +209,7 @@ def test_resume_continues_from_the_last_complete_checkpoint(tmp_path):
     run.run(FakeLearner("dpo"))
     ckpts = run.run_dir.path / "checkpoints"
     (ckpts / "step-000004" / "COMPLETE").unlink()  # as if the run died while writing step 4
-    (run.run_dir.path / "final_model" / "config.json").unlink()
-    (run.run_dir.path / "final_model").rmdir()
+    shutil.rmtree(run.run_dir.path / "final_model")
     tree = run.cfg.model_dump(mode="json")
     tree["run"]["resume"] = True
     cfg = config_from_dict(tree)

@@ -137,8 +137,41 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return 130
 
 
+def cmd_graceful_stop(args: argparse.Namespace) -> int:
+    """Write the run directory's STOP file; the run finishes its step, checkpoints, writes its final
+    model and exits 0. --wait: until it has (the run removes the file)."""
+    import time
+
+    from fleetrl.core.storage import Storage
+    from fleetrl.run.runtime import request_graceful_stop
+
+    try:
+        where = request_graceful_stop(args.job_id)
+    except (FileNotFoundError, RuntimeError, OSError) as e:
+        return _fail(e)
+    print(f"fleetrl: asked the run in {args.job_id} to stop after its current step, with a checkpoint "
+          f"({where})", flush=True)
+    if not args.wait:
+        return 0
+    timeout = 900.0 if args.timeout is None else args.timeout
+    deadline, store = time.monotonic() + timeout, Storage()
+    while store.exists(where):
+        if time.monotonic() > deadline:
+            print(f"fleetrl: the run has not stopped within {timeout:.0f}s (is it running? it looks for {where} "
+                  "between steps)", file=sys.stderr)
+            return 1
+        time.sleep(2.0)
+    print(f"fleetrl: the run in {args.job_id} stopped with a checkpoint")
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from fleetrl.deploy import jobs
+
+    if args.graceful:
+        return cmd_graceful_stop(args)
+    if args.timeout is None:
+        args.timeout = 60.0
 
     try:
         was_running = jobs.stop(args.job_id, address=args.address)
@@ -238,13 +271,19 @@ def add_deploy_commands(sub) -> None:
     lg.set_defaults(func=cmd_logs)
 
     sp = sub.add_parser(
-        "stop", help="stop a running job",
-        description="Stop a Ray job: its driver gets SIGTERM, then SIGKILL; the actors it started go with it.",
+        "stop", help="stop a running job (--graceful: a run, after its step, with a checkpoint)",
+        description="Stop a Ray job: its driver gets SIGTERM, then SIGKILL a few seconds later "
+        "(RAY_JOB_STOP_WAIT_TIME_S); the actors it started go with it. With --graceful, give the run's "
+        "directory instead (output_dir/name: a local or shared path, or an s3:// URI): the run finishes "
+        "its current step, writes a checkpoint and its final model, and exits 0 (`fleetrl train --resume "
+        "RUN_DIR` continues it). A local run also stops this way on SIGTERM (kill PID).",
     )
-    sp.add_argument("job_id", metavar="JOB_ID", help="the job id")
-    sp.add_argument("--wait", action="store_true", help="wait until the job has stopped")
-    sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                    help="with --wait, how long to wait (default 60)")
+    sp.add_argument("job_id", metavar="JOB_ID|RUN_DIR", help="the job id; with --graceful, the run directory")
+    sp.add_argument("--graceful", action="store_true",
+                    help="ask the run in RUN_DIR to finish its step, checkpoint and exit (writes RUN_DIR/STOP)")
+    sp.add_argument("--wait", action="store_true", help="wait until the job (or run) has stopped")
+    sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="with --wait, how long to wait (default 60; 900 with --graceful)")
     _address(sp)
     sp.set_defaults(func=cmd_stop)
 

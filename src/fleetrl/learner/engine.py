@@ -18,7 +18,6 @@ import importlib.util
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -408,36 +407,112 @@ class Engine:
 
     # ------------------------------------------------------------------ saving
 
-    def save_hf(self, out_dir: str | os.PathLike) -> None:
-        """A transformers/vLLM-loadable copy (safetensors + config + tokenizer), written by rank 0."""
+    def _num_params(self) -> int:
+        return sum(int(torch.Size(_shape(p)).numel()) for p in self._params().values())
+
+    def _check_space(self, where: str, storage, hf: bool) -> None:
+        """Fail before writing when the disk cannot hold this rank's part (an estimate: weights in
+        the training dtype; a checkpoint adds fp32 master weights and two Adam moments, split over
+        ranks under ZeRO)."""
+        from fleetrl.core.storage import check_free_space
+
+        n = self._num_params()
+        weights = n * self.dtype.itemsize if self.rank == 0 else 0
+        optim = 0 if hf else n * 12 // (self.world_size if self.cfg.zero_stage >= 1 else 1)
+        what = f"{'the final model' if hf else 'a checkpoint'} (learner rank {self.rank})"
+        check_free_space(storage, where, weights + optim, what)
+
+    def save_hf(self, out_dir: str | os.PathLike, storage_options: dict | None = None) -> None:
+        """A transformers/vLLM-loadable copy (safetensors + config + tokenizer), written by rank 0
+        into `out_dir` (a local path or URI: the staging location of storage.begin) with its manifest."""
         from transformers import AutoTokenizer
+
+        from fleetrl.core.storage import Storage, commit_rank_files, scratch_dir
 
         state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else None
         if self.rank == 0:
-            out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
+            storage = Storage(storage_options)
+            scratch = scratch_dir(storage, str(out_dir), 0)
+            self._check_space(scratch, storage, hf=True)
             # With LoRA the module is a PeftModel: this writes the adapter in PEFT's format, and
             # adapter_config.json names the base model (`fleetrl export --merged` merges the two).
-            self.engine.module.save_pretrained(out, state_dict=state)
-            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out)
+            self.engine.module.save_pretrained(scratch, state_dict=state)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(scratch)
+            commit_rank_files(storage, scratch, str(out_dir), 0)
         self.barrier()
 
     def save_checkpoint(self, ckpt_dir: str | os.PathLike, client_state: dict | None = None,
-                        tag: str | None = None) -> None:
-        """DeepSpeed checkpoint (weights, optimizer, LR schedule) for resuming; every rank calls it."""
+                        tag: str | None = None, storage_options: dict | None = None) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, LR schedule) for resuming; every rank calls it.
+
+        Each rank writes to a local scratch dir, then moves/uploads its files into `ckpt_dir` (a
+        local path or URI: the staging location of storage.begin) and writes its manifest last; the
+        driver verifies every rank's manifest before it publishes the checkpoint."""
+        from fleetrl.core.storage import Storage, commit_rank_files, scratch_dir
+
+        storage = Storage(storage_options)
+        scratch = scratch_dir(storage, str(ckpt_dir), self.rank)
+        self._check_space(scratch, storage, hf=False)
         # Under one key: DeepSpeed hands back its own bookkeeping mixed into the client state.
         # With LoRA the frozen base is not saved: resume reloads it from the model path.
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag,
-                                    client_state={_CLIENT_KEY: dict(client_state or {})},
+        self.engine.save_checkpoint(scratch, tag=tag, client_state={_CLIENT_KEY: dict(client_state or {})},
                                     exclude_frozen_parameters=self.lora is not None)
+        self.barrier()  # DeepSpeed's own writes are done on every rank before files move
+        commit_rank_files(storage, scratch, str(ckpt_dir), self.rank)
 
-    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
-        """Restore a save_checkpoint; returns its client_state."""
-        path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag,
-                                                         load_module_strict=self.lora is None)
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None,
+                        storage_options: dict | None = None) -> dict:
+        """Restore a save_checkpoint (local path or URI); returns its client_state. Files are read
+        with torch.load(weights_only=True): tensors and plain data only, plus SAFE_CHECKPOINT_GLOBALS."""
+        import shutil
+        import tempfile
+
+        from fleetrl.core.storage import Storage, is_remote
+
+        local, tmp = str(ckpt_dir), None
+        if is_remote(local):
+            tmp = tempfile.mkdtemp(prefix=f"fleetrl-load-rank{self.rank}-", dir=os.environ.get("FLEETRL_SCRATCH"))
+            Storage(storage_options).download_tree(str(ckpt_dir), tmp)
+            local = tmp
+        ckpt_engine = self.engine.checkpoint_engine
+        unsafe_load = ckpt_engine.load
+        ckpt_engine.load = _tensors_only_load
+        try:
+            path, client_state = self.engine.load_checkpoint(local, tag=tag, load_module_strict=self.lora is None)
+        finally:
+            ckpt_engine.load = unsafe_load
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         if path is None:
             raise FileNotFoundError(
                 f"no DeepSpeed checkpoint in {ckpt_dir} (no 'latest' file or tag {tag!r}): "
                 "point resume at a directory written by save_checkpoint"
             )
         return dict((client_state or {}).get(_CLIENT_KEY, {}))
+
+
+def _safe_checkpoint_globals() -> list:
+    """DeepSpeed's own small data classes inside its optimizer-state files (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2/3 checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _tensors_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint-engine `load` with weights_only=True (its own passes False)."""
+    try:
+        with torch.serialization.safe_globals(_safe_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (or RuntimeError) naming the global
+        if "weights_only" not in str(e).lower() and "unsupported global" not in str(e).lower():
+            raise
+        lines = str(e).splitlines()
+        why = next((ln.strip() for ln in lines if "global" in ln.lower() and "weights_only" not in ln), lines[-1])
+        raise RuntimeError(
+            f"{path}: refused to load (it holds objects other than tensors and plain data): "
+            f"{why[:300]}. Resume only from checkpoints fleetrl wrote; if this one is "
+            "yours and a new DeepSpeed version stores a new class, add it to "
+            "fleetrl.learner.engine._safe_checkpoint_globals") from None

@@ -283,15 +283,18 @@ class LearnerGroup:
         """Each rank's `Engine.memory()` (parameter, trainable and optimizer-state bytes)."""
         return self._gather(self._call_all("memory"))
 
-    def save_hf(self, out_dir: str | os.PathLike) -> None:
-        self._gather(self._call_all("save_hf", str(out_dir)))
+    def save_hf(self, out_dir: str | os.PathLike, storage_options: dict | None = None) -> None:
+        """Rank 0 writes the model and its manifest into `out_dir` (local path or URI)."""
+        self._gather(self._call_all("save_hf", str(out_dir), storage_options))
 
-    def save_checkpoint(self, ckpt_dir: str | os.PathLike, client_state: dict | None = None) -> None:
-        """Every rank writes its shard: `ckpt_dir` must be on storage all learner nodes share."""
-        self._gather(self._call_all("save_checkpoint", str(ckpt_dir), client_state))
+    def save_checkpoint(self, ckpt_dir: str | os.PathLike, client_state: dict | None = None,
+                        storage_options: dict | None = None) -> None:
+        """Every rank writes its shard locally, then moves/uploads it into `ckpt_dir` (a shared path or
+        URI) with its manifest; fleetrl.core.storage.verify_complete checks them all."""
+        self._gather(self._call_all("save_checkpoint", str(ckpt_dir), client_state, None, storage_options))
 
-    def load_checkpoint(self, ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-        return self._gather(self._call_all("load_checkpoint", str(ckpt_dir)))[0]
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike, storage_options: dict | None = None) -> dict[str, Any]:
+        return self._gather(self._call_all("load_checkpoint", str(ckpt_dir), None, storage_options))[0]
 
     def shutdown(self) -> None:
         import ray

@@ -227,17 +227,19 @@ class Learner:
     def memory(self) -> dict[str, int]:
         return self.engine.memory()
 
-    def save_hf(self, out_dir: str | os.PathLike) -> None:
-        self.engine.save_hf(out_dir)
+    def save_hf(self, out_dir: str | os.PathLike, storage_options: dict | None = None) -> None:
+        self.engine.save_hf(out_dir, storage_options)
 
     def save_checkpoint(self, ckpt_dir: str | os.PathLike, client_state: dict | None = None,
-                        tag: str | None = None) -> None:
+                        tag: str | None = None, storage_options: dict | None = None) -> None:
         # The rank's torch RNG goes with it (exact resume). DeepSpeed keeps rank 0's client state,
         # so every rank resumes with rank 0's generator.
-        self.engine.save_checkpoint(ckpt_dir, {**(client_state or {}), _RNG_KEY: torch.get_rng_state()}, tag)
+        self.engine.save_checkpoint(ckpt_dir, {**(client_state or {}), _RNG_KEY: torch.get_rng_state()}, tag,
+                                    storage_options)
 
-    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict:
-        state = self.engine.load_checkpoint(ckpt_dir, tag)
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike, tag: str | None = None,
+                        storage_options: dict | None = None) -> dict:
+        state = self.engine.load_checkpoint(ckpt_dir, tag, storage_options)
         if _RNG_KEY in state:
             torch.set_rng_state(state.pop(_RNG_KEY))
         return state

@@ -345,7 +345,7 @@ class OfflineRun:
         sched = self.schedule
         start_step = 0
         if cfg.run.resume and (ckpt := run_dir.latest_checkpoint()) is not None:
-            start_step = int(learner.load_checkpoint(str(ckpt))["step"])
+            start_step = int(learner.load_checkpoint(ckpt, cfg.run.storage_options)["step"])
             run_dir.truncate_logs(start_step)  # rows of steps after the checkpoint are redone
             print(f"fleetrl: resumed from {ckpt} at step {start_step}", flush=True)
         if cfg.paper_defaults_applied:
@@ -390,20 +390,31 @@ class OfflineRun:
                 row.update(self.evaluate(learner, done))
             if not math.isfinite(stats["loss"]):
                 log.warning("step %d: the training loss is not finite (%s)", done, stats["loss"])
-            if (cfg.run.save_every and done % cfg.run.save_every == 0) or last:
-                ckpt = run_dir.checkpoint_dir(done)
-                learner.save_checkpoint(str(ckpt), {"step": done})
-                (ckpt / "COMPLETE").write_text(f"step {done}\n")  # resume trusts only finished checkpoints
+            stop = not last and run_dir.stop_requested()
+            if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or last or stop:
+                # Durable (core/storage.py): staged, every rank's files verified, COMPLETE last.
+                final_ckpt = run_dir.checkpoint_dir(done)
+                staging = run_dir.begin_output(final_ckpt)
+                learner.save_checkpoint(staging, {"step": done}, cfg.run.storage_options)
+                run_dir.finish_output(staging, final_ckpt, learner.num_ranks, f"step {done}\n")
             row["time/step"] = time.perf_counter() - t0
             metrics.write(row)
             if ray_metrics is not None:
                 ray_metrics.export(row)
             progress.update(done, row)
-        final = run_dir.path / "final_model"
-        learner.save_hf(str(final))
+            run_dir.sync()
+            if stop:
+                print(f"fleetrl: stop requested; ended after step {done} with a checkpoint", flush=True)
+                run_dir.clear_stop()
+                break
+        final = run_dir.storage.join(run_dir.uri, "final_model")
+        staging = run_dir.begin_output(final)
+        learner.save_hf(staging, cfg.run.storage_options)
+        run_dir.finish_output(staging, final, 1, "final model\n")
         metrics.close()
+        run_dir.sync(force=True)
         print(f"fleetrl: final model (Hugging Face format) in {final}", flush=True)
-        return run_dir.path
+        return run_dir.location
 
 
 def place_token_values(values: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from fleetrl.run.runtime import RunDir, connect_ray, load_tokenizer, pick_backen
 log = logging.getLogger("fleetrl")
 
 
-def run_online(cfg: RunConfig, run_dir: RunDir, restarts: int = 0) -> Path:
+def run_online(cfg: RunConfig, run_dir: RunDir, restarts: int = 0) -> Path | str:
     """One online run; ``restarts``: how many times the supervisor (online/supervisor.py) has
     started it again so far (``run/restarts`` in the metrics)."""
     connect_ray(cfg.ray)
@@ -74,7 +74,7 @@ def _startup_metrics(services: Services, since_services_s: float) -> dict[str, f
 
 
 def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, stream: PromptStream,
-           backend: str, t0: float, eval_rows=(), restarts: int = 0) -> Path:
+           backend: str, t0: float, eval_rows=(), restarts: int = 0) -> Path | str:
     fleet, learner, critic, control = services.fleet, services.learner, services.critic, services.control
     sync = WeightSync(learner, fleet, backend)
     collector = GroupCollector(cfg, fleet, services.reward_actors, stream, tokenizer,
@@ -93,8 +93,9 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     for step in range(start_step, cfg.run.steps):
         # Between steps: apply `fleetrl scale` requests, replace workers that died, honour a stop.
         target, stop = ray.get(control.poll.remote())
-        if stop and step > start_step:
-            print(f"fleetrl: stop requested; ending after step {step}", flush=True)
+        if (stop or run_dir.stop_requested()) and step > start_step:
+            print(f"fleetrl: stop requested; ending after step {step} with a checkpoint", flush=True)
+            run_dir.clear_stop()
             break
         resize_fleet(fleet, sync, collector, target)
         control.report.remote(step=step, rollout_workers=fleet.num_workers, weight_version=sync.version)
@@ -141,19 +142,20 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
                **recovery_metrics(collector, restarts)}
         run_log.step(step, row, samples, rstats)
         steps_done = step + 1
-        if cfg.run.save_every and steps_done % cfg.run.save_every == 0:
+        if cfg.run.checkpoint_every and steps_done % cfg.run.checkpoint_every == 0:
             save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, advantages.kl_ctl,
                             extra=exact_resume_state(services))
+        run_dir.sync()
     if run_dir.latest_checkpoint() != run_dir.checkpoint_dir(steps_done):
         save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, advantages.kl_ctl,
                         extra=exact_resume_state(services))
-    final = run_dir.path / "final_model"
-    learner.save_hf(str(final))
+    final = save_final_model(learner, run_dir, "final_model")
     if critic is not None:
-        critic.save_hf(str(run_dir.path / "final_critic"))  # critic.model_path can start a later run from it
+        save_final_model(critic, run_dir, "final_critic")  # critic.model_path can start a later run from it
     run_log.close()
+    run_dir.sync(force=True)
     print(f"fleetrl: final model (Hugging Face format) in {final}", flush=True)
-    return run_dir.path
+    return run_dir.location
 
 
 def _evaluator(cfg: RunConfig, services: Services, eval_rows, tokenizer) -> HeldOutEval | None:
@@ -175,9 +177,10 @@ def _resume(cfg: RunConfig, run_dir: RunDir, learner: LearnerGroup, critic: Crit
     if (ckpt := run_dir.latest_checkpoint()) is None:
         run_dir.truncate_logs(0)  # a restart before the first checkpoint redoes every step
         return 0
-    state = learner.load_checkpoint(str(ckpt))
+    options = cfg.run.storage_options
+    state = learner.load_checkpoint(ckpt, options)
     if critic is not None:
-        critic.load_checkpoint(str(ckpt / "critic"))
+        critic.load_checkpoint(run_dir.storage.join(ckpt, "critic"), options)
     if advantages.kl_ctl is not None and "kl_coef" in state:
         advantages.kl_ctl.value = float(state["kl_coef"])
     collector.load_state_dict(state["collector"])
@@ -273,18 +276,34 @@ class _RunLog:
 def save_checkpoint(learner: LearnerGroup, run_dir: RunDir, step: int, version: int,
                     collector: GroupCollector, critic: CriticGroup | None = None, kl_ctl=None,
                     extra: dict | None = None) -> None:
-    """``extra``: more client state (exact_resume_state: RNG states, reward stats, fleet size)."""
-    ckpt = run_dir.checkpoint_dir(step)
+    """A durable checkpoint (core/storage.py): ranks write to a staging location, the driver verifies
+    every rank's files, publishes it with COMPLETE last, and deletes what run.keep_last drops.
+    ``extra``: more client state (exact_resume_state: RNG states, reward stats, fleet size)."""
+    final = run_dir.checkpoint_dir(step)
+    staging = run_dir.begin_output(final)
+    options = run_dir.storage.options
     state = {"step": step, "weight_version": version, "collector": collector.state_dict(), **(extra or {})}
     if kl_ctl is not None:
         state["kl_coef"] = kl_ctl.value
-    learner.save_checkpoint(str(ckpt), state)
+    learner.save_checkpoint(staging, state, options)
+    ranks = {"": learner.num_ranks}
     if critic is not None:
-        critic.save_checkpoint(str(ckpt / "critic"))
+        critic.save_checkpoint(run_dir.storage.join(staging, "critic"), None, options)
+        ranks["critic"] = critic.num_ranks
     # The same collector state, readable: the prompts started but not trained at this step (they are
     # generated again on resume), the data cursor, the admission count.
-    (ckpt / "collector.json").write_text(json.dumps(state["collector"], indent=1) + "\n")
-    (ckpt / "COMPLETE").write_text(f"step {step}\n")  # resume trusts only finished checkpoints
+    run_dir.storage.write_text(run_dir.storage.join(staging, "collector.json"),
+                               json.dumps(state["collector"], indent=1) + "\n")
+    run_dir.finish_output(staging, final, ranks, f"step {step}\n")
+
+
+def save_final_model(learner, run_dir: RunDir, name: str) -> str:
+    """``run_dir/name`` in Hugging Face format, written by rank 0, verified and published like a checkpoint."""
+    final = run_dir.storage.join(run_dir.uri, name)
+    staging = run_dir.begin_output(final)
+    learner.save_hf(staging, run_dir.storage.options)
+    run_dir.finish_output(staging, final, 1, "final model\n")
+    return final
 
 
 def _episode_record(smp) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, model_validator
 
 # Importing the package (not .registry) registers every algorithm file.
 from fleetrl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, OnlineAlgorithm
@@ -65,14 +65,23 @@ class ModelConfig(StrictModel):
 
 
 class RunSection(StrictModel):
+    # A local path (on a cluster: a mount every node shares) or an object-store URI (s3://bucket/prefix,
+    # S3 and compatible through s3fs). Checkpoints, logs and the final model go there from every node.
     output_dir: str = "runs"
+    # fsspec/s3fs options for output_dir (endpoint_url, key, secret, client_kwargs, ...); default: the
+    # usual AWS environment variables. Secret values are redacted wherever the config is shown or saved.
+    storage_options: dict[str, Any] = {}
     name: str | None = None  # default: <algorithm>-<timestamp>
     seed: int = 0
     # Online: training iterations (rollout batch -> update -> weight sync), 100 when unset.
     # Offline: optimizer steps, overriding offline.epochs when set.
     steps: int | None = Field(None, ge=1, description="training iterations / optimizer steps")
-    save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
-    resume: bool = False  # continue the run in output_dir/name from its last checkpoint
+    # On by default: a long run that dies loses at most this many steps. `save_every` is the old name.
+    checkpoint_every: int = Field(50, ge=0, validation_alias=AliasChoices("checkpoint_every", "save_every"),
+                                  description="checkpoint every N steps (and at the end); 0 = only at the end")
+    # Complete checkpoints kept; an older one is deleted only once a newer one is complete. 0 = keep all.
+    keep_last: int = Field(2, ge=0)
+    resume: bool = False  # continue the run in output_dir/name from its last checkpoint (needs run.name)
     # Online: a fault the loop cannot absorb (a dead learner rank, a sync that timed out) restarts the
     # services from the last complete checkpoint, at most this many times (online/supervisor.py).
     max_restarts: int = Field(3, ge=0, description="automatic restarts from the last checkpoint")
@@ -81,6 +90,13 @@ class RunSection(StrictModel):
     tensorboard: bool = True  # event files in <run dir>/tensorboard
     # Weights & Biases: keyword arguments of wandb.init (project, entity, ...); needs fleetrl[wandb].
     wandb: dict | None = None
+
+    @model_validator(mode="after")
+    def _resume_needs_a_name(self) -> RunSection:
+        if self.resume and not self.name:
+            raise ValueError("run.resume=true needs run.name (the run directory output_dir/name to continue); "
+                             "or resume by directory: fleetrl train --resume RUN_DIR")
+        return self
 
 
 class RLConfig(StrictModel):

@@ -4,44 +4,89 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
+from fleetrl.core import storage
+from fleetrl.core.storage import Storage, StorageError, is_remote
 from fleetrl.run.config import RayConfig, RunConfig, dump_config, redacted_config
 
 
 class RunDir:
-    """``run.output_dir/run.name``: config.yaml, metrics.jsonl, checkpoints/, final_model/."""
+    """``run.output_dir/run.name``: config.yaml, metrics.jsonl, samples.jsonl, train.log, checkpoints/,
+    final_model/. ``uri`` is where they live (a local/shared path or an s3:// URI); ``path`` is the
+    driver's local directory for the files it appends to (the run directory itself when local, a
+    mirror under FLEETRL_SCRATCH or the temp dir when remote, uploaded by ``sync``)."""
+
+    STOP_FILE = "STOP"  # `fleetrl stop --graceful RUN_DIR` writes it; the loop ends after its step
+    SYNC_EVERY_S = 30.0  # remote run dirs: logs uploaded at most this often (and at checkpoints, the end)
+    STOP_POLL_S = 5.0  # remote run dirs: the stop file is looked for at most this often
 
     def __init__(self, cfg: RunConfig, config_path: str | Path | None = None):
         name = cfg.run.name or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.path = Path(cfg.run.output_dir) / name
+        self.storage = Storage(cfg.run.storage_options)
+        root = cfg.run.output_dir if is_remote(cfg.run.output_dir) else os.path.abspath(cfg.run.output_dir)
+        self.uri = self.storage.join(root, name)
+        self.remote = is_remote(self.uri)
+        self.keep_last = cfg.run.keep_last
         self.config_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
-        from fleetrl.run.check import holds_run
+        from fleetrl.run.check import RUN_FILES
 
-        # A start that failed before step 1 left only config.yaml/train.log: reuse it, no resume needed.
-        if not cfg.run.resume and holds_run(self.path):
+        try:
+            # A start that failed before step 1 left only config.yaml/train.log: reuse it, no resume needed.
+            existing = [n for n in self.storage.listdir(self.uri) if n != self.STOP_FILE and n not in RUN_FILES]
+        except Exception as e:  # unreachable store, bad credentials, no such bucket
+            raise StorageError(f"run.output_dir {cfg.run.output_dir}: cannot list {self.uri}: "
+                               f"{type(e).__name__}: {e}") from None
+        if existing and not cfg.run.resume:
             raise FileExistsError(
-                f"run directory {self.path} already holds a run; set run.resume=true to continue it, "
-                f"or choose another run.name"
+                f"run directory {self.uri} already holds a run; set run.resume=true to continue it "
+                f"(or: fleetrl train --resume {self.uri}), or choose another run.name"
             )
-        self.path.mkdir(parents=True, exist_ok=True)
-        # Secrets redacted; a resume reads the user's file + overrides, never this copy.
-        (self.path / "config.yaml").write_text(dump_config(cfg))
+        if self.remote:
+            self.path = Path(os.environ.get("FLEETRL_SCRATCH") or tempfile.gettempdir()) / "fleetrl-runs" / name
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True)
+            if cfg.run.resume:  # the logs to continue (truncate_logs trims them to the checkpoint)
+                for log_name in ("metrics.jsonl", "samples.jsonl", "train.log"):
+                    if log_name in existing:
+                        (self.path / log_name).write_text(self.storage.read_text(self.storage.join(self.uri, log_name)))
+        else:
+            self.path = Path(self.uri)
+            self.path.mkdir(parents=True, exist_ok=True)
+        # Secrets redacted; a resume by directory reads this copy (secrets come back as overrides).
+        self.storage.write_text(self.storage.join(self.uri, "config.yaml"), dump_config(cfg))
         # Actor names are global in a Ray namespace: prefix them so two runs can share a cluster.
         self.actor_prefix = re.sub(r"[^A-Za-z0-9_.-]", "-", name) + "/"
+        self.stop_signal = False  # set by the driver's SIGTERM handler (train.py)
+        self._last_sync = self._last_stop_poll = 0.0
+
+    @property
+    def location(self) -> Path | str:
+        """What to tell the user: the local run directory, or the URI."""
+        return self.uri if self.remote else self.path
 
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
     def truncate_logs(self, step: int) -> None:
-        """On resume: drop log rows of steps after the checkpoint, which the run will redo."""
+        """On resume: drop log rows of steps after the checkpoint, which the run will redo (and a
+        torn last line left by a kill)."""
         import json
 
         for path in (self.metrics_path, self.path / "samples.jsonl"):
             if path.exists():
-                keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+                keep = []
+                for line in path.read_text().splitlines():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if row["step"] <= step:
+                        keep.append(line)
                 path.write_text("".join(line + "\n" for line in keep))
 
     def metrics_writer(self, cfg: RunConfig, append: bool):
@@ -53,13 +98,104 @@ class RunDir:
                              tensorboard_dir=self.path / "tensorboard" if cfg.run.tensorboard else None,
                              wandb=wandb)
 
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.path / "checkpoints" / f"step-{step:06d}"
+    def sync(self, force: bool = False) -> None:
+        """Remote run dir: upload the driver's logs (whole files; at most every SYNC_EVERY_S unless forced)."""
+        if not self.remote or (not force and time.monotonic() - self._last_sync < self.SYNC_EVERY_S):
+            return
+        self._last_sync = time.monotonic()
+        for local in sorted(self.path.rglob("*")):
+            if local.is_file():
+                rel = local.relative_to(self.path).as_posix()
+                self.storage.upload_file(str(local), self.storage.join(self.uri, *rel.split("/")))
 
-    def latest_checkpoint(self) -> Path | None:
-        root = self.path / "checkpoints"
-        done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").exists()) if root.exists() else []
+    # ------------------------------------------------------------------ checkpoints and final models
+
+    @property
+    def checkpoints_root(self) -> str:
+        return self.storage.join(self.uri, "checkpoints")
+
+    def checkpoint_dir(self, step: int) -> str:
+        return self.storage.join(self.checkpoints_root, f"step-{step:06d}")
+
+    def latest_checkpoint(self) -> str | None:
+        """The newest COMPLETE checkpoint (a torn or unverified one is never used)."""
+        done = storage.complete_checkpoints(self.storage, self.checkpoints_root)
         return done[-1] if done else None
+
+    def begin_output(self, final: str) -> str:
+        """Staging location for a checkpoint or model directory ``final`` (leftovers of a crash cleared)."""
+        return storage.begin(self.storage, final)
+
+    def finish_output(self, staging: str, final: str, num_ranks: int | dict[str, int], note: str) -> None:
+        """Verify every writer committed (``num_ranks``: ranks at the top, or {subdir: ranks}), then
+        publish; for checkpoints, delete what ``run.keep_last`` no longer keeps."""
+        parts = num_ranks if isinstance(num_ranks, dict) else {"": num_ranks}
+        for sub, n in parts.items():
+            where = self.storage.join(staging, sub) if sub else staging
+            storage.verify_complete(self.storage, where, n, f"{Storage.name(final)}{'/' + sub if sub else ''}")
+        storage.publish(self.storage, staging, final, note)
+        if Storage.parent(final) == self.checkpoints_root:
+            storage.prune(self.storage, self.checkpoints_root, self.keep_last)
+        self.sync(force=True)
+
+    # ------------------------------------------------------------------ graceful stop
+
+    def stop_requested(self) -> bool:
+        """SIGTERM to the driver, or a STOP file in the run directory (`fleetrl stop --graceful`)."""
+        if self.stop_signal:
+            return True
+        if self.remote and time.monotonic() - self._last_stop_poll < self.STOP_POLL_S:
+            return False
+        self._last_stop_poll = time.monotonic()
+        return self.storage.exists(self.storage.join(self.uri, self.STOP_FILE))
+
+    def clear_stop(self) -> None:
+        """The stop was honoured: remove the request (so a resumed run does not stop at once)."""
+        self.storage.remove(self.storage.join(self.uri, self.STOP_FILE))
+
+
+def request_graceful_stop(run_dir: str, storage_options: dict | None = None) -> str:
+    """Write the STOP file into an existing run directory (local path or URI); returns its location."""
+    store = Storage(storage_options)
+    if not is_remote(run_dir):
+        run_dir = os.path.abspath(run_dir)
+    if not store.exists(store.join(run_dir, "config.yaml")):
+        raise FileNotFoundError(f"{run_dir} is not a fleetrl run directory (no config.yaml); give the "
+                                "directory the run writes, output_dir/name")
+    where = store.join(run_dir, RunDir.STOP_FILE)
+    store.write_text(where, f"stop requested at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    return where
+
+
+def resume_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The config of the run in ``run_dir`` (its saved config.yaml) with ``overrides`` on top, set to
+    continue that run. Redacted secrets must come back as overrides; ``run.storage_options.*``
+    overrides also serve to read the directory itself."""
+    import yaml
+
+    from fleetrl.run.config import ConfigError, config_from_dict, parse_override
+
+    options: dict = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[:2] == ["run", "storage_options"] and len(keys) == 3:
+            options[keys[2]] = value
+    store = Storage(options)
+    run_dir = run_dir.rstrip("/") if is_remote(run_dir) else os.path.abspath(run_dir)
+    saved = store.join(run_dir, "config.yaml")
+    try:
+        text = store.read_text(saved)
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; give the run directory (output_dir/name) "
+                          "of an earlier fleetrl train") from None
+    except Exception as e:  # unreachable store, missing credentials
+        raise ConfigError(f"--resume {run_dir}: cannot read {saved}: {type(e).__name__}: {e}; credentials and "
+                          "endpoint come from the AWS environment variables or run.storage_options.* "
+                          "overrides") from None
+    tree = yaml.safe_load(text) or {}
+    run = tree.setdefault("run", {})
+    run.update(output_dir=Storage.parent(run_dir), name=Storage.name(run_dir), resume=True)
+    return config_from_dict(tree, overrides, source=saved)
 
 
 def connect_ray(cfg: RayConfig) -> None:
