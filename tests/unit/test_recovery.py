@@ -23,6 +23,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml"
 
 class FakeRunDir:
     actor_prefix = "unit-test-run/"
+    name = "x"
 
     def __init__(self, ckpt=None):
         self.ckpt = ckpt
@@ -35,7 +36,7 @@ def flaky_run(failures: list[BaseException]):
     calls = []
 
     def run(cfg, run_dir, restarts=0):
-        calls.append((restarts, cfg.run.resume))
+        calls.append((restarts, cfg.run.resume, cfg.run.name if cfg.run.resume else None))
         if failures:
             raise failures.pop(0)
         return Path("/done")
@@ -47,7 +48,9 @@ def test_supervisor_restarts_from_the_last_checkpoint_and_counts(caplog):
     run, calls = flaky_run([RuntimeError("learner rank 1 died"), TimeoutError("weight sync late")])
     with caplog.at_level(logging.ERROR, logger="fleetrl"):
         assert run_supervised(cfg, FakeRunDir(Path("/runs/x/checkpoints/step-000004")), run) == Path("/done")
-    assert calls == [(0, False), (1, True), (2, True)]  # restarts resume, and the count reaches the run
+    # Restarts resume the same run directory (by its name: a generated one when none was given), and the
+    # count reaches the run.
+    assert calls == [(0, False, None), (1, True, "x"), (2, True, "x")]
     assert not cfg.run.resume  # the caller's config is left alone
     text = caplog.text
     assert "RuntimeError: learner rank 1 died" in text and "restart 1/2" in text and "step-000004" in text
@@ -59,7 +62,7 @@ def test_supervisor_gives_up_after_max_restarts(caplog):
     run, calls = flaky_run([RuntimeError("one"), RuntimeError("two")])
     with caplog.at_level(logging.ERROR, logger="fleetrl"), pytest.raises(RuntimeError, match="two"):
         run_supervised(cfg, FakeRunDir(), run)
-    assert [r for r, _ in calls] == [0, 1]
+    assert [c[0] for c in calls] == [0, 1]
     assert "the start (no complete checkpoint yet)" in caplog.text
     assert "failed again after 1 restart(s) (run.max_restarts=1)" in caplog.text
 

@@ -120,13 +120,13 @@ def test_run_dir_on_s3_saves_redacted_config_logs_stop_file_and_resumes_by_direc
     store = run_dir.storage
     saved = store.read_text("s3://rundirs/exp/r1/config.yaml")
     assert "test-secret-key" not in saved and "<redacted>" in saved  # storage_options.secret/key
-    with pytest.raises(FileExistsError, match=r"fleetrl train --resume s3://rundirs/exp/r1"):
-        RunDir(cfg)
-
     # The driver's logs are local files uploaded to the run directory.
     run_dir.metrics_path.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2}) + "\n{\"st")
     run_dir.sync(force=True)
     assert store.read_text("s3://rundirs/exp/r1/metrics.jsonl").startswith('{"step": 1}')
+    # A directory with more than a failed start's config.yaml/train.log is a run: not started over.
+    with pytest.raises(FileExistsError, match=r"fleetrl train --resume s3://rundirs/exp/r1"):
+        RunDir(cfg)
 
     # Graceful stop through the run directory.
     assert not run_dir.stop_requested()

@@ -55,6 +55,7 @@ def run_supervised(cfg: RunConfig, run_dir: RunDir, run: Callable[..., Path] | N
                       ckpt if ckpt is not None else "the start (no complete checkpoint yet)")
             if not cfg.run.resume:
                 cfg = cfg.model_copy(deep=True)
+                cfg.run.name = run_dir.name  # resume needs the name (a generated one, if none was given)
                 cfg.run.resume = True
             _wait_names_free(run_dir.actor_prefix)
 

@@ -25,7 +25,7 @@ class RunDir:
     STOP_POLL_S = 5.0  # remote run dirs: the stop file is looked for at most this often
 
     def __init__(self, cfg: RunConfig, config_path: str | Path | None = None):
-        name = cfg.run.name or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.name = name = cfg.run.name or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.storage = Storage(cfg.run.storage_options)
         root = cfg.run.output_dir if is_remote(cfg.run.output_dir) else os.path.abspath(cfg.run.output_dir)
         self.uri = self.storage.join(root, name)
