@@ -56,6 +56,16 @@ def make_batch(n=4, seed=0, completion_lens=(8, 5, 3, 8)) -> dict[str, torch.Ten
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
 
 
+def plain_model(path):
+    """The model as plain transformers loads it. A ZeRO-3 learner built earlier in this process registered
+    its DeepSpeed config with transformers (process-global, so that the learner's own models load
+    partitioned); a plain load here must not be partitioned."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
 def hf_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(ids[t] | ids[<t]) from transformers' logits, unpadded rows; column 0 is 0."""
     with torch.no_grad():
@@ -66,7 +76,7 @@ def hf_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Ten
 
 def hand_grad_norm(model_path, batch, agg) -> float:
     """Norm of the gradient of the whole mini-batch's policy loss, in plain torch (ratio = 1)."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = plain_model(model_path)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = token_logprobs(logits, batch["input_ids"])
     loss, _ = policy_loss(logp, logp.detach(), batch["advantages"], batch["loss_mask"], agg=agg)
@@ -93,7 +103,7 @@ def train_batch(learner_or_group, batch, advantages, with_ref=True) -> dict:
 
 def test_logprobs_match_transformers(model_path):
     learner = make_learner(model_path, zero_stage=2)
-    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    hf = plain_model(model_path)
     ids = torch.randint(4, 400, (3, SEQ_LEN), generator=torch.Generator().manual_seed(1))
     full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -187,13 +197,13 @@ def test_save_hf_and_checkpoint_round_trip(model_path, tmp_path):
 
     # Hugging Face export (gathered from ZeRO-3 partitions) loads in transformers with equal outputs.
     learner.save_hf(tmp_path / "hf")
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    exported = plain_model(tmp_path / "hf")
     full = {"input_ids": batch["input_ids"][:, :PROMPT_LEN + 3],
             "attention_mask": torch.ones(4, PROMPT_LEN + 3, dtype=torch.long)}
     torch.testing.assert_close(hf_logprobs(exported, full["input_ids"]), learner.compute_logprobs(full),
                                atol=1e-5, rtol=1e-5)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
-    original = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    original = plain_model(model_path)
     assert not torch.allclose(hf_logprobs(original, full["input_ids"]), learner.compute_logprobs(full))
 
     # Checkpoint after step 1; step 2 from there is reproduced exactly after a reload, which needs
@@ -232,7 +242,7 @@ def test_ray_group_zero3_two_ranks(ray_local, model_path, tmp_path):
         assert len({info["pid"] for info in group.rank_info}) == 2
 
         # Log-probs split over ranks (5 rows: padded to 6, trimmed back) match transformers.
-        hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        hf = plain_model(model_path)
         ids = torch.randint(4, 400, (5, SEQ_LEN), generator=torch.Generator().manual_seed(3))
         full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         torch.testing.assert_close(group.compute_logprobs(full), hf_logprobs(hf, ids), atol=1e-5, rtol=1e-5)

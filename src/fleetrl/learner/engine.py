@@ -159,12 +159,17 @@ class Engine:
         self.zero3 = cfg.zero_stage == 3
         self.ds_config = train_ds_config(cfg, world_size, self.grad_accum, self.dtype_name, self.on_gpu)
         self._hf_ds_config = None
-        if self.zero3 and importlib.util.find_spec("accelerate") is not None:
-            # Kept alive on purpose: while it exists, from_pretrained builds the model inside
-            # zero.Init, so no rank ever holds the whole model. (transformers needs accelerate.)
+        if importlib.util.find_spec("accelerate") is not None:  # transformers' DeepSpeed hooks need it
             from transformers.integrations import HfDeepSpeedConfig
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+            # transformers keeps one process-global DeepSpeed config: a ZeRO-3 engine built earlier in
+            # this process must not make this engine's loads partitioned.
+            unset_hf_deepspeed_config()
+            if self.zero3:
+                # Kept alive on purpose: while it exists, from_pretrained builds the model inside
+                # zero.Init, so no rank ever holds the whole model.
+                self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
 
         model = self._load(self.model_path)
         model.config.use_cache = False
