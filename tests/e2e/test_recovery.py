@@ -19,11 +19,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 import pytest
 
+from fleetrl.core.weight_wire import WeightPlan
 from fleetrl.run.config import load_config
 from fleetrl.train import train
 
@@ -167,7 +167,7 @@ def test_a_worker_lost_in_the_broadcast_is_dropped_and_the_sync_completes(ray_lo
             return [self.rank0.join.remote()]
 
         def weight_plan(self, version):
-            return SimpleNamespace(version=version, buckets=())
+            return WeightPlan(version=version, buckets=())
 
         def send_weights(self, plan):
             return [self.rank0.receive.remote()]
@@ -211,6 +211,10 @@ def test_a_worker_lost_in_the_broadcast_is_dropped_and_the_sync_completes(ray_lo
     assert ray.get(fleet.workers[0].receive.remote()) == 3  # worker 0 got version 1 twice (idempotent)
 
     ray.kill(learner.rank0, no_restart=True)  # a dead learner is the supervisor's business
+    with pytest.raises(ray.exceptions.RayActorError):  # ray.kill is asynchronous: wait until it took effect
+        for _ in range(600):
+            ray.get(learner.rank0.join.remote(), timeout=60)
+            time.sleep(0.1)
     with pytest.raises(ray.exceptions.RayActorError):
         sync.push(2)
 

@@ -1,9 +1,15 @@
 """Learner -> vLLM weight sync through the real services: DeepSpeed rank and vLLM worker as Ray actors.
 
 After a training step and a sync, vLLM's logprobs of a fixed completion match the learner's within a
-tolerance, and differ from what vLLM gave before the sync.
+tolerance, and differ from what vLLM gave before the sync. While these services are up, no process of
+the run (Ray, the learner rank and its gloo groups, the vLLM engine and its engine-core process) listens
+on a non-loopback address (issue 11, "closed by default").
 """
 
+import ipaddress
+import os
+
+import psutil
 import pytest
 import ray
 import torch
@@ -16,6 +22,26 @@ from fleetrl.rollout.config import RolloutConfig
 from fleetrl.rollout.fleet import RolloutFleet
 
 pytestmark = pytest.mark.e2e
+
+
+def listening_sockets(root_pid: int) -> list[dict]:
+    """TCP listeners and unbound UDP sockets of ``root_pid`` and every process below it."""
+    root = psutil.Process(root_pid)
+    pids = {root.pid} | {p.pid for p in root.children(recursive=True)}
+    seen = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.pid not in pids or not c.laddr:
+            continue
+        if not (c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr)):
+            continue
+        try:
+            cmd = " ".join(psutil.Process(c.pid).cmdline())[:80]
+        except psutil.Error:
+            cmd = "?"
+        ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        seen.append({"cmd": cmd, "ip": c.laddr.ip, "port": c.laddr.port, "loopback": ip.is_loopback})
+    return seen
 
 
 def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy):
@@ -53,6 +79,13 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
         assert (after_vllm - before_vllm).abs().max() > 0.05  # the sync changed vLLM's model
         assert after_vllm.sum() > before_vllm.sum()  # in the direction of the update
         assert torch.allclose(after_vllm, after_learner, atol=1e-3), (after_vllm, after_learner)
+
+        # The session's Ray was started by this process: everything of the run is below it.
+        sockets = listening_sockets(os.getpid())
+        cmds = " ".join(s["cmd"] for s in sockets)
+        assert "raylet" in cmds and "gcs_server" in cmds, sockets  # the scan saw the run's processes
+        exposed = [s for s in sockets if not s["loopback"]]
+        assert not exposed, f"processes of the run listen on non-loopback addresses: {exposed}"
     finally:
         fleet.shutdown()
         learner.shutdown()

@@ -155,7 +155,16 @@ def init_side_group(host: str, port: int, rank: int, world_size: int, backend: s
     """
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
-    return stateless_init_torch_distributed_process_group(host, port, rank, world_size, backend)
+    listen = None
+    if rank == 0:
+        # Bound to the announced address: a store created from host/port alone listens on every
+        # interface. vLLM's helper takes ownership of the socket.
+        import socket
+
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listen = socket.create_server((host, port), family=family)
+    return stateless_init_torch_distributed_process_group(host, port, rank, world_size, backend,
+                                                          listen_socket=listen)
 
 
 def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:

@@ -123,6 +123,31 @@ def lr_lambda(cfg: LearnerConfig, total_steps: int | None) -> Callable[[int], fl
     return factor
 
 
+def init_default_group(backend: str, rank: int, world_size: int, master_addr: str, master_port: int,
+                       device: Any = None) -> None:
+    """torch.distributed's default group, with rank 0's store server bound to ``master_addr`` only.
+
+    The env:// rendezvous DeepSpeed would do makes rank 0's TCPStore listen on every interface
+    (checked: '::'); a socket bound to the announced address keeps a loopback run on loopback and a
+    cluster run on the address its peers are given. `deepspeed.init_distributed` then finds the
+    group initialized and uses it. ``device``: the rank's torch device."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    listen_fd = None
+    if rank == 0:
+        family = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_STREAM)[0][0]
+        listen_fd = socket.create_server((master_addr, master_port), family=family).detach()  # the store owns it
+    timeout = dist.constants.default_pg_timeout
+    store = dist.TCPStore(master_addr, master_port, world_size, rank == 0, timeout=timeout,
+                          master_listen_fd=listen_fd, use_libuv=True)
+    kwargs = {}
+    if device is not None and device.type == "cuda" and world_size > 1:
+        kwargs["device_id"] = device  # as DeepSpeed does on CUDA
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
+
+
 def set_dist_env(rank: int, world_size: int, local_rank: int, master_addr: str, master_port: int) -> None:
     """The env:// rendezvous variables torch.distributed and DeepSpeed read."""
     os.environ.update(

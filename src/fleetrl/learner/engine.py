@@ -31,6 +31,7 @@ from fleetrl.learner.config import (
 )
 from fleetrl.learner.deepspeed_utils import (
     client_optimizer,
+    init_default_group,
     lr_lambda,
     reference_ds_config,
     set_dist_env,
@@ -153,6 +154,7 @@ class Engine:
                         os.setpriority(os.PRIO_PROCESS, int(tid), 0)
 
         set_dist_env(rank, world_size, local_rank, master_addr, master_port)
+        init_default_group(self.backend, rank, world_size, master_addr, master_port, self.device)
         deepspeed.init_distributed(dist_backend=self.backend, verbose=False)
         torch.manual_seed(cfg.seed)
 

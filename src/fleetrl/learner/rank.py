@@ -227,6 +227,11 @@ class Learner:
     def memory(self) -> dict[str, int]:
         return self.engine.memory()
 
+    @property
+    def num_ranks(self) -> int:
+        """The ranks whose files make up a checkpoint (the offline loop verifies each one's manifest)."""
+        return self.engine.world_size
+
     def save_hf(self, out_dir: str | os.PathLike, storage_options: dict | None = None) -> None:
         self.engine.save_hf(out_dir, storage_options)
 
