@@ -5,7 +5,6 @@ data file and line, the rule file, the setting), with no traceback and no Ray st
 """
 
 import re
-import sys
 import textwrap
 from pathlib import Path
 
@@ -91,6 +90,18 @@ def _offline_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _ray_must_not_start(monkeypatch):
+    """A check never starts Ray. The test session may already hold a Ray (the e2e tests' one), so
+    "Ray is not initialized" cannot tell: starting one here fails the test instead."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checks tried to start or join Ray (ray.init)")
+
+    monkeypatch.setattr(ray, "init", refuse)
 
 
 def test_a_good_config_with_a_trl_reward_passes(tmp_path, capsys):
@@ -231,8 +242,6 @@ def test_bad_input_gets_one_clear_message(tmp_path, capsys, name, config, files,
     assert "Traceback" not in err and "(top level)" not in err and "Value error" not in err
     assert err.startswith("fleetrl: ")
     assert not (tmp_path / "runs" / "r").exists() or name == "output-holds-a-run"  # nothing left behind
-    ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized()
 
 
 def test_the_corpus_is_large_enough():
