@@ -35,7 +35,8 @@ def listening_sockets(root_pid: int) -> list[dict]:
         if not (c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr)):
             continue
         try:
-            cmd = " ".join(psutil.Process(c.pid).cmdline())[:80]
+            proc = psutil.Process(c.pid)
+            cmd = f"{proc.name()}: {' '.join(proc.cmdline())[:80]}"
         except psutil.Error:
             cmd = "?"
         ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
@@ -82,8 +83,8 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
 
         # The session's Ray was started by this process: everything of the run is below it.
         sockets = listening_sockets(os.getpid())
-        cmds = " ".join(s["cmd"] for s in sockets)
-        assert "raylet" in cmds and "gcs_server" in cmds, sockets  # the scan saw the run's processes
+        names = {s["cmd"].split(":", 1)[0] for s in sockets}
+        assert {"raylet", "gcs_server"} <= names, sockets  # the scan saw the run's processes
         exposed = [s for s in sockets if not s["loopback"]]
         assert not exposed, f"processes of the run listen on non-loopback addresses: {exposed}"
     finally:
