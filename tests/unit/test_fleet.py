@@ -211,7 +211,12 @@ def test_config_defaults_and_resolution():
     assert gpus_per_worker(tp2, "cpu") == 0
     assert gpus_per_worker(tp2.model_copy(update={"distributed_executor_backend": "ray"}), "cuda") == 0
     assert gpus_per_worker(RolloutConfig(num_gpus_per_worker=0.5), "cuda") == 0.5
-    assert worker_env(RolloutConfig(cpu_kvcache_space_gb=1), "cpu") == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    # One CPU engine: the model runs in the engine core process (no third process to start).
+    assert worker_env(RolloutConfig(cpu_kvcache_space_gb=1), "cpu") == {
+        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in worker_env(tp2, "cpu")  # vLLM's mp executor binds cores
+    mine = RolloutConfig(env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert worker_env(mine, "cpu")["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # the user's choice stands
     assert worker_env(RolloutConfig(), "cuda") == {}
 
 

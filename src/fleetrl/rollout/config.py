@@ -150,4 +150,11 @@ def worker_env(cfg: RolloutConfig, device: str) -> dict[str, str]:
     env = dict(cfg.env_vars)
     if device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kvcache_space_gb))
+        if cfg.tensor_parallel_size == 1 and cfg.distributed_executor_backend is None:
+            # vLLM's CPU platform otherwise runs the model in a third process (its "mp" executor, for
+            # OpenMP core binding): one more interpreter importing vLLM (~8 s of start-up on 2 cores)
+            # and one more process polling between engine core and model. With this, the model runs
+            # inside the engine core process on OMP_NUM_THREADS threads (Ray: num_cpus_per_worker).
+            # rollout.env_vars {VLLM_ENABLE_V1_MULTIPROCESSING: "1"} restores vLLM's binding.
+            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return env
