@@ -102,3 +102,42 @@ def test_critic_objective_over_a_plain_value_model():
     assert out["value_loss"] > 0 and out["grad_norm"] > 0
     with pytest.raises(ValueError, match="unknown critic options"):
         objective_class("critic")(LocalModels(model), LearnerConfig(), {"clip": 0.5})
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_correction_in_the_train_forward_equals_a_separate_proximal_pass(mode):
+    """One optimizer step per batch: the policy objective applying decoupled PPO to its own forward's
+    log-probs (behaviour_logprobs + fresh in the batch) gives the loss, gradient and is/ mismatch/
+    statistics of the driver's way (a separate no-grad pass, then decoupled_correction)."""
+    from fleetrl.algos.off_policy import decoupled_correction
+
+    cfg = LearnerConfig(micro_batch_size=2, loss={"kl_coef": 0.0, "importance_sampling": {"mode": mode}})
+    b = batch()
+    mask = (b["loss_mask"] * b["attention_mask"]).bool()
+    model = tiny_lm(0)
+    with torch.no_grad():
+        prox = token_logprobs(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                              b["input_ids"])
+    gen = torch.Generator().manual_seed(0)
+    behaviour = torch.where(mask, prox + 0.4 * torch.randn(prox.shape, generator=gen), torch.zeros(()))
+    adv, fresh = torch.tensor([1.0, -0.5, 2.0, -1.5]), torch.tensor([True, False, True, True])
+
+    def step(micro_batch: dict) -> tuple[dict, list[torch.Tensor]]:
+        model.zero_grad()
+        obj = objective_class("policy")(LocalModels(model), cfg)
+        out = optimizer_step(PlainEngine(model, grad_accum=2), micro_batches(micro_batch, 2), obj)
+        return out, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    c = cfg.loss.importance_sampling
+    old, weighted, st = decoupled_correction(prox, behaviour, adv, mask, fresh, mode, c.cap, c.low, c.high)
+    two_pass, grads_two = step({**b, "old_logprobs": old, "advantages": weighted})
+    fused, grads_fused = step({**b, "old_logprobs": behaviour, "advantages": adv,
+                               "behaviour_logprobs": behaviour, "fresh": fresh})
+
+    for g1, g2 in zip(grads_two, grads_fused, strict=True):
+        assert torch.allclose(g1, g2, atol=1e-6)
+    assert fused["loss"] == pytest.approx(two_pass["loss"], abs=1e-6)
+    for key, v in st.items():  # the statistics of the whole batch, from per-micro-batch sums
+        assert fused[key] == pytest.approx(float(v), abs=1e-5), key
+    assert fused["mismatch/tokens"] == float((mask & fresh[:, None]).sum())
+    assert not any(k.startswith(("is/", "mismatch/")) for k in two_pass)

@@ -34,7 +34,8 @@ def _batch():
 
 
 def test_truncated_correction_rewrites_ratio_base_and_weights_advantages():
-    cfg = load_config(EXAMPLE, ["learner.loss.importance_sampling.cap=2.0"])
+    # Two optimizer steps per batch: the proximal log-probs come from a separate pass.
+    cfg = load_config(EXAMPLE, ["learner.loss.importance_sampling.cap=2.0", "rl.mini_batch_size=64"])
     samples, batch = _batch()
     # Learner log-probs per position (columns 2, 3 are the completion tokens): w = exp(prox - mu).
     prox = torch.tensor([[0.0, 0.0, -1.0 + math.log(3.0), -2.0],     # w = 3 (truncated to 2), 1
@@ -54,7 +55,7 @@ def test_truncated_correction_rewrites_ratio_base_and_weights_advantages():
 
 
 def test_masked_correction_drops_tokens_outside_the_range():
-    cfg = load_config(EXAMPLE, ["learner.loss.importance_sampling.mode=mask"])
+    cfg = load_config(EXAMPLE, ["learner.loss.importance_sampling.mode=mask", "rl.epochs=2"])
     samples, batch = _batch()
     prox = torch.tensor([[0.0, 0.0, -1.0 + math.log(3.0), -2.0], [0.0, 0.0, -1.0 + math.log(0.6), 0.0]])
     batch["advantages"] = torch.tensor([1.0, 1.0])
@@ -80,3 +81,23 @@ def test_a_bad_mask_range_names_the_key():
 
     with pytest.raises((ConfigError, ValueError), match="importance_sampling"):
         load_config(EXAMPLE, ["learner.loss.importance_sampling.low=1.5"])
+
+
+def test_one_optimizer_step_leaves_the_correction_to_the_train_forward():
+    cfg = load_config(EXAMPLE)  # 128 samples, one mini-batch, one epoch
+    samples, batch = _batch()
+    batch["advantages"] = torch.tensor([1.0, -2.0])
+    sampler = batch["old_logprobs"].clone()
+    learner = FixedLearner(torch.zeros(2, 4))
+    correction = OffPolicyCorrection(cfg, learner)
+    assert correction.in_train_forward and correction(batch, samples, learner_version=4) == {}
+    assert learner.calls == 0  # no extra pass
+    assert torch.equal(batch["behaviour_logprobs"], sampler) and batch["fresh"].tolist() == [True, False]
+    # The learner's step statistics carry the correction's metrics; they are taken out of them.
+    train = [{"loss": 0.1, "is/weight_mean": 1.0, "mismatch/abs_logp_diff": 0.0, "mismatch/tokens": 2.0}]
+    assert correction.from_train(train) == {"is/weight_mean": 1.0, "mismatch/abs_logp_diff": 0.0,
+                                            "mismatch/tokens": 2.0}
+    assert train == [{"loss": 0.1}]
+    no_fresh = [{"is/weight_mean": 1.0, "mismatch/abs_logp_diff": float("nan"), "mismatch/tokens": 0.0}]
+    assert correction.from_train(no_fresh) == {"is/weight_mean": 1.0}
+    assert not OffPolicyCorrection(load_config(EXAMPLE, ["learner.lora.dropout=0.1"]), learner).in_train_forward

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fleetrl.algos.kl import LOG_RATIO_CLAMP, kl_estimate
-from fleetrl.algos.reduce import masked_mean
+from fleetrl.algos.reduce import expand_advantages, masked_mean
 
 IS_MODES = ("truncate", "mask")
 
@@ -80,3 +80,31 @@ def sampler_mismatch(learner_logp: torch.Tensor, sampler_logp: torch.Tensor,
         "mismatch/kl": masked_mean(kl_estimate(sampler_logp.float(), learner_logp.float(), "k3"), mask),
         "mismatch/tokens": mask.float().sum(),
     }
+
+
+@torch.no_grad()
+def decoupled_correction(
+    proximal_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    fresh: torch.Tensor,
+    mode: str,
+    cap: float = 2.0,
+    low: float = 0.5,
+    high: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A rollout batch rewritten for decoupled PPO: (old_logprobs, advantages [B, T], stats).
+
+    The PPO ratio's base becomes the proximal log-probs (0 on padding) and each token's advantage
+    is multiplied by its bounded importance weight (``importance_weights``). ``fresh`` [B] marks the
+    samples drawn with the proximal weights themselves (no lag, no update in flight): the sampler
+    mismatch (``sampler_mismatch``) is measured on their tokens only. The stats are
+    ``importance_weights``' plus ``mismatch/*`` (``mismatch/tokens`` 0 when no sample is fresh).
+    """
+    valid = mask.bool()
+    weights, stats = importance_weights(proximal_logp, behaviour_logp, valid, mode, cap=cap, low=low, high=high)
+    stats.update(sampler_mismatch(proximal_logp, behaviour_logp, valid & fresh.bool().unsqueeze(-1)))
+    advantages = expand_advantages(advantages, valid).float() * weights
+    old = torch.where(valid, proximal_logp.float(), torch.zeros((), dtype=torch.float32, device=valid.device))
+    return old, advantages, stats

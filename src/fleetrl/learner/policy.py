@@ -8,7 +8,9 @@ is what online RL trains; `LearnerGroup` runs one per Ray actor.
 
 Train batch (CPU tensors, [B, T] aligned with input_ids, see learner/forward.py): input_ids,
 attention_mask, loss_mask, old_logprobs, advantages ([B] or [B, T]), ref_logprobs (when kl_coef > 0
-with kl_in "loss").
+with kl_in "loss"). With ``behaviour_logprobs`` (the sampler's) and ``fresh`` ([B]) the batch asks for
+the off-policy correction in this forward (online/off_policy.py): the forward's detached log-probs
+are the proximal ones when the batch is trained in a single optimizer step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from fleetrl.algos.kl import kl_estimate
+from fleetrl.algos.off_policy import decoupled_correction
 from fleetrl.algos.reduce import aggregate
 from fleetrl.algos.registry import POLICY_LOSSES
 from fleetrl.learner.accumulate import Stats
@@ -45,7 +48,7 @@ def check_shapes(batch: dict[str, torch.Tensor], keys: tuple[str, ...]) -> None:
     if missing:
         raise KeyError(f"learner batch is missing {missing}; it has {sorted(batch)}")
     shape = tuple(batch["input_ids"].shape)
-    for k in keys + ("ref_logprobs",):
+    for k in keys + ("ref_logprobs", "behaviour_logprobs"):
         if k in batch and k != "advantages" and tuple(batch[k].shape) != shape:
             raise ValueError(f"learner batch[{k!r}] has shape {tuple(batch[k].shape)}, input_ids has {shape}")
 
@@ -89,9 +92,11 @@ class PolicyObjective(Objective):
         entropy_mode = "grad" if lc.entropy_coef != 0 else "detached"
         logp, ent = token_logps(self.models.policy, micro["input_ids"], micro["attention_mask"], dev,
                                 temperature, entropy_mode, pack=self.cfg.pack_samples)
+        old, adv = micro["old_logprobs"].to(dev).float(), micro["advantages"].to(dev).float()
+        if "behaviour_logprobs" in micro:
+            old, adv = self._correct(logp.detach(), micro, adv, m, stats)
         pl, st = self.policy_loss(
-            logp, micro["old_logprobs"].to(dev).float(), micro["advantages"].to(dev).float(), m,
-            clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip, agg=lc.agg,
+            logp, old, adv, m, clip_low=lc.clip_low, clip_high=lc.clip_high, dual_clip=lc.dual_clip, agg=lc.agg,
         )
         loss = pl
         kl = torch.zeros((), device=dev)
@@ -114,3 +119,17 @@ class PolicyObjective(Objective):
         stats.max("ratio_max", st["ratio_max"].detach().double().cpu())
         stats.sum("num_tokens", tok)
         return loss
+
+    def _correct(self, proximal: torch.Tensor, micro: dict[str, torch.Tensor], adv: torch.Tensor,
+                 m: torch.Tensor, stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoupled PPO against this forward's own (proximal) log-probs; records is/* and mismatch/*."""
+        c, dev = self.lc.importance_sampling, self.device
+        old, adv, st = decoupled_correction(proximal, micro["behaviour_logprobs"].to(dev).float(), adv, m,
+                                            micro["fresh"].to(dev), c.mode, cap=c.cap, low=c.low, high=c.high)
+        tok, fresh_tok = m.sum().double().cpu(), st.pop("mismatch/tokens").double().cpu()
+        stats.max("is/weight_max", st.pop("is/weight_max").double().cpu())
+        stats.sum("mismatch/tokens", fresh_tok)
+        for key, v in st.items():
+            count = fresh_tok if key.startswith("mismatch/") else tok
+            stats.mean(key, v.double().cpu() * count, count)
+        return old, adv

@@ -186,6 +186,12 @@ class Learner:
                 f"{per} (= mini_batch_size {eng.mini_batch_size} / {eng.world_size} ranks): "
                 "make the train batch a multiple of mini_batch_size"
             )
+        if "behaviour_logprobs" in batch and (epochs > 1 or n > per):
+            raise ValueError(
+                f"the batch asks for the off-policy correction in the train forward (behaviour_logprobs), "
+                f"which needs one optimizer step per batch, but it gets {epochs} epoch(s) x {n // per} "
+                "mini-batch(es): compute the proximal log-probs in a separate pass (online/off_policy.py)"
+            )
         stats = []
         for _ in range(epochs):
             for start in range(0, n, per):

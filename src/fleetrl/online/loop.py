@@ -123,6 +123,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         collector.pump(train_refs + critic_refs, rstats)
         train_stats = learner.finish(train_refs) if train_refs else []
         critic_stats = critic.finish(critic_refs) if critic_refs else []
+        correction.update(off_policy.from_train(train_stats))
         train_s = time.perf_counter() - t
         optimizer_steps += len(train_stats)
 

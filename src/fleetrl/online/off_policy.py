@@ -1,28 +1,41 @@
 """Off-policy correction of one rollout batch (decoupled PPO), and the sampler/learner mismatch.
 
-With ``learner.loss.importance_sampling.mode`` truncate or mask, the learner scores the batch
-with the weights it holds before the update (the proximal policy). Then:
+With ``learner.loss.importance_sampling.mode`` truncate or mask, the learner's log-probs under the
+weights it holds before the update (the proximal policy) are needed. Then
+(fleetrl.algos.off_policy.decoupled_correction):
 - the PPO ratio is taken against those log-probs (``old_logprobs`` := proximal), and
 - each token's advantage is multiplied by its importance weight w = pi_prox / mu (mu: the sampler
-  that produced the token), truncated (TIS) or masked (MIS) by fleetrl.algos.off_policy.
+  that produced the token), truncated (TIS) or masked (MIS).
 Every registered policy loss is linear in the advantage for a positive per-token factor, so
 weighting the advantages weights each token's loss: no loss needs to know about it.
 
-The same pass measures how far the learner is from the sampler on tokens sampled with the very
+Where they come from:
+- **In the train forward** when the batch is trained in exactly one optimizer step (one mini-batch,
+  one epoch, no adapter dropout): the train forward runs on the proximal weights, so its detached
+  log-probs are the proximal ones and a separate pass would compute the same numbers again. The
+  driver sends the sampler's log-probs as ``behaviour_logprobs`` (with ``fresh``) and the policy
+  objective applies the correction per micro-batch (learner/policy.py); its statistics come back
+  with the train step's.
+- **From a separate log-prob pass** otherwise (several optimizer steps move the weights before the
+  later mini-batches are trained), here in the driver.
+
+The same numbers measure how far the learner is from the sampler on tokens sampled with the very
 weights the learner holds (staleness 0, no update in flight): mismatch/abs_logp_diff and
 mismatch/kl (KL(sampler || learner)). Nonzero there is numerics (kernels, dtypes), not lag.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
-from fleetrl.algos.off_policy import importance_weights, sampler_mismatch
-from fleetrl.algos.reduce import expand_advantages
+from fleetrl.algos.off_policy import decoupled_correction
 from fleetrl.online.batch import Sample
 from fleetrl.run.config import RunConfig
+
+_STAT_PREFIXES = ("is/", "mismatch/")
 
 
 class OffPolicyCorrection:
@@ -34,25 +47,48 @@ class OffPolicyCorrection:
     def active(self) -> bool:
         return self.is_cfg.mode != "off"
 
+    @property
+    def in_train_forward(self) -> bool:
+        """One optimizer step per batch: the train forward's log-probs are the proximal ones."""
+        lora = self.cfg.learner.lora
+        return (self.active and self.cfg.optimizer_steps_per_step == 1
+                and (lora is None or lora.dropout == 0))
+
     def __call__(self, batch: dict[str, torch.Tensor], samples: list[Sample],
                  learner_version: int) -> dict[str, float]:
-        """Rewrites batch["old_logprobs"] and batch["advantages"] in place; returns the step's metrics."""
+        """Rewrites the batch in place for the learner; returns the step's metrics (with the
+        correction in the train forward, they come later: ``from_train``)."""
         if not self.active:
+            return {}
+        fresh = torch.tensor([s.weight_version == learner_version and not s.updated_in_flight for s in samples])
+        if self.in_train_forward:
+            batch["behaviour_logprobs"] = batch["old_logprobs"]
+            batch["fresh"] = fresh
             return {}
         t = time.perf_counter()
         mask = batch["loss_mask"].bool() & batch["attention_mask"].bool()
-        behaviour = batch["old_logprobs"]
         proximal = self.learner.compute_logprobs(batch, which="policy",
                                                  temperature=self.cfg.rollout.sampling.temperature)
-        metrics: dict[str, float] = {}
-        fresh = torch.tensor([s.weight_version == learner_version and not s.updated_in_flight for s in samples])
-        if fresh.any():
-            metrics.update({k: float(v) for k, v in
-                            sampler_mismatch(proximal, behaviour, mask & fresh.unsqueeze(-1)).items()})
         c = self.is_cfg
-        weights, stats = importance_weights(proximal, behaviour, mask, c.mode, cap=c.cap, low=c.low, high=c.high)
-        metrics.update({k: float(v) for k, v in stats.items()})
-        batch["advantages"] = expand_advantages(batch["advantages"], mask).float() * weights
-        batch["old_logprobs"] = torch.where(mask, proximal, torch.zeros((), dtype=proximal.dtype))
+        batch["old_logprobs"], batch["advantages"], stats = decoupled_correction(
+            proximal, batch["old_logprobs"], batch["advantages"], mask, fresh, c.mode, cap=c.cap, low=c.low,
+            high=c.high)
+        metrics = _metrics({k: float(v) for k, v in stats.items()})
         metrics["time/proximal"] = time.perf_counter() - t
         return metrics
+
+    @staticmethod
+    def from_train(train_stats: list[dict[str, float]]) -> dict[str, float]:
+        """The correction's metrics out of the learner's step statistics (removed from them)."""
+        out: dict[str, float] = {}
+        for row in train_stats:
+            for k in [k for k in row if k.startswith(_STAT_PREFIXES)]:
+                out[k] = row.pop(k)
+        return _metrics(out)
+
+
+def _metrics(stats: dict[str, float]) -> dict[str, float]:
+    """Mismatch metrics only when some tokens were sampled with the learner's own weights."""
+    if not stats.get("mismatch/tokens") or any(math.isnan(v) for k, v in stats.items() if k.startswith("mismatch/")):
+        stats = {k: v for k, v in stats.items() if not k.startswith("mismatch/")}
+    return stats
