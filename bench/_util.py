@@ -131,11 +131,16 @@ def print_machine_state(label: str) -> dict:
 def pinned(cfg, worker_index: int):
     """``cfg`` with the engine's compute threads bound to core ``worker_index`` (mod the core count).
 
-    vLLM's default ("auto") binding gives every engine of a 1-NUMA-node host the same cores (on
-    2 cores: core 0, core 1 being left to its scheduler process), so two workers share one core.
-    ``RolloutConfig.env_vars`` applies to every worker alike; the benches set it per worker by
-    replacing ``RolloutFleet.cfg`` before each ``add_worker`` (an experiment, not a fleet feature).
+    vLLM binds only the model processes its "mp" executor starts; a CPU worker with
+    tensor_parallel_size 1 skips that executor by default (``worker_env`` sets
+    VLLM_ENABLE_V1_MULTIPROCESSING=0: the model runs in the engine core, bound to no core), so this
+    turns multiprocessing back on, else the binding would be silently ignored. vLLM's own "auto"
+    binding would give every engine of a 1-NUMA-node host the same core (on 2 cores: core 0, core 1
+    being left to its scheduler process). ``RolloutConfig.env_vars`` applies to every worker alike;
+    the benches set it per worker by replacing ``RolloutFleet.cfg`` before each ``add_worker`` (an
+    experiment, not a fleet feature).
     """
     env = dict(cfg.env_vars)
     env["VLLM_CPU_OMP_THREADS_BIND"] = str(worker_index % (os.cpu_count() or 1))
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     return cfg.model_copy(update={"env_vars": env})

@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="VLLM_CPU_OMP_THREADS_BIND for every engine (default: vLLM's own, 'auto')")
     p.add_argument("--pin-workers", action="store_true",
                    help="experiment: bind fleet worker i's compute threads to core i "
-                        "(VLLM_CPU_OMP_THREADS_BIND); by default vLLM binds every engine on a 1-NUMA-node "
-                        "host to the same core")
+                        "(VLLM_CPU_OMP_THREADS_BIND, with VLLM_ENABLE_V1_MULTIPROCESSING=1, which vLLM's "
+                        "binding needs); by default a worker's model runs in its engine core, unbound")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-gb", type=int, default=1)
     p.add_argument("--pin-workers", action="store_true",
                    help="experiment: bind vLLM worker i's compute threads to core i "
-                        "(VLLM_CPU_OMP_THREADS_BIND); by default vLLM binds every engine on a 1-NUMA-node "
-                        "host to the same core")
+                        "(VLLM_CPU_OMP_THREADS_BIND, with VLLM_ENABLE_V1_MULTIPROCESSING=1, which vLLM's "
+                        "binding needs); by default a worker's model runs in its engine core, unbound")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -260,7 +260,7 @@ def main(argv=None) -> None:
         if learner is not None:
             learner.shutdown()
     after = print_machine_state("end")
-    binding = "pinned to cores 0, 1, ..." if args.pin_workers else "on vLLM default binding"
+    binding = "pinned to cores 0, 1, ... (mp executor)" if args.pin_workers else "unbound (fleetrl default)"
     setup = (f"{mib:.1f} MiB ({info.get('num_parameters', '?')} fp32 parameters) per sync, backend "
              f"{args.backend}, vLLM workers {binding}, "
              f"{args.rounds} rounds per row, median (min-max); load avg start {before['loadavg_1_5_15']}, "

@@ -37,6 +37,26 @@ def test_overrides_are_applied_and_parsed_as_yaml(tmp_path):
     assert cfg.run.resume is True
 
 
+def test_env_vars_take_numbers_and_bools_as_strings(tmp_path):
+    # The reported failure: `fleetrl train examples/grpo_tiny.yaml rollout.env_vars.X=1` said
+    # "Input should be a valid string (got 1)". Overrides keep numbers as written; bools are "1"/"0".
+    cfg = load_config(EXAMPLE, ["rollout.env_vars.VLLM_ENABLE_V1_MULTIPROCESSING=1", "rollout.env_vars.A=1e3",
+                                "rollout.env_vars.B=010", "rollout.env_vars.C=0.50", "rollout.env_vars.D=true",
+                                "rollout.env_vars.E=off", "rollout.env_vars.F=0-1", "rollout.env_vars.G='7'"])
+    expected = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "A": "1e3", "B": "010", "C": "0.50", "D": "1", "E": "0",
+                "F": "0-1", "G": "7"}
+    assert {k: cfg.rollout.env_vars[k] for k in expected} == expected
+    # In a file, YAML has already read the number: it becomes its text.
+    cfg = load_config(write(tmp_path, MINIMAL + "rollout:\n  env_vars: {N: 2, R: 0.5, T: true, S: x}\n"))
+    assert cfg.rollout.env_vars == {"N": "2", "R": "0.5", "T": "1", "S": "x"}
+    # A whole mapping as an override goes through the same conversion; numbers elsewhere stay numbers.
+    cfg = load_config(EXAMPLE, ["rollout.env_vars={N: 4, F: false}", "rollout.seed=3"])
+    assert cfg.rollout.env_vars == {"N": "4", "F": "0"} and cfg.rollout.seed == 3
+    with pytest.raises(ConfigError, match=r"override 'rollout.env_vars.X=\[1\]': 'rollout.env_vars.X': "
+                                          r"Input should be a valid string"):
+        load_config(EXAMPLE, ["rollout.env_vars.X=[1]"])
+
+
 def test_unknown_key_in_file_names_file_key_and_allowed_keys(tmp_path):
     p = write(tmp_path, MINIMAL + "learner:\n  lrr: 0.1\n")
     with pytest.raises(ConfigError) as e:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fleetrl.core.packing import TooLong, first_fit
 from fleetrl.data.rows import (
     DataError,
     PreferenceRow,
@@ -347,22 +348,11 @@ def collate(examples: Sequence[Example], pad_token_id: int, completion_only: boo
 def pack(seqs: Sequence[Seq], max_length: int) -> list[tuple[Seq, ...]]:
     """Group sequences into packs of at most max_length tokens: first-fit over decreasing lengths
     (deterministic; ties keep the input order). Every sequence lands in exactly one pack."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    packs: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = len(seqs[i])
-        if n > max_length:
-            raise ValueError(f"pack: sequence {i} has {n} tokens, more than max_length={max_length}")
-        for k, free in enumerate(room):
-            if n <= free:
-                packs[k].append(i)
-                room[k] -= n
-                break
-        else:
-            packs.append([i])
-            room.append(max_length - n)
-    return [tuple(seqs[i] for i in sorted(p)) for p in packs]
+    try:
+        packs = first_fit([len(s) for s in seqs], max_length)
+    except TooLong as e:
+        raise ValueError(f"pack: sequence {e.index} has {e.length} tokens, more than max_length={max_length}") from None
+    return [tuple(seqs[i] for i in p) for p in packs]
 
 
 def collate_packed(packs: Sequence[tuple[Seq, ...]], pad_token_id: int,

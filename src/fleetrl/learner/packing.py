@@ -18,25 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
+from fleetrl.core.packing import TooLong, first_fit
+
 
 def pack_plan(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Sample indices per packed row: first fit over decreasing lengths (ties keep input order),
     each row at most `capacity` tokens. Deterministic; every sample lands in exactly one row."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        n = int(lengths[i])
-        if n > capacity:
-            raise ValueError(f"pack_plan: sample {i} has {n} tokens, more than the row capacity {capacity}")
-        for k, free in enumerate(room):
-            if n <= free:
-                rows[k].append(i)
-                room[k] -= n
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - n)
-    return [sorted(r) for r in rows]
+    try:
+        return first_fit(lengths, capacity)
+    except TooLong as e:
+        raise ValueError(f"pack_plan: sample {e.index} has {e.length} tokens, "
+                         f"more than the row capacity {capacity}") from None
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fleetrl.core.strict import StrictModel
+from fleetrl.core.strict import EnvStr, StrictModel
 from fleetrl.env.config import EpisodeConfig
 
 
@@ -77,8 +77,9 @@ class RolloutConfig(StrictModel):
     # engine resets its generator). Off by default: per-request generators cost sampling speed.
     seed_per_request: bool = False
     distributed_executor_backend: Literal["mp", "ray"] | None = None
-    # Extra environment variables for each worker actor (e.g. VLLM_CPU_OMP_THREADS_BIND).
-    env_vars: dict[str, str] = Field(default_factory=dict)
+    # Extra environment variables for each worker actor (e.g. VLLM_CPU_OMP_THREADS_BIND). Values are
+    # strings; numbers are kept as written (an override's 1e3 stays "1e3") and bools become "1"/"0".
+    env_vars: dict[str, EnvStr] = Field(default_factory=dict)
     # Anything else for vllm.LLM(...), passed through unchanged.
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

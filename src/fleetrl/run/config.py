@@ -19,7 +19,7 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationError, model_vali
 # Importing the package (not .registry) registers every algorithm file.
 from fleetrl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, OnlineAlgorithm
 from fleetrl.algos import ONLINE_ALGORITHMS as ONLINE_REGISTRY
-from fleetrl.core.strict import StrictModel
+from fleetrl.core.strict import EnvStr, StrictModel
 from fleetrl.data.rows import DataConfig, looks_like_dataset_name
 from fleetrl.learner.config import LearnerConfig
 from fleetrl.learner.critic_config import CriticConfig
@@ -634,6 +634,8 @@ def config_from_dict(tree: dict, overrides=(), source: str = "<config>",
     origins: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_env_value(keys):
+            value = text.partition("=")[2].strip()  # FOO=1e3 or FOO=010 stays as written, like a shell's
         _set_dotted(tree, keys, value, f"override {text!r}")
         origins[".".join(keys)] = f"override {text!r}"
     hidden = _redacted_keys(tree)
@@ -648,6 +650,19 @@ def config_from_dict(tree: dict, overrides=(), source: str = "<config>",
     except ValidationError as e:
         found = [_describe(err, origins, source, lines) for err in e.errors()]
         raise ConfigError("invalid config:\n  " + "\n  ".join(found)) from None
+
+
+def _is_env_value(keys: list[str]) -> bool:
+    """Whether dotted ``keys`` name one variable of an environment-variable mapping (``EnvStr``
+    values, e.g. rollout.env_vars.FOO), found by walking RunConfig's fields."""
+    model: type[BaseModel] = RunConfig
+    for k in keys[:-2]:
+        ann = model.model_fields[k].annotation if k in model.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return False
+        model = ann
+    field = model.model_fields.get(keys[-2]) if len(keys) >= 2 else None
+    return field is not None and typing.get_args(field.annotation)[1:] == (EnvStr,)
 
 
 def _redacted_keys(tree: Any, prefix: str = "") -> list[str]:
