@@ -285,14 +285,28 @@ def test_a_failed_start_leaves_no_directory_that_demands_resume(tmp_path):
         RunDir(cfg)
 
 
-def test_train_checks_before_any_run_directory_or_ray(tmp_path):
+def test_train_checks_before_any_run_directory_and_stops_the_ray_it_started(tmp_path, monkeypatch):
+    """`fleetrl train` starts a local Ray beside the checks (overlapping start-up); a failed check
+    stops it again and creates no run directory."""
+    import ray
+
+    import fleetrl.run.runtime
     from fleetrl.train import train
 
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `fleetrl train` process
+    monkeypatch.setattr(fleetrl.run.runtime, "connect_ray", lambda cfg: calls.append("connect"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
     cfg_path = write_case(tmp_path)
     cfg = load_config(cfg_path, ["data.path=none.jsonl"])
     with pytest.raises(CheckError, match="data file not found"):
         train(cfg, config_path=cfg_path)
+    assert calls == ["connect", "shutdown"]
     assert not (tmp_path / "runs" / "r").exists()
+    # A Ray that cannot start does not hide the checks' own message.
+    monkeypatch.setattr(fleetrl.run.runtime, "connect_ray", lambda cfg: 1 / 0)
+    with pytest.raises(CheckError, match="data file not found"):
+        train(cfg, config_path=cfg_path)
 
 
 def test_resources_against_the_cluster():
