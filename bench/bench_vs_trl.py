@@ -16,7 +16,8 @@ no KL term (TRL ``beta=0``, fleetrl ``kl_coef=0``), one optimizer step per step.
 
 Start-up: the fleetrl run's ``time/startup`` (process start to its first step) and ``startup/*``
 breakdown against one raw ``vllm.LLM`` (a worker's engine arguments) started in a fresh process up
-to its first generate, in the same invocation.
+to its first generate, in the same invocation: once with vLLM's own CPU process layout (its
+defaults) and once with a worker's environment (``worker_env``).
 
 "time to N steps" = the subprocess's wall time from launch to exit (imports, start-up, N steps,
 final save), what a user waits. Run from the repository root:  python bench/bench_vs_trl.py --steps 50
@@ -50,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)  # output json path
     p.add_argument("--raw-engine-child", default=None, help=argparse.SUPPRESS)  # output json path
+    p.add_argument("--raw-vllm-defaults", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -143,6 +145,7 @@ def trl_child(args) -> None:
                           processing_class=tok, callbacks=[Clock()])
     t_train = time.perf_counter()
     trainer.train()
+    trainer.save_model()  # the trained model on disk, as fleetrl's final_model/
     times = [b - a for a, b in zip([t_train] + marks[:-1], marks)]
     Path(args.trl_child).write_text(json.dumps({
         "step_times": times, "startup": t_train - t_start,
@@ -153,7 +156,9 @@ def trl_child(args) -> None:
 
 def raw_engine_child(args) -> None:
     """Start-up baseline: one ``vllm.LLM`` with a fleet worker's engine arguments, up to its first
-    generate (the warm-up a worker does), in a fresh process."""
+    generate (the warm-up a worker does), in a fresh process. With ``--raw-vllm-defaults`` vLLM keeps
+    its own process layout on CPU (the model in a third process); else a worker's environment
+    (``worker_env``: the model inside the engine process, which ``LLM`` then runs in this one)."""
     t_start = time.perf_counter()
     from vllm import LLM, SamplingParams
 
@@ -163,7 +168,10 @@ def raw_engine_child(args) -> None:
     from fleetrl.testing.tiny import ensure_tiny_model
 
     cfg: RolloutConfig = load_config(str(ROOT / "examples" / "grpo_tiny.yaml")).rollout
-    os.environ.update(worker_env(cfg, "cpu"))
+    env = worker_env(cfg, "cpu")
+    if args.raw_vllm_defaults:
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    os.environ.update(env)
     t_import = time.perf_counter()
     llm = LLM(**engine_kwargs(cfg, str(ensure_tiny_model("policy", seed=0))))
     t_engine = time.perf_counter()
@@ -173,10 +181,11 @@ def raw_engine_child(args) -> None:
         "imports": t_import - t_start, "engine": t_engine - t_import, "first_generate": t_end - t_engine}))
 
 
-def run_raw_engine(args, out_dir: str) -> dict:
-    out_json = Path(out_dir) / "raw.json"
+def run_raw_engine(args, out_dir: str, vllm_defaults: bool) -> dict:
+    out_json = Path(out_dir) / f"raw-{vllm_defaults}.json"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--raw-engine-child", str(out_json)],
+    proc = subprocess.run([sys.executable, __file__, "--raw-engine-child", str(out_json),
+                           *(["--raw-vllm-defaults"] if vllm_defaults else [])],
                           capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -197,8 +206,10 @@ def main(argv=None) -> None:
     start = print_machine_state("start")
     results = {}
     with tempfile.TemporaryDirectory(prefix="fleetrl-vs-trl-") as tmp:
-        raw = run_raw_engine(args, tmp)
-        print(f"raw vLLM engine ready in {raw['wall']:.1f}s", flush=True)
+        raws = {defaults: run_raw_engine(args, tmp, defaults) for defaults in (True, False)}
+        for defaults, r in raws.items():
+            print(f"raw vLLM engine ({'vLLM defaults' if defaults else 'worker env'}) ready in {r['wall']:.1f}s",
+                  flush=True)
         results["fleetrl"] = run_fleetrl(args, str(Path(tmp) / "fleetrl"))
         print(f"fleetrl done in {results['fleetrl']['wall']:.1f}s", flush=True)
         if not args.skip_trl:
@@ -224,18 +235,24 @@ def main(argv=None) -> None:
     print("fleetrl start-up breakdown (s): " + ", ".join(
         f"{k}={v:.1f}" for k, v in sorted(base["startup_parts"].items())), flush=True)
     parts = base["startup_parts"]
-    print_table(["start-up (s)", "fleetrl train -> first step", "one raw vLLM engine -> first generate"], [
-        ["total (process start to ready)", f"{base['startup']:.1f}", f"{raw['wall']:.1f}"],
+    def raw_cells(fn):
+        return [fn(raws[True]), fn(raws[False])]
+
+    print_table(["start-up (s)", "fleetrl train -> first step", "raw vLLM engine, vLLM defaults",
+                 "raw vLLM engine, a worker's env"], [
+        ["total (process start to ready)", f"{base['startup']:.1f}", *raw_cells(lambda r: f"{r['wall']:.1f}")],
         ["imports, Ray, tokenizer, data / imports", f"{parts.get('startup/before_services', float('nan')):.1f}",
-         f"{raw['imports']:.1f}"],
-        ["services (side by side)", f"{parts.get('startup/services', float('nan')):.1f}", "-"],
-        ["  learner ready", f"{parts.get('startup/learner_ready', float('nan')):.1f}", "-"],
+         *raw_cells(lambda r: f"{r['imports']:.1f}")],
+        ["services (side by side)", f"{parts.get('startup/services', float('nan')):.1f}", "-", "-"],
+        ["  learner ready", f"{parts.get('startup/learner_ready', float('nan')):.1f}", "-", "-"],
         ["  fleet ready (engine start / warm-up)",
          f"{parts.get('startup/fleet_ready', float('nan')):.1f} ({parts.get('startup/engine_start', float('nan')):.1f}"
          f" / {parts.get('startup/engine_warmup', float('nan')):.1f})",
-         f"{raw['engine'] + raw['first_generate']:.1f} ({raw['engine']:.1f} / {raw['first_generate']:.1f})"],
-        ["after services (weight sync group, resume)", f"{parts.get('startup/after_services', float('nan')):.1f}", "-"],
-        ["ratio total vs raw engine", f"{base['startup'] / raw['wall']:.2f}", "1.00"],
+         *raw_cells(lambda r: f"{r['engine'] + r['first_generate']:.1f} "
+                              f"({r['engine']:.1f} / {r['first_generate']:.1f})")],
+        ["after services (weight sync group, resume)", f"{parts.get('startup/after_services', float('nan')):.1f}",
+         "-", "-"],
+        ["fleetrl total / raw total", "-", *raw_cells(lambda r: f"{base['startup'] / r['wall']:.2f}")],
     ], title="Start-up, same invocation")
     print(f"fleetrl command: {base['cmd']}", flush=True)
 
