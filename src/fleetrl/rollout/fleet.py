@@ -272,11 +272,14 @@ class FleetBook:
 class RolloutFleet:
     """``RolloutWorker`` Ray actors, created from one ``RolloutConfig``."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, name_prefix: str = ""):
+    def __init__(self, cfg: RolloutConfig, model_path: str, name_prefix: str = "", lora_rank: int | None = None):
+        """``lora_rank``: learner.lora.r when the learner trains a LoRA adapter (the engines of
+        rollout.lora_sync: adapter are built for it); None for full fine-tuning."""
         import ray
 
         self.cfg = cfg
         self.model_path = model_path
+        self.lora_rank = lora_rank
         self.name_prefix = name_prefix
         # Decide from the cluster, not this process: the driver often runs on a CPU-only head.
         self.device = resolve_device(cfg, ray.cluster_resources().get("GPU", 0) > 0)
@@ -309,7 +312,7 @@ class RolloutFleet:
                 max_restarts=0,
                 runtime_env={"env_vars": worker_env(self.cfg, self.device)},
             )
-            .remote(worker_cfg, self.model_path, index)
+            .remote(worker_cfg, self.model_path, index, self.lora_rank)
         )
         return self.book.add(handle, index)
 
