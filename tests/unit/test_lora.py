@@ -12,8 +12,9 @@ from fleetrl.core.weight_wire import merge_lora, plan_buckets
 from fleetrl.learner.config import LearnerConfig
 from fleetrl.learner.critic_config import CriticConfig
 from fleetrl.learner.lora import AdapterDisabled, LoraConfig, adapter_tensors, apply_lora, export_merged, wire_name
-from fleetrl.rollout.config import RolloutConfig
-from fleetrl.rollout.weight_receiver import plan_from_plain, plan_to_plain
+from fleetrl.rollout.config import RolloutConfig, vllm_lora_rank
+from fleetrl.rollout.weight_receiver import plan_from_plain, plan_to_plain, write_peft_adapter
+from fleetrl.rollout.worker import adapter_root, engine_kwargs
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 7, 120, 3], [8, 9, 10, 11, 12, 13, 14, 15]])
 
@@ -147,8 +148,8 @@ def test_config_errors_and_defaults():
         LearnerConfig(lora={"target_modules": []})
     with pytest.raises(ValidationError, match="r\n"):
         LearnerConfig(lora={"r": 0})
-    with pytest.raises(ValidationError, match="rollout.lora_sync: adapter .* use rollout.lora_sync: merged"):
-        RolloutConfig(lora_sync="adapter")
+    with pytest.raises(ValidationError, match="enable_lora and max_lora_rank follow rollout.lora_sync"):
+        RolloutConfig(engine_kwargs={"enable_lora": True})
     assert CriticConfig().learner_config(cfg).lora is None  # the critic keeps full weights
 
 
@@ -162,3 +163,68 @@ def test_override_turns_lora_on():
 
     cfg = load_config("examples/grpo_tiny.yaml", ["learner.lora.r=8"])
     assert cfg.learner.lora == LoraConfig(r=8)
+
+
+def test_adapter_dir_loads_in_peft_and_passes_vllms_checks(base, tmp_path):
+    """rollout.lora_sync: adapter writes what PEFT and vLLM's LoRA loader read, from the wire's tensors."""
+    from peft import PeftModel
+
+    model = _trained_adapter(base, LoraConfig(r=8, alpha=16))
+    # As the receiver holds them: views of one flat bucket (safetensors refuses shared storage as is).
+    tensors = adapter_tensors(model)
+    plan = plan_buckets([(n, tuple(p.shape), p.dtype) for n, p in tensors.items()], version=1, lora_scale=2.0)
+    from fleetrl.core.weight_wire import pack_bucket, unpack_bucket
+
+    wire = [t for b in plan.buckets for t in unpack_bucket(b, pack_bucket(b, tensors))]
+    out = write_peft_adapter(tmp_path / "v1", wire, 2.0)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16.0
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert not (tmp_path / "v1.tmp").exists()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    assert torch.allclose(_logps(loaded), _logps(model), atol=1e-6)
+
+    from vllm.config.lora import LoRAConfig as VllmLoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helper = PEFTHelper.from_local_dir(str(out), max_position_embeddings=None)
+    helper.validate_legal(VllmLoRAConfig(max_lora_rank=vllm_lora_rank(8)))
+    assert helper.vllm_lora_scaling_factor == 2.0
+    with pytest.raises(ValueError, match="LoRA rank 8 is greater than max_lora_rank"):
+        PEFTHelper.from_local_dir(str(out), None).validate_legal(VllmLoRAConfig(max_lora_rank=1))
+
+    with pytest.raises(ValueError, match="neither <module>.lora_A.weight"):
+        write_peft_adapter(tmp_path / "bad", [("model.norm.weight", torch.ones(3))], 2.0)
+    with pytest.raises(ValueError, match="several ranks \\[4, 8\\]"):
+        write_peft_adapter(tmp_path / "bad", [("a.lora_A.weight", torch.ones(4, 2)),
+                                              ("b.lora_A.weight", torch.ones(8, 2))], 1.0)
+
+
+def test_adapter_mode_engine_arguments():
+    cfg = RolloutConfig(lora_sync="adapter")
+    assert "enable_lora" not in engine_kwargs(cfg, "m")  # full fine-tuning: a plain engine
+    kw = engine_kwargs(cfg, "m", lora_rank=12)
+    assert kw["enable_lora"] and kw["max_lora_rank"] == 16 and kw["max_loras"] == 2
+    assert "enable_lora" not in engine_kwargs(RolloutConfig(), "m", lora_rank=8)  # merged: no LoRA in vLLM
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(ValueError, match="learner.lora.r=600 is above vLLM's largest LoRA rank"):
+        vllm_lora_rank(600)
+    from fleetrl.run.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="learner.lora.r=600 is above"):
+        load_config("examples/grpo_tiny.yaml", ["learner.lora.r=600", "rollout.lora_sync=adapter"])
+
+
+def test_adapter_root_removes_what_dead_workers_left(tmp_path):
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"fleetrl-lora-w3-pid{dead.pid}"
+    (stale / "v1-1").mkdir(parents=True)
+    live = tmp_path / f"fleetrl-lora-w4-pid{os.getppid()}"
+    live.mkdir()
+    root = adapter_root(0, str(tmp_path))
+    assert root == str(tmp_path / f"fleetrl-lora-w0-pid{os.getpid()}") and os.path.isdir(root)
+    assert not stale.exists() and live.exists()
