@@ -156,6 +156,10 @@ def test_config_errors_and_defaults():
 def test_bad_target_modules_name_the_key(base):
     with pytest.raises(ValueError, match="learner.lora.target_modules=\\['nope'\\]"):
         apply_lora(copy.deepcopy(base), LoraConfig(target_modules=["nope"]))
+    # An embedding adapter trains, but no sync could carry it: an error, not a fleet on other weights.
+    model = apply_lora(copy.deepcopy(base), LoraConfig(target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ValueError, match="embed_tokens.lora_embedding_A.* is trained but a weight sync cannot"):
+        adapter_tensors(model)
 
 
 def test_override_turns_lora_on():
