@@ -232,3 +232,76 @@ def test_adapter_root_removes_what_dead_workers_left(tmp_path):
     root = adapter_root(0, str(tmp_path))
     assert root == str(tmp_path / f"fleetrl-lora-w0-pid{os.getpid()}") and os.path.isdir(root)
     assert not stale.exists() and live.exists()
+
+
+class _FakeEngine:
+    """Stands in for vLLM's AsyncLLM: records add/remove_lora and which adapter each request used;
+    a request holds until its gate opens."""
+
+    errored = False
+
+    def __init__(self):
+        self.loaded, self.removed, self.used, self.gates = set(), [], [], {}
+
+    async def add_lora(self, request):
+        if "broken" in request.lora_path:
+            raise RuntimeError("Loading lora failed: No adapter found")
+        self.loaded.add(request.lora_int_id)
+        return True
+
+    async def remove_lora(self, lora_id):
+        self.loaded.discard(lora_id)
+        self.removed.append(lora_id)
+        return True
+
+    async def generate(self, prompt, params, request_id, lora_request=None):
+        import asyncio
+        from types import SimpleNamespace
+
+        self.used.append(None if lora_request is None else lora_request.lora_int_id)
+        gate = self.gates.setdefault(request_id, asyncio.Event())
+        await gate.wait()
+        logprob = SimpleNamespace(logprob=-1.0)
+        yield SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=[7], logprobs=[{7: logprob}],
+                                                       finish_reason="stop")])
+
+
+def test_adapter_versions_in_flight_and_release(tmp_path):
+    """rollout.lora_sync: adapter bookkeeping: a request keeps the adapter (and version) it started
+    with, an old adapter goes (engine and disk) when its last request ends, a failed load names the
+    worker and version and changes nothing."""
+    import asyncio
+    import itertools
+
+    from fleetrl.rollout.worker import RolloutWorker, sampling_params
+
+    async def scenario():
+        w = object.__new__(RolloutWorker)
+        w.cfg, w.worker_index, w.weight_version, w.adapter_mode = RolloutConfig(lora_sync="adapter"), 5, 0, True
+        w._lora, w._lora_users, w._lora_ids, w._requests, w._inflight = None, {}, itertools.count(1), \
+            itertools.count(), 0
+        w.engine = engine = _FakeEngine()
+        params = sampling_params({"max_tokens": 1}, 1)
+        dirs = [tmp_path / f"v{v}" for v in (1, 2)]
+        for d in dirs:
+            d.mkdir()
+        assert await w.load_adapter(1, str(dirs[0])) == 1
+        old = asyncio.ensure_future(w._sample("a", [1, 2], params))
+        await asyncio.sleep(0)
+        await w.load_adapter(2, str(dirs[1]))  # while "a" runs on version 1
+        assert engine.removed == [] and dirs[0].exists()  # still in use
+        new = asyncio.ensure_future(w._sample("b", [1, 2], params))
+        await asyncio.sleep(0)
+        for gate in engine.gates.values():
+            gate.set()
+        (a,), (b,) = await old, await new
+        assert (a.weight_version, a.last_weight_version) == (1, 1)
+        assert (b.weight_version, b.last_weight_version) == (2, 2)
+        assert engine.used == [1, 2]
+        assert engine.removed == [1] and not dirs[0].exists() and dirs[1].exists()  # released after "a" ended
+        with pytest.raises(RuntimeError, match="rollout worker 5: vLLM could not load the LoRA adapter of weight "
+                                               "version 3 from .*broken.*keeps serving version 2"):
+            await w.load_adapter(3, str(tmp_path / "broken"))
+        assert w.weight_version == 2 and w._lora.lora_int_id == 2 and engine.removed == [1]
+
+    asyncio.run(scenario())
