@@ -384,8 +384,18 @@ class RolloutWorker:
             self._adapter_root = adapter_root(self.worker_index)
         path = os.path.join(self._adapter_root, f"v{version}-{lora_id}")
         inflight = self._inflight
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         async with self._engine_alive():
-            stats = await self.engine.collective_rpc("receive_adapter", args=(plain, path))
+            try:
+                stats = await self.engine.collective_rpc("receive_adapter", args=(plain, path))
+            except EngineDeadError:
+                raise
+            except Exception as e:
+                raise RuntimeError(
+                    f"rollout worker {self.worker_index}: receiving the LoRA adapter of weight version {version} "
+                    f"into {path} failed: {type(e).__name__}: {e}. It keeps serving version "
+                    f"{self.weight_version}") from e
             await self.load_adapter(version, path, lora_id)
         return {
             "worker_index": self.worker_index,
@@ -408,6 +418,8 @@ class RolloutWorker:
         try:
             await self.engine.add_lora(request)
         except Exception as e:
+            if self._adapter_root is not None and Path(path).parent == Path(self._adapter_root):
+                shutil.rmtree(path, ignore_errors=True)  # ours, and never to be used
             raise RuntimeError(
                 f"rollout worker {self.worker_index}: vLLM could not load the LoRA adapter of weight version "
                 f"{version} from {path}: {type(e).__name__}: {e}. It keeps serving version {self.weight_version}. "
