@@ -281,9 +281,10 @@ def test_adapter_versions_in_flight_and_release(tmp_path):
         w._lora, w._lora_users, w._lora_ids, w._requests, w._inflight = None, {}, itertools.count(1), \
             itertools.count(), 0
         w.engine = engine = _FakeEngine()
+        w._adapter_root = str(tmp_path)
         params = sampling_params({"max_tokens": 1}, 1)
         dirs = [tmp_path / f"v{v}" for v in (1, 2)]
-        for d in dirs:
+        for d in [*dirs, tmp_path / "broken"]:
             d.mkdir()
         assert await w.load_adapter(1, str(dirs[0])) == 1
         old = asyncio.ensure_future(w._sample("a", [1, 2], params))
@@ -302,6 +303,7 @@ def test_adapter_versions_in_flight_and_release(tmp_path):
         with pytest.raises(RuntimeError, match="rollout worker 5: vLLM could not load the LoRA adapter of weight "
                                                "version 3 from .*broken.*keeps serving version 2"):
             await w.load_adapter(3, str(tmp_path / "broken"))
+        assert not (tmp_path / "broken").exists()  # written for nothing: removed
         assert w.weight_version == 2 and w._lora.lora_int_id == 2 and engine.removed == [1]
 
     asyncio.run(scenario())
