@@ -448,6 +448,11 @@ class RolloutFleet:
     def shutdown(self) -> None:
         import ray
 
+        # Best effort, a few seconds at most: workers remove their adapter files (rollout.lora_sync:
+        # adapter); what a killed worker leaves is swept by the next one started on that machine.
+        closing = [self.book.handle(i).close.remote() for i in self.book.indices()]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=5)
         for i in self.book.indices():
             handle, _ = self.book.remove(i, wait=True, timeout_s=0, wait_fn=lambda futs, t: [])
             ray.kill(handle)
