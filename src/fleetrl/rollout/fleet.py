@@ -450,7 +450,8 @@ class RolloutFleet:
 
         # Best effort, a few seconds at most: workers remove their adapter files (rollout.lora_sync:
         # adapter); what a killed worker leaves is swept by the next one started on that machine.
-        closing = [self.book.handle(i).close.remote() for i in self.book.indices()]
+        adapters = self.lora_rank is not None and self.cfg.lora_sync == "adapter"
+        closing = [self.book.handle(i).close.remote() for i in self.book.indices()] if adapters else []
         if closing:
             ray.wait(closing, num_returns=len(closing), timeout=5)
         for i in self.book.indices():
