@@ -1,12 +1,14 @@
 """LoRA vs full fine-tuning of the same model, in one run: learner memory and weight-sync cost.
 
-For each mode (full; LoRA r=--rank on every linear layer) it starts a real ``LearnerGroup`` (1
+For each learner (full; LoRA r=--rank on every linear layer) it starts a real ``LearnerGroup`` (1
 DeepSpeed rank, ZeRO-2, a Ray actor) with the KL reference on, takes one optimizer step, and reads
 ``Engine.memory()``: parameter bytes (policy + a separate reference copy, which LoRA does not
-load) and optimizer-state bytes. Then it syncs to one real vLLM CPU worker (``WeightSync.push``)
---rounds times: bytes per sync (the plan) and the driver's wall time per sync (median [min-max]).
-With LoRA only the adapter travels and the worker merges it into its base weights and reloads
-the whole model (rollout.lora_sync: merged), so the reload part does not shrink.
+load) and optimizer-state bytes. Then it syncs to a real vLLM CPU worker (``WeightSync.push``)
+--rounds times: bytes per sync (the plan) and the driver's wall time per sync (median [min-max]),
+then times --rounds generate calls (8 prompts x 4 samples x 32 tokens) on what the worker serves.
+The LoRA learner syncs twice over: to a plain engine that merges the adapter into its base weights
+and reloads the whole model (rollout.lora_sync: merged), and to an engine started with vLLM's
+enable_lora that serves each version as an adapter, no reload (rollout.lora_sync: adapter).
 
 Run from the repository root:  python bench/bench_lora.py  (see --help)
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,11 +100,29 @@ def main(argv=None) -> None:
     n_params = sum(t.numel() for t in load_file(str(next(Path(model).glob("*.safetensors")))).values())
     print(f"model: tiny Qwen2 hidden {args.hidden_size}, {args.num_layers} layers, {n_params / 1e6:.2f}M params, "
           f"float32; LoRA r={args.rank} alpha={2 * args.rank} all-linear")
-    fleet = RolloutFleet(RolloutConfig(num_workers=1, max_model_len=256, enforce_eager=True, cpu_kvcache_space_gb=1,
-                                       dtype="float32", env_vars={"VLLM_LOGGING_LEVEL": "WARNING"}),
-                         model, name_prefix="bench-lora/")
+    def rollout(mode: str) -> RolloutConfig:
+        return RolloutConfig(num_workers=1, max_model_len=256, enforce_eager=True, cpu_kvcache_space_gb=1,
+                             dtype="float32", lora_sync=mode, env_vars={"VLLM_LOGGING_LEVEL": "WARNING"})
+
+    fleet = RolloutFleet(rollout("merged"), model, name_prefix="bench-lora/")
+    adapter_fleet = RolloutFleet(rollout("adapter"), model, name_prefix="bench-lora-adapter/", lora_rank=args.rank)
     fleet.wait_ready()
+    adapter_fleet.wait_ready()
     rows = [Sample(0, "", [5, 17, 42, 99], [7, 7, 120, 3], [0.0] * 4, "stop", 0)] * 2
+    prompts = [[5 + i, 17, 42, 99, 7 + i] for i in range(8)]
+
+    def generate_s(f: RolloutFleet) -> list[float]:
+        import ray
+
+        worker = f.book.handle(f.book.indices()[0])
+        times = []
+        for r in range(args.rounds + 1):  # the first one after a sync warms up
+            t0 = time.perf_counter()
+            ray.get(worker.generate.remote(prompts, 4, {"max_tokens": 32, "ignore_eos": True},
+                                           [f"g{r}-{i}" for i in range(len(prompts))]))
+            times.append(time.perf_counter() - t0)
+        return times[1:]
+
     results = {}
     try:
         for mode in ("full", "lora"):
@@ -116,34 +137,44 @@ def main(argv=None) -> None:
                 batch["advantages"] = torch.tensor([1.0, -1.0])
                 learner.train(batch, mini_batch_size=2)
                 mem = learner.memory()[0]
-                sync = WeightSync(learner, fleet, backend="gloo")
                 plan_bytes = learner.weight_plan(0).num_bytes
-                sync.push(1)  # warm-up (the LoRA worker reads its base weights here once)
-                times = [sync.push(v) for v in range(2, 2 + args.rounds)]
-                results[mode] = {**mem, "sync_bytes": plan_bytes, "sync_s": times}
+                for name, f in [("full", fleet)] if mode == "full" else [("merged", fleet), ("adapter", adapter_fleet)]:
+                    sync = WeightSync(learner, f, backend="gloo")
+                    sync.push(1)  # warm-up (a merged worker reads its base weights here once)
+                    times = [sync.push(v) for v in range(2, 2 + args.rounds)]
+                    results[name] = {**mem, "sync_bytes": plan_bytes, "sync_s": times, "generate_s": generate_s(f)}
             finally:
                 learner.shutdown()
     finally:
         fleet.shutdown()
+        adapter_fleet.shutdown()
 
     report(results)
 
 
 def report(results: dict) -> None:
-    full, lora = results["full"], results["lora"]
-    print(f"\n{'':28s}{'full':>16s}{'LoRA':>16s}{'LoRA / full':>14s}")
-    for key, label in (("param_bytes", "parameters (+reference)"), ("trainable_bytes", "trainable parameters"),
-                       ("optimizer_bytes", "optimizer state"), ("sync_bytes", "bytes per sync")):
-        print(f"{label:28s}{_mib(full[key]):>16s}{_mib(lora[key]):>16s}{lora[key] / full[key]:>14.4f}")
-    learner_mem = {m: r["param_bytes"] + r["optimizer_bytes"] for m, r in results.items()}
-    print(f"{'learner memory (params+opt)':28s}{_mib(learner_mem['full']):>16s}{_mib(learner_mem['lora']):>16s}"
-          f"{learner_mem['lora'] / learner_mem['full']:>14.4f}")
+    """One column per mode (full first), the ratio of each to full."""
+    modes = list(results)
+    full = results["full"]
+    label = {"full": "full", "lora": "LoRA", "merged": "LoRA merged", "adapter": "LoRA adapter"}
+    print("\n" + f"{'':28s}" + "".join(f"{label[m]:>16s}" for m in modes)
+          + "".join(f"{label[m] + ' / full':>22s}" for m in modes[1:]))
+
+    def row(name: str, values: dict[str, float], fmt) -> None:
+        print(f"{name:28s}" + "".join(f"{fmt(values[m]):>16s}" for m in modes)
+              + "".join(f"{values[m] / values['full']:>22.4f}" for m in modes[1:]))
+
+    for key, name in (("param_bytes", "parameters (+reference)"), ("trainable_bytes", "trainable parameters"),
+                      ("optimizer_bytes", "optimizer state"), ("sync_bytes", "bytes per sync")):
+        row(name, {m: r[key] for m, r in results.items()}, _mib)
+    row("learner memory (params+opt)", {m: r["param_bytes"] + r["optimizer_bytes"] for m, r in results.items()},
+        _mib)
     if "sync_s" not in full:
         return
-    med = {m: statistics.median(r["sync_s"]) for m, r in results.items()}
-    spread = {m: f"[{min(r['sync_s']) * 1e3:.0f}-{max(r['sync_s']) * 1e3:.0f}]" for m, r in results.items()}
-    print(f"{'sync time, median [min-max]':28s}{med['full'] * 1e3:>9.0f} ms {spread['full']:>5s}"
-          f"{med['lora'] * 1e3:>7.0f} ms {spread['lora']}  ratio {med['lora'] / med['full']:.2f}")
+    for key, name in (("sync_s", "sync time, median"), ("generate_s", "generate 8x4x32, median")):
+        row(name, {m: statistics.median(r[key]) for m, r in results.items()}, lambda s: f"{s * 1e3:.0f} ms")
+        print(f"{'  [min-max]':28s}" + "".join(
+            f"{f'[{min(r[key]) * 1e3:.0f}-{max(r[key]) * 1e3:.0f}]':>16s}" for r in results.values()))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from fleetrl.core.weight_wire import merge_lora, plan_buckets
 from fleetrl.learner.config import LearnerConfig
 from fleetrl.learner.critic_config import CriticConfig
 from fleetrl.learner.lora import AdapterDisabled, LoraConfig, adapter_tensors, apply_lora, export_merged, wire_name
-from fleetrl.rollout.config import RolloutConfig
-from fleetrl.rollout.weight_receiver import plan_from_plain, plan_to_plain
+from fleetrl.rollout.config import RolloutConfig, vllm_lora_rank
+from fleetrl.rollout.weight_receiver import plan_from_plain, plan_to_plain, write_peft_adapter
+from fleetrl.rollout.worker import adapter_root, engine_kwargs
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 7, 120, 3], [8, 9, 10, 11, 12, 13, 14, 15]])
 
@@ -147,14 +148,18 @@ def test_config_errors_and_defaults():
         LearnerConfig(lora={"target_modules": []})
     with pytest.raises(ValidationError, match="r\n"):
         LearnerConfig(lora={"r": 0})
-    with pytest.raises(ValidationError, match="rollout.lora_sync: adapter .* use rollout.lora_sync: merged"):
-        RolloutConfig(lora_sync="adapter")
+    with pytest.raises(ValidationError, match="enable_lora and max_lora_rank follow rollout.lora_sync"):
+        RolloutConfig(engine_kwargs={"enable_lora": True})
     assert CriticConfig().learner_config(cfg).lora is None  # the critic keeps full weights
 
 
 def test_bad_target_modules_name_the_key(base):
     with pytest.raises(ValueError, match="learner.lora.target_modules=\\['nope'\\]"):
         apply_lora(copy.deepcopy(base), LoraConfig(target_modules=["nope"]))
+    # An embedding adapter trains, but no sync could carry it: an error, not a fleet on other weights.
+    model = apply_lora(copy.deepcopy(base), LoraConfig(target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ValueError, match="embed_tokens.lora_embedding_A.* is trained but a weight sync cannot"):
+        adapter_tensors(model)
 
 
 def test_override_turns_lora_on():
@@ -162,3 +167,143 @@ def test_override_turns_lora_on():
 
     cfg = load_config("examples/grpo_tiny.yaml", ["learner.lora.r=8"])
     assert cfg.learner.lora == LoraConfig(r=8)
+
+
+def test_adapter_dir_loads_in_peft_and_passes_vllms_checks(base, tmp_path):
+    """rollout.lora_sync: adapter writes what PEFT and vLLM's LoRA loader read, from the wire's tensors."""
+    from peft import PeftModel
+
+    model = _trained_adapter(base, LoraConfig(r=8, alpha=16))
+    # As the receiver holds them: views of one flat bucket (safetensors refuses shared storage as is).
+    tensors = adapter_tensors(model)
+    plan = plan_buckets([(n, tuple(p.shape), p.dtype) for n, p in tensors.items()], version=1, lora_scale=2.0)
+    from fleetrl.core.weight_wire import pack_bucket, unpack_bucket
+
+    wire = [t for b in plan.buckets for t in unpack_bucket(b, pack_bucket(b, tensors))]
+    out = write_peft_adapter(tmp_path / "v1", wire, 2.0)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16.0
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert not (tmp_path / "v1.tmp").exists()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    assert torch.allclose(_logps(loaded), _logps(model), atol=1e-6)
+
+    from vllm.config.lora import LoRAConfig as VllmLoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helper = PEFTHelper.from_local_dir(str(out), max_position_embeddings=None)
+    helper.validate_legal(VllmLoRAConfig(max_lora_rank=vllm_lora_rank(8)))
+    assert helper.vllm_lora_scaling_factor == 2.0
+    with pytest.raises(ValueError, match="LoRA rank 8 is greater than max_lora_rank"):
+        PEFTHelper.from_local_dir(str(out), None).validate_legal(VllmLoRAConfig(max_lora_rank=1))
+
+    with pytest.raises(ValueError, match="neither <module>.lora_A.weight"):
+        write_peft_adapter(tmp_path / "bad", [("model.norm.weight", torch.ones(3))], 2.0)
+    with pytest.raises(ValueError, match="several ranks \\[4, 8\\]"):
+        write_peft_adapter(tmp_path / "bad", [("a.lora_A.weight", torch.ones(4, 2)),
+                                              ("b.lora_A.weight", torch.ones(8, 2))], 1.0)
+
+
+def test_adapter_mode_engine_arguments():
+    cfg = RolloutConfig(lora_sync="adapter")
+    assert "enable_lora" not in engine_kwargs(cfg, "m")  # full fine-tuning: a plain engine
+    kw = engine_kwargs(cfg, "m", lora_rank=12)
+    assert kw["enable_lora"] and kw["max_lora_rank"] == 16 and kw["max_loras"] == 2
+    assert "enable_lora" not in engine_kwargs(RolloutConfig(), "m", lora_rank=8)  # merged: no LoRA in vLLM
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(ValueError, match="learner.lora.r=600 is above vLLM's largest LoRA rank"):
+        vllm_lora_rank(600)
+    from fleetrl.run.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="learner.lora.r=600 is above"):
+        load_config("examples/grpo_tiny.yaml", ["learner.lora.r=600", "rollout.lora_sync=adapter"])
+
+
+def test_adapter_root_removes_what_dead_workers_left(tmp_path):
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"fleetrl-lora-w3-pid{dead.pid}"
+    (stale / "v1-1").mkdir(parents=True)
+    live = tmp_path / f"fleetrl-lora-w4-pid{os.getppid()}"
+    live.mkdir()
+    root = adapter_root(0, str(tmp_path))
+    assert root == str(tmp_path / f"fleetrl-lora-w0-pid{os.getpid()}") and os.path.isdir(root)
+    assert not stale.exists() and live.exists()
+
+
+class _FakeEngine:
+    """Stands in for vLLM's AsyncLLM: records add/remove_lora and which adapter each request used;
+    a request holds until its gate opens."""
+
+    errored = False
+
+    def __init__(self):
+        self.loaded, self.removed, self.used, self.gates = set(), [], [], {}
+
+    async def add_lora(self, request):
+        if "broken" in request.lora_path:
+            raise RuntimeError("Loading lora failed: No adapter found")
+        self.loaded.add(request.lora_int_id)
+        return True
+
+    async def remove_lora(self, lora_id):
+        self.loaded.discard(lora_id)
+        self.removed.append(lora_id)
+        return True
+
+    async def generate(self, prompt, params, request_id, lora_request=None):
+        import asyncio
+        from types import SimpleNamespace
+
+        self.used.append(None if lora_request is None else lora_request.lora_int_id)
+        gate = self.gates.setdefault(request_id, asyncio.Event())
+        await gate.wait()
+        logprob = SimpleNamespace(logprob=-1.0)
+        yield SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=[7], logprobs=[{7: logprob}],
+                                                       finish_reason="stop")])
+
+
+def test_adapter_versions_in_flight_and_release(tmp_path):
+    """rollout.lora_sync: adapter bookkeeping: a request keeps the adapter (and version) it started
+    with, an old adapter goes (engine and disk) when its last request ends, a failed load names the
+    worker and version and changes nothing."""
+    import asyncio
+    import itertools
+
+    from fleetrl.rollout.worker import RolloutWorker, sampling_params
+
+    async def scenario():
+        w = object.__new__(RolloutWorker)
+        w.cfg, w.worker_index, w.weight_version, w.adapter_mode = RolloutConfig(lora_sync="adapter"), 5, 0, True
+        w._lora, w._lora_users, w._lora_ids, w._requests, w._inflight = None, {}, itertools.count(1), \
+            itertools.count(), 0
+        w.engine = engine = _FakeEngine()
+        w._adapter_root = str(tmp_path)
+        params = sampling_params({"max_tokens": 1}, 1)
+        dirs = [tmp_path / f"v{v}" for v in (1, 2)]
+        for d in [*dirs, tmp_path / "broken"]:
+            d.mkdir()
+        assert await w.load_adapter(1, str(dirs[0])) == 1
+        old = asyncio.ensure_future(w._sample("a", [1, 2], params))
+        await asyncio.sleep(0)
+        await w.load_adapter(2, str(dirs[1]))  # while "a" runs on version 1
+        assert engine.removed == [] and dirs[0].exists()  # still in use
+        new = asyncio.ensure_future(w._sample("b", [1, 2], params))
+        await asyncio.sleep(0)
+        for gate in engine.gates.values():
+            gate.set()
+        (a,), (b,) = await old, await new
+        assert (a.weight_version, a.last_weight_version) == (1, 1)
+        assert (b.weight_version, b.last_weight_version) == (2, 2)
+        assert engine.used == [1, 2]
+        assert engine.removed == [1] and not dirs[0].exists() and dirs[1].exists()  # released after "a" ended
+        with pytest.raises(RuntimeError, match="rollout worker 5: vLLM could not load the LoRA adapter of weight "
+                                               "version 3 from .*broken.*keeps serving version 2"):
+            await w.load_adapter(3, str(tmp_path / "broken"))
+        assert not (tmp_path / "broken").exists()  # written for nothing: removed
+        assert w.weight_version == 2 and w._lora.lora_int_id == 2 and engine.removed == [1]
+
+    asyncio.run(scenario())

@@ -73,12 +73,21 @@ def wire_name(peft_name: str) -> str | None:
 
 
 def adapter_tensors(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The adapter's A/B parameters by wire name, in the model's (layer by layer) order."""
+    """The adapter's A/B parameters by wire name, in the model's (layer by layer) order.
+
+    A trained parameter that is not a linear layer's A/B (an embedding's LoRA, a module PEFT trains
+    whole) is an error: it would not reach the fleet, which would then sample from another model.
+    """
     out = {}
     for name, p in model.named_parameters():
         wname = wire_name(name)
         if wname is not None:
             out[wname] = p
+        elif p.requires_grad:
+            raise ValueError(
+                f"learner.lora: {name} is trained but a weight sync cannot carry it (only the A/B matrices "
+                "of linear layers travel to the fleet, and vLLM serves only those): keep "
+                "learner.lora.target_modules to linear layers such as q_proj/v_proj/down_proj")
     if not out:
         raise ValueError("the model has no LoRA parameters: is learner.lora set?")
     return out

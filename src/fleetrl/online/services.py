@@ -75,7 +75,8 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
         cfg.rollout.environment = resolve_environment(cfg.rollout.environment, run_dir.config_dir,
                                                       cfg.rollout.episode.env_kwargs)
     # Actor creation is asynchronous: the services start side by side.
-    fleet = RolloutFleet(cfg.rollout, model_path, name_prefix=prefix)
+    fleet = RolloutFleet(cfg.rollout, model_path, name_prefix=prefix,
+                         lora_rank=cfg.learner.lora.r if cfg.learner.lora is not None else None)
     started.append(fleet)
     try:
         learner = LearnerGroup(cfg.learner, model_path, total_steps=total_steps,

@@ -59,8 +59,9 @@ class RolloutConfig(StrictModel):
     # tokens record both versions); drain lets the running requests finish first (no new ones start).
     weight_update: Literal["in_flight", "drain"] = "in_flight"
     # With learner.lora only the adapter travels. merged: each worker merges it into the base
-    # weights it keeps (read from the model directory) and reloads. adapter (vLLM enable_lora + a
-    # LoRARequest per version) is not implemented yet and is refused.
+    # weights it keeps (read from the model directory) and reloads. adapter: the engine runs with
+    # vLLM's enable_lora and serves each version as a LoRA adapter (no base-weight reload; requests
+    # in flight finish on the adapter they started with).
     lora_sync: Literal["merged", "adapter"] = "merged"
     # Deadlines. A worker whose engine has not started and warmed up within ready_timeout_s fails
     # the start with what the cluster lacks; a generate call older than generate_timeout_s means
@@ -97,29 +98,35 @@ class RolloutConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _lora_sync(self) -> RolloutConfig:
-        if self.lora_sync == "adapter":
-            raise ValueError(
-                "rollout.lora_sync: adapter (vLLM serving the adapter through enable_lora and a LoRARequest "
-                "per version) is not implemented in fleetrl yet: use rollout.lora_sync: merged, which sends "
-                "the same adapter-only bytes and merges them into the fleet's base weights"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _engine_kwargs_do_not_shadow(self) -> RolloutConfig:
         owned = {
             "model", "tensor_parallel_size", "max_model_len", "dtype", "gpu_memory_utilization",
             "enforce_eager", "seed", "distributed_executor_backend", "worker_extension_cls",
-            "logprobs_mode",
+            "logprobs_mode", "enable_lora", "max_lora_rank",
         }
         clash = sorted(owned & set(self.engine_kwargs))
         if clash:
             raise ValueError(
                 f"rollout.engine_kwargs sets {clash}, which fleetrl sets itself: use the rollout.* field "
-                "of the same name instead (worker_extension_cls and logprobs_mode are fixed by fleetrl)"
+                "of the same name instead (worker_extension_cls and logprobs_mode are fixed by fleetrl; "
+                "enable_lora and max_lora_rank follow rollout.lora_sync and learner.lora.r)"
             )
         return self
+
+
+# The ranks a vLLM engine can be built for (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Adapters one engine batch may mix: the current version and the one requests in flight started on.
+MAX_LORAS = 2
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts as max_lora_rank that holds an adapter of rank ``r``."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise ValueError(f"learner.lora.r={r} is above vLLM's largest LoRA rank ({VLLM_LORA_RANKS[-1]}): "
+                     "lower it, or use rollout.lora_sync: merged (no rank limit)")
 
 
 def resolve_device(cfg: RolloutConfig, gpu_available: bool) -> str:

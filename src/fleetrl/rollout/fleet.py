@@ -272,11 +272,14 @@ class FleetBook:
 class RolloutFleet:
     """``RolloutWorker`` Ray actors, created from one ``RolloutConfig``."""
 
-    def __init__(self, cfg: RolloutConfig, model_path: str, name_prefix: str = ""):
+    def __init__(self, cfg: RolloutConfig, model_path: str, name_prefix: str = "", lora_rank: int | None = None):
+        """``lora_rank``: learner.lora.r when the learner trains a LoRA adapter (the engines of
+        rollout.lora_sync: adapter are built for it); None for full fine-tuning."""
         import ray
 
         self.cfg = cfg
         self.model_path = model_path
+        self.lora_rank = lora_rank
         self.name_prefix = name_prefix
         # Decide from the cluster, not this process: the driver often runs on a CPU-only head.
         self.device = resolve_device(cfg, ray.cluster_resources().get("GPU", 0) > 0)
@@ -309,7 +312,7 @@ class RolloutFleet:
                 max_restarts=0,
                 runtime_env={"env_vars": worker_env(self.cfg, self.device)},
             )
-            .remote(worker_cfg, self.model_path, index)
+            .remote(worker_cfg, self.model_path, index, self.lora_rank)
         )
         return self.book.add(handle, index)
 
@@ -445,6 +448,12 @@ class RolloutFleet:
     def shutdown(self) -> None:
         import ray
 
+        # Best effort, a few seconds at most: workers remove their adapter files (rollout.lora_sync:
+        # adapter); what a killed worker leaves is swept by the next one started on that machine.
+        adapters = self.lora_rank is not None and self.cfg.lora_sync == "adapter"
+        closing = [self.book.handle(i).close.remote() for i in self.book.indices()] if adapters else []
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=5)
         for i in self.book.indices():
             handle, _ = self.book.remove(i, wait=True, timeout_s=0, wait_fn=lambda futs, t: [])
             ray.kill(handle)

@@ -10,7 +10,12 @@ over the side process group.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +45,48 @@ def load_base_weights(model_dir: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in files:
         out.update(load_file(str(f)))
+    return out
+
+
+def write_peft_adapter(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]],
+                       scale: float) -> Path:
+    """A LoRA adapter in PEFT's saved format, from the wire's tensors: what vLLM's LoRARequest loads.
+
+    ``tensors`` are ``<module>.lora_A.weight`` [r, in] / ``<module>.lora_B.weight`` [out, r] under
+    Hugging Face module names (``fleetrl.learner.lora.wire_name``); ``scale`` is the plan's lora_scale
+    (alpha / r). Writes adapter_model.safetensors (PEFT's ``base_model.model.`` prefix) and
+    adapter_config.json (r, lora_alpha = scale * r, target_modules = the modules' last names) into a
+    sibling temp directory first, then renames it: a reader never sees half an adapter.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    weights, ranks, targets = {}, set(), set()
+    for name, t in tensors:
+        module, sep, part = name.rpartition(".lora_")
+        if not sep or part not in ("A.weight", "B.weight"):
+            raise ValueError(f"adapter tensor {name!r} is neither <module>.lora_A.weight nor <module>.lora_B.weight")
+        if part == "A.weight":
+            ranks.add(int(t.shape[0]))
+        targets.add(module.rsplit(".", 1)[-1])
+        # A copy of its own: the wire's tensors are views of one flat bucket, which safetensors refuses.
+        weights[f"base_model.model.{name}"] = t.detach().to("cpu").contiguous().clone()
+    if not weights:
+        raise ValueError("write_peft_adapter: the plan holds no adapter tensors")
+    if len(ranks) != 1:
+        raise ValueError(f"adapter tensors of several ranks {sorted(ranks)}: vLLM serves one rank per adapter")
+    r = ranks.pop()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights, str(tmp / "adapter_model.safetensors"))
+    (tmp / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": scale * r,
+        "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+        "use_dora": False, "modules_to_save": None,
+    }, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return out
 
 
@@ -110,6 +157,34 @@ class WeightReceiver:
         self._fleetrl_weight_group = init_side_group(host, int(port), rank, int(world_size), backend)
         return rank
 
+    def _receive_buckets(self, plan: WeightPlan) -> list[tuple[str, torch.Tensor]]:
+        group = getattr(self, "_fleetrl_weight_group", None)
+        if group is None:
+            raise RuntimeError(
+                "receive_weights called before init_weight_group on this vLLM worker: "
+                "call RolloutWorker.init_weight_group (or RolloutFleet.init_weight_group) first"
+            )
+        weights: list[tuple[str, torch.Tensor]] = []
+        for bucket in plan.buckets:
+            flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=self.model_runner.device)
+            broadcast(group, flat, src=0)
+            weights.extend(unpack_bucket(bucket, flat))
+        return weights
+
+    def receive_adapter(self, plan_data: dict[str, Any], out_dir: str) -> dict[str, float]:
+        """rollout.lora_sync: adapter. Receive one adapter version and write it as a PEFT adapter
+        directory at ``out_dir`` for the engine's LoRARequest; the model itself is not touched.
+        Every rank takes the broadcast; rank 0 writes (an engine's ranks share one machine's disk)."""
+        plan = plan_from_plain(plan_data)
+        if plan.lora_scale is None:
+            raise ValueError("receive_adapter got a full-weight plan: rollout.lora_sync: adapter needs learner.lora")
+        t0 = time.perf_counter()
+        weights = self._receive_buckets(plan)
+        t1 = time.perf_counter()
+        if int(self.rank) == 0:
+            write_peft_adapter(out_dir, weights, plan.lora_scale)
+        return {"receive_s": t1 - t0, "write_s": time.perf_counter() - t1, "bytes": float(plan.num_bytes)}
+
     def receive_weights(self, plan_data: dict[str, Any]) -> dict[str, float]:
         """Receive every bucket of one version, then load them in ONE reload.
 
@@ -117,20 +192,10 @@ class WeightReceiver:
         layer's weights come over two reloads (ENVIRONMENT.md); the price is holding one
         extra copy of the weights while they arrive.
         """
-        group = getattr(self, "_fleetrl_weight_group", None)
-        if group is None:
-            raise RuntimeError(
-                "receive_weights called before init_weight_group on this vLLM worker: "
-                "call RolloutWorker.init_weight_group (or RolloutFleet.init_weight_group) first"
-            )
         plan = plan_from_plain(plan_data)
         device = self.model_runner.device
         t0 = time.perf_counter()
-        weights: list[tuple[str, torch.Tensor]] = []
-        for bucket in plan.buckets:
-            flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=device)
-            broadcast(group, flat, src=0)
-            weights.extend(unpack_bucket(bucket, flat))
+        weights = self._receive_buckets(plan)
         t1 = time.perf_counter()
         if plan.lora_scale is not None:
             # Adapter only on the wire: merge it into the BASE weights (kept from the checkpoint, never

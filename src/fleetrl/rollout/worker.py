@@ -10,16 +10,19 @@ import asyncio
 import contextlib
 import itertools
 import os
+import shutil
+import tempfile
 import threading
 import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fleetrl.core.weight_wire import WeightPlan
 from fleetrl.env import ChatDelta, TurnOutput, load_environment, run_episode
-from fleetrl.rollout.config import RolloutConfig, resolve_device, worker_env
+from fleetrl.rollout.config import MAX_LORAS, RolloutConfig, resolve_device, vllm_lora_rank, worker_env
 from fleetrl.rollout.fleet import EngineDead
 from fleetrl.rollout.weight_receiver import plan_to_plain
 
@@ -72,8 +75,14 @@ def sampling_params(sampling: dict[str, Any], n: int):
                           output_kind=RequestOutputKind.FINAL_ONLY, **s)
 
 
-def engine_kwargs(cfg: RolloutConfig, model_path: str, worker_index: int = 0) -> dict[str, Any]:
-    """vLLM engine arguments of worker ``worker_index`` (for ``AsyncEngineArgs`` or ``vllm.LLM``)."""
+def engine_kwargs(cfg: RolloutConfig, model_path: str, worker_index: int = 0,
+                  lora_rank: int | None = None) -> dict[str, Any]:
+    """vLLM engine arguments of worker ``worker_index`` (for ``AsyncEngineArgs`` or ``vllm.LLM``).
+    ``lora_rank``: learner.lora.r when the learner trains an adapter (with rollout.lora_sync: adapter
+    the engine then serves adapters up to that rank)."""
+    lora = {}
+    if lora_rank is not None and cfg.lora_sync == "adapter":
+        lora = {"enable_lora": True, "max_lora_rank": vllm_lora_rank(lora_rank), "max_loras": MAX_LORAS}
     return {
         "model": model_path,
         "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -86,8 +95,35 @@ def engine_kwargs(cfg: RolloutConfig, model_path: str, worker_index: int = 0) ->
         "worker_extension_cls": EXTENSION_CLS,
         "logprobs_mode": LOGPROBS_MODE,
         "disable_log_stats": True,
+        **lora,
         **cfg.engine_kwargs,
     }
+
+
+def adapter_root(worker_index: int, parent: str | None = None) -> str:
+    """A fresh directory for this process's adapter versions: worker-local and in memory where there
+    is /dev/shm (vLLM reads each adapter back at once). A killed worker cannot clean up after itself,
+    so directories left by processes that no longer exist are removed here."""
+    if parent is None:
+        parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    for old in Path(parent).glob("fleetrl-lora-w*-pid*"):
+        pid = old.name.rpartition("-pid")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    root = Path(parent) / f"fleetrl-lora-w{worker_index}-pid{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    return str(root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RolloutWorker:
@@ -99,13 +135,23 @@ class RolloutWorker:
     with ``InProcessWorker``.
     """
 
-    def __init__(self, cfg: RolloutConfig | dict, model_path: str, worker_index: int = 0):
+    def __init__(self, cfg: RolloutConfig | dict, model_path: str, worker_index: int = 0,
+                 lora_rank: int | None = None):
         if isinstance(cfg, dict):
             cfg = RolloutConfig.model_validate(cfg)
         self.cfg = cfg
         self.model_path = model_path
         self.worker_index = worker_index
         self.weight_version = 0
+        # rollout.lora_sync: adapter (with learner.lora): each version is a LoRA adapter the engine
+        # serves; the base weights never change. _lora: the current version's LoRARequest (None: the
+        # base model, version 0); _lora_users: requests in flight per adapter id (an old adapter is
+        # removed when its last request ends).
+        self.adapter_mode = lora_rank is not None and cfg.lora_sync == "adapter"
+        self._lora = None
+        self._lora_users: dict[int, int] = {}
+        self._lora_ids = itertools.count(1)
+        self._adapter_root: str | None = None
         self.weight_updates_in_flight = 0  # syncs that found requests in flight (they went on)
         self._requests = itertools.count()
         self._inflight = 0
@@ -122,7 +168,8 @@ class RolloutWorker:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         t0 = time.perf_counter()
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(cfg, model_path, worker_index)))
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**engine_kwargs(cfg, model_path, worker_index, lora_rank)))
         self.engine_start_s = time.perf_counter() - t0
         self.warmup_s = 0.0
         self.num_ranks = self.engine.vllm_config.parallel_config.world_size
@@ -198,14 +245,19 @@ class RolloutWorker:
         from vllm.inputs import TokensPrompt
 
         first_version = self.weight_version  # the oldest weights any of its tokens can come from
+        lora = self._lora  # adapter mode: the request keeps this adapter (its version) to the end
         final = None
         self._inflight += 1
+        self._hold_adapter(lora)
         try:
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt)), params,
-                                                  request_id=f"w{self.worker_index}-{next(self._requests)}"):
+                                                  request_id=f"w{self.worker_index}-{next(self._requests)}",
+                                                  lora_request=lora):
                 final = out
         finally:
             self._inflight -= 1
+            await self._drop_adapter(lora)
+        last_version = first_version if self.adapter_mode else self.weight_version
         result = []
         for c in sorted(final.outputs, key=lambda c: c.index):
             token_ids = list(c.token_ids)
@@ -222,7 +274,7 @@ class RolloutWorker:
                 logprobs=[float(c.logprobs[i][tok].logprob) for i, tok in enumerate(token_ids)],
                 finish_reason=c.finish_reason,
                 weight_version=first_version,
-                last_weight_version=self.weight_version,
+                last_weight_version=last_version,
                 worker_index=self.worker_index,
             ))
         return result
@@ -265,9 +317,15 @@ class RolloutWorker:
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
-                                              request_id=f"w{self.worker_index}-score-{next(self._requests)}"):
-            final = out
+        lora = self._lora
+        self._hold_adapter(lora)
+        try:
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                  request_id=f"w{self.worker_index}-score-{next(self._requests)}",
+                                                  lora_request=lora):
+                final = out
+        finally:
+            await self._drop_adapter(lora)
         plp = final.prompt_logprobs
         start = len(prompt_ids)
         return [float(plp[start + i][tok].logprob) for i, tok in enumerate(completion_ids)]
@@ -295,6 +353,8 @@ class RolloutWorker:
         old weights; new ones wait for the new weights.
         """
         plain = plan if isinstance(plan, dict) else plan_to_plain(plan)
+        if self.adapter_mode and plain.get("lora_scale") is not None:
+            return await self._receive_adapter(plain)
         t0 = time.perf_counter()
         inflight = self._inflight
         mode = "keep" if self.cfg.weight_update == "in_flight" else "wait"
@@ -313,6 +373,80 @@ class RolloutWorker:
             "requests_in_flight": inflight,
             "ranks": stats,
         }
+
+    async def _receive_adapter(self, plain: dict[str, Any]) -> dict[str, Any]:
+        """rollout.lora_sync: adapter. No pause: the vLLM workers take the broadcast between two engine
+        steps and write the adapter; new requests then use it, requests in flight finish on theirs."""
+        t0 = time.perf_counter()
+        version = int(plain["version"])
+        lora_id = next(self._lora_ids)
+        if self._adapter_root is None:
+            self._adapter_root = adapter_root(self.worker_index)
+        path = os.path.join(self._adapter_root, f"v{version}-{lora_id}")
+        inflight = self._inflight
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        async with self._engine_alive():
+            try:
+                stats = await self.engine.collective_rpc("receive_adapter", args=(plain, path))
+            except EngineDeadError:
+                raise
+            except Exception as e:
+                raise RuntimeError(
+                    f"rollout worker {self.worker_index}: receiving the LoRA adapter of weight version {version} "
+                    f"into {path} failed: {type(e).__name__}: {e}. It keeps serving version "
+                    f"{self.weight_version}") from e
+            await self.load_adapter(version, path, lora_id)
+        return {
+            "worker_index": self.worker_index,
+            "weight_version": self.weight_version,
+            "seconds": time.perf_counter() - t0,
+            "requests_in_flight": inflight,
+            "ranks": stats,
+        }
+
+    async def load_adapter(self, version: int, path: str, lora_id: int | None = None) -> int:
+        """Serve the PEFT adapter at ``path`` as weight ``version`` from now on (adapter mode); the
+        previous version is removed once no request uses it. Returns the adapter's vLLM id."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.adapter_mode:
+            raise RuntimeError(f"rollout worker {self.worker_index}: load_adapter needs rollout.lora_sync: adapter "
+                               "and learner.lora (the engine was started without enable_lora)")
+        lora_id = next(self._lora_ids) if lora_id is None else lora_id
+        request = LoRARequest(f"v{version}-{lora_id}", lora_id, str(path))
+        try:
+            await self.engine.add_lora(request)
+        except Exception as e:
+            if self._adapter_root is not None and Path(path).parent == Path(self._adapter_root):
+                shutil.rmtree(path, ignore_errors=True)  # ours, and never to be used
+            raise RuntimeError(
+                f"rollout worker {self.worker_index}: vLLM could not load the LoRA adapter of weight version "
+                f"{version} from {path}: {type(e).__name__}: {e}. It keeps serving version {self.weight_version}. "
+                "Check that learner.lora.target_modules are linear layers vLLM adapts for this model "
+                "(or use rollout.lora_sync: merged)") from e
+        old, self._lora, self.weight_version = self._lora, request, int(version)
+        await self._release_adapter(old)
+        return lora_id
+
+    def _hold_adapter(self, lora) -> None:
+        if lora is not None:
+            self._lora_users[lora.lora_int_id] = self._lora_users.get(lora.lora_int_id, 0) + 1
+
+    async def _drop_adapter(self, lora) -> None:
+        """A request on ``lora`` ended: release the adapter if it was the last one on an old version."""
+        if lora is not None:
+            self._lora_users[lora.lora_int_id] -= 1
+            await self._release_adapter(lora)
+
+    async def _release_adapter(self, lora) -> None:
+        """Drop an adapter that is neither current nor used by a request in flight (engine and disk)."""
+        if lora is None or lora is self._lora or self._lora_users.get(lora.lora_int_id, 0) > 0:
+            return
+        self._lora_users.pop(lora.lora_int_id, None)
+        with contextlib.suppress(Exception):  # a dead engine has nothing left to remove
+            await self.engine.remove_lora(lora.lora_int_id)
+        shutil.rmtree(lora.lora_path, ignore_errors=True)
 
     # -- info -------------------------------------------------------------------------
 
@@ -335,6 +469,11 @@ class RolloutWorker:
 
     async def get_weight_version(self) -> int:
         return self.weight_version
+
+    def close(self) -> None:
+        """Remove this worker's adapter files (adapter mode)."""
+        if self._adapter_root is not None:
+            shutil.rmtree(self._adapter_root, ignore_errors=True)
 
     def num_gpus(self) -> int:
         if self.device != "cuda":
@@ -385,6 +524,7 @@ class InProcessWorker:
         return asyncio.run_coroutine_threadsafe(getattr(self.worker, method)(*args, **kwargs), self._loop)
 
     def shutdown(self) -> None:
+        self.worker.close()
         self._run(self._shutdown_engine())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

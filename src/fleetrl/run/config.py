@@ -271,6 +271,14 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _lora_adapter_rank(self) -> RunConfig:
+        if self.learner.lora is not None and self.rollout.lora_sync == "adapter":
+            from fleetrl.rollout.config import vllm_lora_rank
+
+            vllm_lora_rank(self.learner.lora.r)  # above vLLM's largest rank: a clear error now, not at start
+        return self
+
+    @model_validator(mode="after")
     def _batch_shapes(self) -> RunConfig:
         if self.algorithm in ONLINE_ALGORITHMS and self.run.steps is None:
             self.run.steps = 100
