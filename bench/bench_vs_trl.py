@@ -47,12 +47,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--model", default=None,
+                   help="a model directory for both sides (default: the built-in tiny model of grpo_tiny.yaml)")
+    p.add_argument("--hidden-size", type=int, default=None,
+                   help="build a tiny Qwen2 of this hidden size for both sides (with --num-layers)")
+    p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--fleetrl-set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)  # output json path
     p.add_argument("--raw-engine-child", default=None, help=argparse.SUPPRESS)  # output json path
     p.add_argument("--raw-vllm-defaults", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def model_note(args) -> str:
+    if args.hidden_size:
+        return f"a tiny Qwen2 (hidden {args.hidden_size}, {args.num_layers} layers)"
+    return args.model or "the built-in tiny model (hidden 128, 2 layers)"
 
 
 def steady(times: list[float]) -> tuple[float, float, float]:
@@ -64,7 +75,8 @@ def run_fleetrl(args, out_dir: str) -> dict:
     overrides = [f"run.steps={args.steps}", f"run.output_dir={out_dir}", "run.name=vs-trl",
                  "rollout.num_workers=1", f"rl.prompts_per_step={args.prompts}",
                  f"rl.group_size={args.group_size}", f"rollout.sampling.max_tokens={args.max_tokens}",
-                 f"learner.lr={args.lr}", "learner.loss.kl_coef=0.0", *args.fleetrl_set]
+                 f"learner.lr={args.lr}", "learner.loss.kl_coef=0.0",
+                 *([f"model.path={args.model}"] if args.model else []), *args.fleetrl_set]
     cmd = [sys.executable, "-m", "fleetrl", "train", str(ROOT / "examples" / "grpo_tiny.yaml"), *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -88,7 +100,8 @@ def run_trl(args, out_dir: str) -> dict:
     out_json = Path(out_dir) / "trl.json"
     cmd = [sys.executable, __file__, "--trl-child", str(out_json), "--steps", str(args.steps),
            "--prompts", str(args.prompts), "--group-size", str(args.group_size),
-           "--max-tokens", str(args.max_tokens), "--lr", str(args.lr)]
+           "--max-tokens", str(args.max_tokens), "--lr", str(args.lr),
+           *(["--model", args.model] if args.model else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -110,7 +123,7 @@ def trl_child(args) -> None:
     from fleetrl.testing.tiny import ensure_tiny_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model_path = str(ensure_tiny_model("policy", seed=0))
+    model_path = args.model or str(ensure_tiny_model("policy", seed=0))
     tok = AutoTokenizer.from_pretrained(model_path)
     rows = [json.loads(ln) for ln in (ROOT / "examples" / "data" / "letters_train.jsonl").read_text().splitlines()
             if ln.strip()]
@@ -173,7 +186,7 @@ def raw_engine_child(args) -> None:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     os.environ.update(env)
     t_import = time.perf_counter()
-    llm = LLM(**engine_kwargs(cfg, str(ensure_tiny_model("policy", seed=0))))
+    llm = LLM(**engine_kwargs(cfg, args.model or str(ensure_tiny_model("policy", seed=0))))
     t_engine = time.perf_counter()
     llm.generate([{"prompt_token_ids": [1, 2, 3, 4, 5, 6, 7, 8]}] * 2, SamplingParams(n=2, max_tokens=8))
     t_end = time.perf_counter()
@@ -185,7 +198,8 @@ def run_raw_engine(args, out_dir: str, vllm_defaults: bool) -> dict:
     out_json = Path(out_dir) / f"raw-{vllm_defaults}.json"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--raw-engine-child", str(out_json),
-                           *(["--raw-vllm-defaults"] if vllm_defaults else [])],
+                           *(["--raw-vllm-defaults"] if vllm_defaults else []),
+                           *(["--model", args.model] if args.model else [])],
                           capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -206,6 +220,11 @@ def main(argv=None) -> None:
     start = print_machine_state("start")
     results = {}
     with tempfile.TemporaryDirectory(prefix="fleetrl-vs-trl-") as tmp:
+        if args.hidden_size and not args.model:
+            from fleetrl.testing.tiny import build_tiny_model
+
+            args.model = str(build_tiny_model(Path(tmp) / "model", hidden_size=args.hidden_size,
+                                              num_layers=args.num_layers))
         raws = {defaults: run_raw_engine(args, tmp, defaults) for defaults in (True, False)}
         for defaults, r in raws.items():
             print(f"raw vLLM engine ({'vLLM defaults' if defaults else 'worker env'}) ready in {r['wall']:.1f}s",
@@ -227,7 +246,8 @@ def main(argv=None) -> None:
                       f"{rf:.3f} -> {rl:.3f}" if rf is not None and rl is not None else "-"])
     print_table(["trainer", "s/step median (min-max), steps 2..N", "vs fleetrl", "start-up s",
                  f"time to {args.steps} steps s", "vs fleetrl", "reward/mean step 1 -> N"], table,
-                title=(f"GRPO {args.prompts} prompts x {args.group_size} samples x <= {args.max_tokens} tokens, "
+                title=(f"GRPO on {model_note(args)}, {args.prompts} prompts x {args.group_size} samples x "
+                       f"<= {args.max_tokens} tokens, "
                        f"lr {args.lr}, {args.steps} steps; load avg start {start['loadavg_1_5_15']}, "
                        f"end {end['loadavg_1_5_15']}"))
     print("fleetrl step phases, median over steps 2..N (s): " + ", ".join(
