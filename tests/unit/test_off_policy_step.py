@@ -101,3 +101,20 @@ def test_one_optimizer_step_leaves_the_correction_to_the_train_forward():
     no_fresh = [{"is/weight_mean": 1.0, "mismatch/abs_logp_diff": float("nan"), "mismatch/tokens": 0.0}]
     assert correction.from_train(no_fresh) == {"is/weight_mean": 1.0}
     assert not OffPolicyCorrection(load_config(EXAMPLE, ["learner.lora.dropout=0.1"]), learner).in_train_forward
+
+
+def test_a_learner_refuses_the_in_forward_correction_over_several_optimizer_steps():
+    """The train forward's log-probs are the proximal ones only for the first optimizer step: a batch
+    asking for the correction there (behaviour_logprobs) with more steps is refused, not trained wrong."""
+    from types import SimpleNamespace
+
+    from fleetrl.learner.rank import Learner
+
+    learner = Learner.__new__(Learner)
+    learner.engine = SimpleNamespace(mini_batch_size=2, mini_per_rank=2, world_size=1)
+    learner.objective = SimpleNamespace(check=lambda batch: batch["input_ids"].shape[0])
+    rows = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "behaviour_logprobs": torch.zeros(4, 3)}
+    with pytest.raises(ValueError, match=r"one optimizer step per batch, but it gets 1 epoch\(s\) x 2 mini-batch"):
+        learner.train(rows, mini_batch_size=2)
+    with pytest.raises(ValueError, match=r"2 epoch\(s\) x 1 mini-batch"):
+        learner.train({k: v[:2] for k, v in rows.items()}, mini_batch_size=2, epochs=2)
