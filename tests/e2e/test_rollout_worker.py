@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
 import threading
 import time
@@ -66,8 +67,14 @@ def worker(models):
     from fleetrl.rollout.config import RolloutConfig
     from fleetrl.rollout.worker import InProcessWorker
 
+    env_keys = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")  # what worker_env sets
+    env_before = {k: os.environ.get(k) for k in env_keys}
     t0 = time.perf_counter()
     w = InProcessWorker(RolloutConfig(**CFG), str(models[0]), worker_index=3)
+    # The engine ran the model in its own process (no third one), and the worker's environment
+    # did not leak into this process (a vllm.LLM built here later would run with it).
+    assert w.worker.engine.vllm_config.parallel_config.distributed_executor_backend == "uni"
+    assert {k: os.environ.get(k) for k in env_keys} == env_before
     print(f"\nworker start {time.perf_counter() - t0:.1f}s (engine {w.engine_start_s:.1f}s, "
           f"warm-up {w.warmup_s:.1f}s)")
     assert w.weight_version == 0

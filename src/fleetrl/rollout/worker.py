@@ -126,6 +126,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """``env`` set in os.environ inside the block; the previous values (or absence) restored after."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class RolloutWorker:
     """Owns one vLLM ``AsyncLLM`` engine (tensor parallel inside it) and its weight version.
 
@@ -161,15 +176,16 @@ class RolloutWorker:
         import torch
 
         self.device = resolve_device(cfg, torch.cuda.is_available())
-        # Before vLLM reads its environment (it spawns the engine process with it).
-        os.environ.update(worker_env(cfg, self.device))
-
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         t0 = time.perf_counter()
-        self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**engine_kwargs(cfg, model_path, worker_index, lora_rank)))
+        # vLLM reads its environment while it builds the engine and spawns the engine process with
+        # it. A fleet's actor has it from its runtime_env already; an in-process worker gets it for
+        # the build only, so it does not leak into the rest of the process (a later vllm.LLM there).
+        with _environment(worker_env(cfg, self.device)):
+            self.engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**engine_kwargs(cfg, model_path, worker_index, lora_rank)))
         self.engine_start_s = time.perf_counter() - t0
         self.warmup_s = 0.0
         self.num_ranks = self.engine.vllm_config.parallel_config.world_size
