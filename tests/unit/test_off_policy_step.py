@@ -118,3 +118,31 @@ def test_a_learner_refuses_the_in_forward_correction_over_several_optimizer_step
         learner.train(rows, mini_batch_size=2)
     with pytest.raises(ValueError, match=r"2 epoch\(s\) x 1 mini-batch"):
         learner.train({k: v[:2] for k, v in rows.items()}, mini_batch_size=2, epochs=2)
+
+
+def test_a_policy_with_dropout_keeps_the_separate_pass():
+    """In train mode a model with dropout gives log-probs an eval pass would not: the proximal ones
+    then come from the separate (eval) pass. The ranks report their policy's largest dropout."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fleetrl.learner.engine import active_dropout
+
+    def qwen(**kw):
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, **kw))
+
+    assert active_dropout(qwen()) == 0.0
+    assert active_dropout(qwen(attention_dropout=0.1)) == pytest.approx(0.1)  # a config value, not a module
+    assert active_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.2))) == pytest.approx(0.2)
+
+    cfg = load_config(EXAMPLE)
+    learner = FixedLearner(torch.zeros(2, 4))
+    learner.rank_info = [{"rank": 0, "dropout": 0.0}]
+    assert OffPolicyCorrection(cfg, learner).in_train_forward
+    learner.rank_info = [{"rank": 0, "dropout": 0.1}]
+    correction = OffPolicyCorrection(cfg, learner)
+    assert not correction.in_train_forward
+    samples, batch = _batch()
+    batch["advantages"] = torch.tensor([1.0, -2.0])
+    correction(batch, samples, learner_version=4)
+    assert learner.calls == 1 and "behaviour_logprobs" not in batch

@@ -89,6 +89,19 @@ MODEL_LOADERS: dict[str, Callable[..., torch.nn.Module]] = {
 }
 
 
+def active_dropout(model: torch.nn.Module) -> float:
+    """The largest dropout probability the model applies in train mode: dropout modules (LoRA's
+    included) and the config's dropout settings (attention dropout is a config value, not a module).
+    A classifier head's dropout does not touch token log-probs and is left out."""
+    ps = [float(m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        ps += [float(v) for k, v in config.to_dict().items()
+               if ("dropout" in k or "pdrop" in k) and k != "classifier_dropout"
+               and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return max(ps, default=0.0)
+
+
 class Engine:
     def __init__(
         self,
@@ -283,6 +296,7 @@ class Engine:
             "zero_stage": self.cfg.zero_stage,
             "grad_accum_steps": self.grad_accum,
             "torch_threads": torch.get_num_threads(),
+            "dropout": active_dropout(self.engine.module),  # 0: a train forward equals an eval one
             "niceness": os.getpriority(os.PRIO_PROCESS, 0),
             "pid": os.getpid(),
         }

@@ -11,13 +11,14 @@ weighting the advantages weights each token's loss: no loss needs to know about 
 
 Where they come from:
 - **In the train forward** when the batch is trained in exactly one optimizer step (one mini-batch,
-  one epoch, no adapter dropout): the train forward runs on the proximal weights, so its detached
-  log-probs are the proximal ones and a separate pass would compute the same numbers again. The
-  driver sends the sampler's log-probs as ``behaviour_logprobs`` (with ``fresh``) and the policy
-  objective applies the correction per micro-batch (learner/policy.py); its statistics come back
-  with the train step's.
+  one epoch) and the policy applies no dropout (LoRA's or the model's): the train forward runs on
+  the proximal weights, so its detached log-probs are the proximal ones and a separate pass would
+  compute the same numbers again. The driver sends the sampler's log-probs as
+  ``behaviour_logprobs`` (with ``fresh``) and the policy objective applies the correction per
+  micro-batch (learner/policy.py); its statistics come back with the train step's.
 - **From a separate log-prob pass** otherwise (several optimizer steps move the weights before the
-  later mini-batches are trained), here in the driver.
+  later mini-batches are trained; dropout makes a train forward differ from an eval one), here in
+  the driver.
 
 The same numbers measure how far the learner is from the sampler on tokens sampled with the very
 weights the learner holds (staleness 0, no update in flight): mismatch/abs_logp_diff and
@@ -49,10 +50,12 @@ class OffPolicyCorrection:
 
     @property
     def in_train_forward(self) -> bool:
-        """One optimizer step per batch: the train forward's log-probs are the proximal ones."""
+        """One optimizer step per batch and no dropout in the policy (its ranks' `dropout`, e.g. a
+        model config's attention dropout): the train forward's log-probs are the proximal ones."""
         lora = self.cfg.learner.lora
+        ranks = getattr(self.learner, "rank_info", None) or []
         return (self.active and self.cfg.optimizer_steps_per_step == 1
-                and (lora is None or lora.dropout == 0))
+                and (lora is None or lora.dropout == 0) and all(r.get("dropout", 0.0) == 0 for r in ranks))
 
     def __call__(self, batch: dict[str, torch.Tensor], samples: list[Sample],
                  learner_version: int) -> dict[str, float]:
