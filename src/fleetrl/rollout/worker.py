@@ -382,6 +382,10 @@ class RolloutWorker:
             finally:
                 await self.engine.resume_generation()
         self.weight_updates_in_flight += int(inflight > 0 and mode == "keep")
+        return self._sync_report(t0, inflight, stats)
+
+    def _sync_report(self, t0: float, inflight: int, stats: Any) -> dict[str, Any]:
+        """What a weight sync returns to the fleet (both sync modes)."""
         return {
             "worker_index": self.worker_index,
             "weight_version": self.weight_version,
@@ -413,13 +417,7 @@ class RolloutWorker:
                     f"into {path} failed: {type(e).__name__}: {e}. It keeps serving version "
                     f"{self.weight_version}") from e
             await self.load_adapter(version, path, lora_id)
-        return {
-            "worker_index": self.worker_index,
-            "weight_version": self.weight_version,
-            "seconds": time.perf_counter() - t0,
-            "requests_in_flight": inflight,
-            "ranks": stats,
-        }
+        return self._sync_report(t0, inflight, stats)
 
     async def load_adapter(self, version: int, path: str, lora_id: int | None = None) -> int:
         """Serve the PEFT adapter at ``path`` as weight ``version`` from now on (adapter mode); the
