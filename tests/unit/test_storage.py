@@ -217,3 +217,34 @@ def test_sigterm_asks_the_driver_for_a_graceful_stop_and_a_second_one_ends_it():
             for _ in range(100):
                 pass
         assert e.value.code == 128 + signal.SIGTERM
+
+
+def test_a_resumed_run_finds_its_rule_and_environment_files_from_any_directory(tmp_path, monkeypatch):
+    """config.yaml in the run directory names the rule and environment files next to the original
+    config absolutely: `fleetrl train --resume RUN_DIR` from elsewhere still finds them."""
+    import yaml
+
+    from fleetrl.reward.rules import load_rule_function
+    from fleetrl.run.config import load_config
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "rewards.py").write_text("def short(prompt, completion, **kw):\n    return float(len(completion) < 5)\n")
+    (proj / "env.py").write_text("class Env:\n    pass\n")
+    (proj / "run.yaml").write_text(yaml.safe_dump({
+        "algorithm": "grpo", "data": {"path": "/data/x.jsonl"},
+        "reward": {"functions": [{"name": "s", "kind": "rule", "path": "rewards.py:short"},
+                                 {"name": "l", "kind": "builtin", "builtin": "letter_fraction"}]},
+        "rollout": {"environment": "env.py:Env"},
+        "run": {"output_dir": str(tmp_path / "runs"), "name": "r1"}}))
+    cfg = load_config(proj / "run.yaml")
+    assert cfg.reward.functions[0].path == "rewards.py:short"  # as written: checks name it so
+    RunDir(cfg, proj / "run.yaml")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = resume_config(str(tmp_path / "runs" / "r1"))
+    assert again.reward.functions[0].path == f"{proj / 'rewards.py'}:short"
+    assert again.rollout.environment == f"{proj / 'env.py'}:Env"
+    load_rule_function(again.reward.functions[0].path, base_dir=elsewhere)  # found (it was not, relative)

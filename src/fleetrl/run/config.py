@@ -630,6 +630,30 @@ def _resolve_relative_paths(tree: dict, base: Path) -> None:
             fn["model_path"] = str(base / path)
 
 
+def with_absolute_file_specs(cfg: RunConfig, base: Path) -> RunConfig:
+    """A copy whose rule files ('file.py:function') and environment ('env.py:Class') that lie under
+    ``base`` (the config file's directory) are absolute: the run's saved config.yaml, which
+    `fleetrl train --resume RUN_DIR` reads from any working directory. The config as written keeps
+    them relative (checks and messages name them as the user wrote them)."""
+    out = cfg.model_copy(deep=True)
+    for fn in out.reward.functions:
+        if fn.kind == "rule":
+            fn.path = _file_spec_relative_to(base, fn.path)
+    if out.rollout.environment is not None:
+        out.rollout.environment = _file_spec_relative_to(base, out.rollout.environment)
+    return out
+
+
+def _file_spec_relative_to(base: Path, spec):
+    """'file.py:name' with the file made absolute when it lies next to the config; else unchanged."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return spec
+    file, _, name = spec.rpartition(":")
+    if file and not Path(file).is_absolute() and (base / file).is_file():
+        return f"{base / file}:{name}"
+    return spec
+
+
 def _relative_to(base: Path):
     def rel(f):
         return f if not isinstance(f, str) or Path(f).is_absolute() or "://" in f else str(base / f)

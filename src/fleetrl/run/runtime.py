@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fleetrl.core import storage
 from fleetrl.core.storage import Storage, StorageError, is_remote
-from fleetrl.run.config import RayConfig, RunConfig, dump_config, redacted_config
+from fleetrl.run.config import RayConfig, RunConfig, dump_config, redacted_config, with_absolute_file_specs
 
 
 class RunDir:
@@ -57,7 +57,9 @@ class RunDir:
             self.path = Path(self.uri)
             self.path.mkdir(parents=True, exist_ok=True)
         # Secrets redacted; a resume by directory reads this copy (secrets come back as overrides).
-        self.storage.write_text(self.storage.join(self.uri, "config.yaml"), dump_config(cfg))
+        # Rule and environment files absolute, so that copy works from any working directory.
+        self.storage.write_text(self.storage.join(self.uri, "config.yaml"),
+                                dump_config(with_absolute_file_specs(cfg, self.config_dir)))
         # Actor names are global in a Ray namespace: prefix them so two runs can share a cluster.
         self.actor_prefix = re.sub(r"[^A-Za-z0-9_.-]", "-", name) + "/"
         self.stop_signal = False  # set by the driver's SIGTERM handler (train.py)
