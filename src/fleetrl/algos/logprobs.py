@@ -62,3 +62,25 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
         p = torch.softmax(lg, dim=-1)
         rows.append(torch.logsumexp(lg, dim=-1) - (p * lg).sum(dim=-1))
     return torch.cat([first, torch.stack(rows)], dim=1)
+
+
+def flat_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                          entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``targets`` [N] and (if asked) entropy under ``logits`` [N, V], both fp32 [N].
+
+    The unshifted form, for callers that already paired each position's logits with the token it
+    predicts (the learner's chunked head: a few hundred positions at a time).
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [N, vocab] and targets [N]; got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lg = logits.float()
+    if temperature != 1.0:
+        lg = lg / temperature
+    lse = torch.logsumexp(lg, dim=-1)
+    logp = lg.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return logp, None
+    return logp, lse - (torch.softmax(lg, dim=-1) * lg).sum(dim=-1)

@@ -305,7 +305,9 @@ def check_config(config_path: str | Path, overrides: Sequence[str], working_dir:
             if isinstance(value, str) and value:
                 paths.append((f"{section}.{attr}", value))
     model_path = getattr(getattr(cfg, "model", None), "path", None)
-    if isinstance(model_path, str) and model_path != "tiny":
+    from fleetrl.run.runtime import builtin_model_names
+
+    if isinstance(model_path, str) and model_path not in builtin_model_names():
         paths.append(("model.path", model_path))
     for field, value in paths:
         # Relative paths left after loading are relative to the CWD, which on the cluster is the working dir.

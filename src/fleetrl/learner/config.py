@@ -106,6 +106,9 @@ class LearnerConfig(StrictModel):
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     micro_batch_size: int = Field(4, ge=1)  # sequences per rank per forward pass
     gradient_checkpointing: bool = False
+    # Positions per chunk of the output head in log-prob passes: the micro-batch's [tokens, vocab]
+    # logits are never held whole (forward or backward); same values and gradients. 0 = unchunked.
+    logprob_chunk_tokens: int = Field(1024, ge=0)
     # Pack samples of different lengths into fewer rows for the log-prob, reference and train passes
     # (learner/packing.py; same losses and gradients as padded rows, less padding computed).
     pack_samples: bool = True

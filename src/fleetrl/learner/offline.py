@@ -231,7 +231,7 @@ class SFTObjective(OfflineObjective):
         return (micro["loss_mask"].float() * micro["attention_mask"].float()).sum()
 
     def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
-        logps, ntok = sequence_logps(self.models.policy, micro, self.device)
+        logps, ntok = sequence_logps(self.models.policy, micro, self.device, self.cfg.logprob_chunk_tokens)
         total = ntok.sum()
         stats.mean("loss", -logps.detach().sum().cpu(), total.cpu())
         stats.sum("num_tokens", micro["attention_mask"].sum())
@@ -274,7 +274,7 @@ class PairObjective(OfflineObjective):
     def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
         rows = self.both_sides(micro)
         b = micro["chosen_input_ids"].shape[0]
-        logps, ntok = sequence_logps(self.models.policy, rows, self.device)
+        logps, ntok = sequence_logps(self.models.policy, rows, self.device, self.cfg.logprob_chunk_tokens)
         ref_c = ref_r = None
         if self.needs_reference(self.name, self.cfg):
             if "ref_chosen_logps" in micro:
@@ -282,7 +282,7 @@ class PairObjective(OfflineObjective):
                 ref_r = micro["ref_rejected_logps"].to(self.device).float()
             else:
                 with torch.no_grad():
-                    ref, _ = sequence_logps(self.models.reference(), rows, self.device)
+                    ref, _ = sequence_logps(self.models.reference(), rows, self.device, self.cfg.logprob_chunk_tokens)
                 ref_c, ref_r = ref[:b], ref[b:]
         losses, st = preference_losses(self.name, self.algo_cfg, logps[:b], logps[b:], ntok[:b], ntok[b:],
                                        ref_c, ref_r)
@@ -339,15 +339,15 @@ class KTOObjective(UnpairedObjective):
     def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
         cfg, dev, policy = self.algo_cfg, self.device, self.models.policy
         kl_rows = self.kl_rows(micro)
-        logps, _ = sequence_logps(policy, micro, dev)
+        logps, _ = sequence_logps(policy, micro, dev, self.cfg.logprob_chunk_tokens)
         with torch.no_grad():
-            kl_logps, _ = sequence_logps(policy, kl_rows, dev)
+            kl_logps, _ = sequence_logps(policy, kl_rows, dev, self.cfg.logprob_chunk_tokens)
             if "ref_logps" in micro:
                 ref = micro["ref_logps"].to(dev).float()
                 ref_kl = micro["ref_kl_logps"].to(dev).float()
             else:
-                ref, _ = sequence_logps(self.models.reference(), micro, dev)
-                ref_kl, _ = sequence_logps(self.models.reference(), kl_rows, dev)
+                ref, _ = sequence_logps(self.models.reference(), micro, dev, self.cfg.logprob_chunk_tokens)
+                ref_kl, _ = sequence_logps(self.models.reference(), kl_rows, dev, self.cfg.logprob_chunk_tokens)
         # z0 from this micro-batch's mismatched pairs, averaged over ranks (same micro-step everywhere).
         z0 = kto_reference_point(kl_logps, ref_kl, all_reduce_mean=self._all_reduce_mean)
         desirable = micro["desirable"].to(dev).bool()
@@ -374,13 +374,14 @@ class OfflinePPOObjective(UnpairedObjective):
     def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
         dev = self.device
         ids, attn = micro["input_ids"], micro["attention_mask"]
-        logp, _ = token_logps(self.models.policy, ids, attn, dev, 1.0)
+        logp, _ = token_logps(self.models.policy, ids, attn, dev, 1.0, chunk_tokens=self.cfg.logprob_chunk_tokens)
         mask = (micro["loss_mask"].float() * attn.float()).to(dev)
         if "old_logprobs" in micro:
             old = micro["old_logprobs"].to(dev).to(logp.dtype)
         else:
             with torch.no_grad():
-                old, _ = token_logps(self.models.reference(), ids, attn, dev, 1.0)
+                old, _ = token_logps(self.models.reference(), ids, attn, dev, 1.0,
+                                     chunk_tokens=self.cfg.logprob_chunk_tokens)
         desirable = micro["desirable"].to(dev).bool()
         losses, st = offline_ppo_losses(logp, old.detach(), desirable, mask, clip=self.algo_cfg.clip)
         losses = self._weighted(losses, micro)

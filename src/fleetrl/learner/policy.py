@@ -91,7 +91,8 @@ class PolicyObjective(Objective):
         m = self._mask(micro).to(dev)
         entropy_mode = "grad" if lc.entropy_coef != 0 else "detached"
         logp, ent = token_logps(self.models.policy, micro["input_ids"], micro["attention_mask"], dev,
-                                temperature, entropy_mode, pack=self.cfg.pack_samples)
+                                temperature, entropy_mode, pack=self.cfg.pack_samples,
+                                chunk_tokens=self.cfg.logprob_chunk_tokens)
         old, adv = micro["old_logprobs"].to(dev).float(), micro["advantages"].to(dev).float()
         if "behaviour_logprobs" in micro:
             old, adv = self._correct(logp.detach(), micro, adv, m, stats)

@@ -109,7 +109,7 @@ class Learner:
         return self._per_micro(
             {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
             lambda m: token_logps(fn, m["input_ids"], m["attention_mask"], dev, temperature,
-                                  pack=self.cfg.pack_samples)[0],
+                                  pack=self.cfg.pack_samples, chunk_tokens=self.cfg.logprob_chunk_tokens)[0],
             torch.zeros(batch["input_ids"].shape, dtype=torch.float32))
 
     def compute_values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -130,7 +130,8 @@ class Learner:
         self._needs_model("causal_lm", "sequence_logps")
         fn = self.engine.scoring(which)
         dev = self.engine.device
-        both = self._per_micro(batch, lambda m: torch.stack(sequence_logps(fn, m, dev), -1),
+        chunk = self.cfg.logprob_chunk_tokens
+        both = self._per_micro(batch, lambda m: torch.stack(sequence_logps(fn, m, dev, chunk), -1),
                                torch.zeros(0, 2))
         return {"logps": both[:, 0].contiguous(), "tokens": both[:, 1].contiguous()}
 
@@ -149,7 +150,8 @@ class Learner:
         if rows_of is None:
             raise ValueError(f"kl_reference_logps is for kto; this learner trains {self.objective.name}")
         fn = self.engine.scoring("reference")
-        return self._per_micro(batch, lambda m: sequence_logps(fn, rows_of(m), self.engine.device)[0],
+        return self._per_micro(batch, lambda m: sequence_logps(fn, rows_of(m), self.engine.device,
+                                                                           self.cfg.logprob_chunk_tokens)[0],
                                torch.zeros(0))
 
     def release_reference(self) -> None:

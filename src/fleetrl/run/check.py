@@ -105,10 +105,16 @@ def check_model(path: str, setting: str, probe: Callable[[str], Any] | None = No
     """Where ``path`` (the value of ``setting``) is found: a local directory, a built-in tiny model or
     the hub cache. ValueError naming the setting otherwise; with HF_HUB_OFFLINE set, one line and no
     network. ``probe`` (tests) replaces the hub metadata request."""
+    from fleetrl.testing.pretrained import PRETRAINED_NAMES, ModelNotInstalled, describe_pretrained
     from fleetrl.testing.tiny import TINY_NAMES
 
     if path in TINY_NAMES:
         return f"{path} (built-in tiny model, built and cached on first use)"
+    if path in PRETRAINED_NAMES:
+        try:
+            return describe_pretrained(path)
+        except ModelNotInstalled as e:
+            raise ValueError(f"{setting}: {e}") from None
     p = Path(path).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():

@@ -251,9 +251,21 @@ def pick_backend(backend: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def builtin_model_names() -> tuple[str, ...]:
+    """The `model.path` names fleetrl builds itself: the tiny models and the real SmolLM2."""
+    from fleetrl.testing.pretrained import PRETRAINED_NAMES
+    from fleetrl.testing.tiny import TINY_NAMES
+
+    return (*TINY_NAMES, *PRETRAINED_NAMES)
+
+
 def resolve_model(path: str) -> str:
+    """A model directory for `path`: the built-in names are built (once, cached); others unchanged."""
+    from fleetrl.testing.pretrained import PRETRAINED_NAMES, ensure_smollm2
     from fleetrl.testing.tiny import resolve_model_path
 
+    if path in PRETRAINED_NAMES:
+        return str(ensure_smollm2())
     return str(resolve_model_path(path))
 
 
