@@ -1,12 +1,15 @@
 """fleetrl against TRL's GRPOTrainer on the same GRPO workload, from one invocation.
 
-Workload (both sides): the tiny Qwen2 of ``model.path: tiny``, the "letters" prompts of
-``examples/data/letters_train.jsonl`` rendered with the tokenizer's chat template, the
-``letter_fraction`` reward, ``--prompts`` prompts x ``--group-size`` samples per step, at most
-``--max-tokens`` completion tokens, temperature 1.0, lr ``--lr`` constant, AdamW, grad clip 1.0,
-no KL term (TRL ``beta=0``, fleetrl ``kl_coef=0``), one optimizer step per step.
+Workload (both sides), by ``--task``: ``letters`` (default) is the tiny Qwen2 of ``model.path: tiny``,
+the "letters" prompts of ``examples/data/letters_train.jsonl`` and the ``letter_fraction`` reward at
+temperature 1.0; ``sums`` is the built-in SmolLM2-135M-Instruct (``model.path: smollm2-135m``), the
+sums of ``examples/data/sums_train.jsonl`` and ``numeric_answer`` (the last number) at temperature
+0.7, as ``examples/grpo_smollm2.yaml``. Prompts are rendered with the tokenizer's chat template;
+``--prompts`` prompts x ``--group-size`` samples per step, at most ``--max-tokens`` completion tokens,
+lr ``--lr`` constant, AdamW, grad clip 1.0, no KL term (TRL ``beta=0``, fleetrl ``kl_coef=0``), one
+optimizer step per step, no held-out evaluation.
 
-- **fleetrl**: ``python -m fleetrl train examples/grpo_tiny.yaml`` as a subprocess with the
+- **fleetrl**: ``python -m fleetrl train examples/<the task's config>`` as a subprocess with the
   workload's overrides (``--fleetrl-set`` adds more), one rollout worker (vLLM CPU) and one
   learner rank; steady s/step = median ``time/step`` over steps 2..N of its metrics.jsonl.
 - **TRL**: ``trl.GRPOTrainer`` in a subprocess (this script with ``--trl-child``), torch threads =
@@ -21,6 +24,7 @@ defaults) and once with a worker's environment (``worker_env``).
 
 "time to N steps" = the subprocess's wall time from launch to exit (imports, start-up, N steps,
 final save), what a user waits. Run from the repository root:  python bench/bench_vs_trl.py --steps 50
+(the real model: python bench/bench_vs_trl.py --task sums --steps 8 --prompts 4 --max-tokens 32)
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: the task's (letters 5e-3, sums 1e-5)")
+    p.add_argument("--task", choices=sorted(TASKS), default="letters",
+                   help="letters: grpo_tiny.yaml on the tiny model; sums: grpo_smollm2.yaml on SmolLM2-135M")
     p.add_argument("--model", default=None,
-                   help="a model directory for both sides (default: the built-in tiny model of grpo_tiny.yaml)")
+                   help="a model directory for both sides (default: the task's model)")
     p.add_argument("--hidden-size", type=int, default=None,
                    help="build a tiny Qwen2 of this hidden size for both sides (with --num-layers)")
     p.add_argument("--num-layers", type=int, default=2)
@@ -60,10 +66,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Each task: the fleetrl config, the training data, the reward (a builtin, the data column it reads),
+# the sampling temperature and the learning rate; both sides run the same.
+TASKS = {
+    "letters": {"config": "grpo_tiny.yaml", "data": "letters_train.jsonl", "reward": "letter_fraction",
+                "reward_kwargs": {}, "column": "letter", "temperature": 1.0, "lr": 5e-3, "model": "tiny"},
+    "sums": {"config": "grpo_smollm2.yaml", "data": "sums_train.jsonl", "reward": "numeric_answer",
+             "reward_kwargs": {"require_marker": False}, "column": "answer", "temperature": 0.7, "lr": 1e-5,
+             "model": "smollm2-135m"},
+}
+
+
 def model_note(args) -> str:
     if args.hidden_size:
         return f"a tiny Qwen2 (hidden {args.hidden_size}, {args.num_layers} layers)"
-    return args.model or "the built-in tiny model (hidden 128, 2 layers)"
+    if args.model:
+        return args.model
+    return {"letters": "the built-in tiny model (hidden 128, 2 layers)",
+            "sums": "the built-in SmolLM2-135M-Instruct (Q4_1-dequantized), the sums task"}[args.task]
+
+
+def task_model(args) -> str:
+    """The model directory both sides load: --model, else the task's built-in (built on first use)."""
+    from fleetrl.run.runtime import resolve_model
+
+    return args.model or resolve_model(TASKS[args.task]["model"])
 
 
 def steady(times: list[float]) -> tuple[float, float, float]:
@@ -75,9 +102,11 @@ def run_fleetrl(args, out_dir: str) -> dict:
     overrides = [f"run.steps={args.steps}", f"run.output_dir={out_dir}", "run.name=vs-trl",
                  "rollout.num_workers=1", f"rl.prompts_per_step={args.prompts}",
                  f"rl.group_size={args.group_size}", f"rollout.sampling.max_tokens={args.max_tokens}",
-                 f"learner.lr={args.lr}", "learner.loss.kl_coef=0.0",
+                 f"learner.lr={args.lr}", "learner.loss.kl_coef=0.0", "rl.eval_every=0",
+                 f"rollout.sampling.temperature={TASKS[args.task]['temperature']}",
                  *([f"model.path={args.model}"] if args.model else []), *args.fleetrl_set]
-    cmd = [sys.executable, "-m", "fleetrl", "train", str(ROOT / "examples" / "grpo_tiny.yaml"), *overrides]
+    cmd = [sys.executable, "-m", "fleetrl", "train", str(ROOT / "examples" / TASKS[args.task]["config"]),
+           *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -100,8 +129,8 @@ def run_trl(args, out_dir: str) -> dict:
     out_json = Path(out_dir) / "trl.json"
     cmd = [sys.executable, __file__, "--trl-child", str(out_json), "--steps", str(args.steps),
            "--prompts", str(args.prompts), "--group-size", str(args.group_size),
-           "--max-tokens", str(args.max_tokens), "--lr", str(args.lr),
-           *(["--model", args.model] if args.model else [])]
+           "--max-tokens", str(args.max_tokens), "--lr", str(args.lr), "--task", args.task,
+           "--model", task_model(args)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -120,20 +149,21 @@ def trl_child(args) -> None:
 
     from fleetrl.data.rows import render_prompt
     from fleetrl.reward.builtins import make_builtin
-    from fleetrl.testing.tiny import ensure_tiny_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model_path = args.model or str(ensure_tiny_model("policy", seed=0))
+    task = TASKS[args.task]
+    model_path = args.model
     tok = AutoTokenizer.from_pretrained(model_path)
-    rows = [json.loads(ln) for ln in (ROOT / "examples" / "data" / "letters_train.jsonl").read_text().splitlines()
+    rows = [json.loads(ln) for ln in (ROOT / "examples" / "data" / task["data"]).read_text().splitlines()
             if ln.strip()]
-    data = Dataset.from_list([{"prompt": render_prompt(r["prompt"], tok), "letter": r["letter"]} for r in rows])
-    letter = make_builtin("letter_fraction")
+    column = task["column"]
+    data = Dataset.from_list([{"prompt": render_prompt(r["prompt"], tok), column: r[column]} for r in rows])
+    score = make_builtin(task["reward"], task["reward_kwargs"])
 
-    def letter_fraction(prompts, completions, letter: list, **_):  # noqa: ANN001
-        return letter_fn(prompts, completions, letter=letter)
+    def task_reward(prompts, completions, **kw):  # noqa: ANN001  (TRL passes the row's columns as keywords)
+        return score(prompts, completions, **{column: kw[column]})
 
-    letter_fn = letter
+    task_reward.__name__ = task["reward"]
     marks: list[float] = []
     rewards: list[float] = []
 
@@ -150,11 +180,11 @@ def trl_child(args) -> None:
         output_dir=str(Path(args.trl_child).parent / "trl-out"), learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
         num_generations=args.group_size, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        max_completion_length=args.max_tokens, temperature=1.0, beta=0.0, num_iterations=1,
+        max_completion_length=args.max_tokens, temperature=task["temperature"], beta=0.0, num_iterations=1,
         max_steps=args.steps, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
         bf16=False, seed=0, dataloader_num_workers=0,
     )
-    trainer = GRPOTrainer(model=model_path, reward_funcs=letter_fraction, args=cfg, train_dataset=data,
+    trainer = GRPOTrainer(model=model_path, reward_funcs=task_reward, args=cfg, train_dataset=data,
                           processing_class=tok, callbacks=[Clock()])
     t_train = time.perf_counter()
     trainer.train()
@@ -178,15 +208,14 @@ def raw_engine_child(args) -> None:
     from fleetrl.rollout.config import RolloutConfig, worker_env
     from fleetrl.rollout.worker import engine_kwargs
     from fleetrl.run.config import load_config
-    from fleetrl.testing.tiny import ensure_tiny_model
 
-    cfg: RolloutConfig = load_config(str(ROOT / "examples" / "grpo_tiny.yaml")).rollout
+    cfg: RolloutConfig = load_config(str(ROOT / "examples" / TASKS[args.task]["config"])).rollout
     env = worker_env(cfg, "cpu")
     if args.raw_vllm_defaults:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     os.environ.update(env)
     t_import = time.perf_counter()
-    llm = LLM(**engine_kwargs(cfg, args.model or str(ensure_tiny_model("policy", seed=0))))
+    llm = LLM(**engine_kwargs(cfg, args.model))
     t_engine = time.perf_counter()
     llm.generate([{"prompt_token_ids": [1, 2, 3, 4, 5, 6, 7, 8]}] * 2, SamplingParams(n=2, max_tokens=8))
     t_end = time.perf_counter()
@@ -199,7 +228,7 @@ def run_raw_engine(args, out_dir: str, vllm_defaults: bool) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--raw-engine-child", str(out_json),
                            *(["--raw-vllm-defaults"] if vllm_defaults else []),
-                           *(["--model", args.model] if args.model else [])],
+                           "--task", args.task, "--model", task_model(args)],
                           capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -209,6 +238,8 @@ def run_raw_engine(args, out_dir: str, vllm_defaults: bool) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.lr is None:
+        args.lr = TASKS[args.task]["lr"]
     if args.trl_child:
         trl_child(args)
         return
