@@ -102,7 +102,7 @@ def run_fleetrl(args, out_dir: str) -> dict:
     overrides = [f"run.steps={args.steps}", f"run.output_dir={out_dir}", "run.name=vs-trl",
                  "rollout.num_workers=1", f"rl.prompts_per_step={args.prompts}",
                  f"rl.group_size={args.group_size}", f"rollout.sampling.max_tokens={args.max_tokens}",
-                 f"learner.lr={args.lr}", "learner.loss.kl_coef=0.0", "rl.eval_every=0",
+                 f"learner.lr={args.lr}", "learner.loss.kl_coef=0.0", "rl.eval_every=0", "data.eval_path=null",
                  f"rollout.sampling.temperature={TASKS[args.task]['temperature']}",
                  *([f"model.path={args.model}"] if args.model else []), *args.fleetrl_set]
     cmd = [sys.executable, "-m", "fleetrl", "train", str(ROOT / "examples" / TASKS[args.task]["config"]),
