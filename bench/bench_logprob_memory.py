@@ -6,10 +6,11 @@ one rank, ZeRO-2, the GRPO ``ppo`` loss, reference off) and training one micro-b
 
 - ``learner.logprob_chunk_tokens: 0``: the model's whole [tokens, vocab] fp32 logits, then log-softmax
   (what every learner did before the chunked head);
-- ``learner.logprob_chunk_tokens: 1024`` (the default): the head and log-softmax run on 1024 tokens at
-  a time, each chunk recomputed in backward, so no [tokens, vocab] tensor is held whole.
+- ``learner.logprob_chunk_tokens: 1024`` (the default; others with ``--chunks``): the head and
+  log-softmax run on 1024 tokens at a time, each chunk recomputed in backward, so no [tokens, vocab]
+  tensor is held whole. A micro-batch of at most that many tokens is one chunk.
 
-Memory: the process's peak RSS (``ru_maxrss``) after a warm-up step on one 8-token row (the optimizer
+Memory: the process's peak RSS (``ru_maxrss``) after a warm-up step on M rows of 8 tokens (the optimizer
 states and gradients then exist) and after the timed steps; "step peak" is their difference, the
 memory the micro-batch itself needs. Time: median of ``--steps`` steps after that warm-up.
 Run from the repository root:  python bench/bench_logprob_memory.py   (see --help)
@@ -26,8 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CHUNKS = (0, 1024)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -35,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--shapes", nargs="+", default=["4x80", "8x80", "16x80", "4x512"],
                    help="micro-batch rows x tokens per row (80: the sums recipe's prompt + 32 tokens)")
+    p.add_argument("--chunks", nargs="+", type=int, default=[0, 1024],
+                   help="learner.logprob_chunk_tokens values to compare (0: whole logits, the baseline)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -73,7 +74,7 @@ def child(spec: dict) -> dict:
            "logprob_chunk_tokens": spec["chunk"]}
     learner = Learner(cfg, spec["model"], 0, 1, "127.0.0.1", free_port(), None, rows)
     vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
-    learner.train(_batch(1, 8, vocab, seed=1), 1)  # optimizer states and gradients now exist
+    learner.train(_batch(rows, 8, vocab, seed=1), rows)  # optimizer states and gradients now exist
     base = _maxrss_mib()
     batch = _batch(rows, tokens, vocab)
     times = []
@@ -94,12 +95,13 @@ def main(argv=None) -> None:
         return
     start = print_machine_state("start")
     model = resolve_model(args.model)
+    chunks = [0, *sorted(set(args.chunks) - {0})]  # whole logits first: every row is a ratio to it
     table = []
     for shape in args.shapes:
         rows, tokens = (int(x) for x in shape.split("x"))
         logits_mib = rows * tokens * 49152 * 4 / 2**20
         results = {}
-        for chunk in CHUNKS:
+        for chunk in chunks:
             spec = {"model": model, "rows": rows, "tokens": tokens, "chunk": chunk, "steps": args.steps,
                     "threads": args.threads}
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
@@ -109,7 +111,7 @@ def main(argv=None) -> None:
                 raise SystemExit(f"child {spec} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
             results[chunk] = json.loads(line[len("RESULT "):])
         whole = results[0]
-        for chunk in CHUNKS:
+        for chunk in chunks:
             r = results[chunk]
             step_peak = r["peak_mib"] - r["base_mib"]
             t = Samples(r["times"])

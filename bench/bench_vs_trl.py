@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="build a tiny Qwen2 of this hidden size for both sides (with --num-layers)")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--fleetrl-set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--fleetrl-variant", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run fleetrl with these overrides, back to back in the same invocation "
+                        "(repeatable: one more row each), e.g. learner.num_threads=1")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)  # output json path
     p.add_argument("--raw-engine-child", default=None, help=argparse.SUPPRESS)  # output json path
@@ -98,13 +101,13 @@ def steady(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(rest), min(rest), max(rest)
 
 
-def run_fleetrl(args, out_dir: str) -> dict:
+def run_fleetrl(args, out_dir: str, extra: list[str] = ()) -> dict:
     overrides = [f"run.steps={args.steps}", f"run.output_dir={out_dir}", "run.name=vs-trl",
                  "rollout.num_workers=1", f"rl.prompts_per_step={args.prompts}",
                  f"rl.group_size={args.group_size}", f"rollout.sampling.max_tokens={args.max_tokens}",
                  f"learner.lr={args.lr}", "learner.loss.kl_coef=0.0", "rl.eval_every=0", "data.eval_path=null",
                  f"rollout.sampling.temperature={TASKS[args.task]['temperature']}",
-                 *([f"model.path={args.model}"] if args.model else []), *args.fleetrl_set]
+                 *([f"model.path={args.model}"] if args.model else []), *args.fleetrl_set, *extra]
     cmd = [sys.executable, "-m", "fleetrl", "train", str(ROOT / "examples" / TASKS[args.task]["config"]),
            *overrides]
     t0 = time.perf_counter()
@@ -262,6 +265,10 @@ def main(argv=None) -> None:
                   flush=True)
         results["fleetrl"] = run_fleetrl(args, str(Path(tmp) / "fleetrl"))
         print(f"fleetrl done in {results['fleetrl']['wall']:.1f}s", flush=True)
+        for i, variant in enumerate(args.fleetrl_variant):
+            name = f"fleetrl ({' '.join(variant)})"
+            results[name] = run_fleetrl(args, str(Path(tmp) / f"fleetrl-variant-{i}"), variant)
+            print(f"{name} done in {results[name]['wall']:.1f}s", flush=True)
         if not args.skip_trl:
             results["TRL GRPOTrainer"] = run_trl(args, tmp)
             print(f"TRL done in {results['TRL GRPOTrainer']['wall']:.1f}s", flush=True)
@@ -281,8 +288,10 @@ def main(argv=None) -> None:
                        f"<= {args.max_tokens} tokens, "
                        f"lr {args.lr}, {args.steps} steps; load avg start {start['loadavg_1_5_15']}, "
                        f"end {end['loadavg_1_5_15']}"))
-    print("fleetrl step phases, median over steps 2..N (s): " + ", ".join(
-        f"{k}={v:.3f}" for k, v in base["phases"].items()), flush=True)
+    for name, r in results.items():
+        if "phases" in r:
+            print(f"{name} step phases, median over steps 2..N (s): " + ", ".join(
+                f"{k}={v:.3f}" for k, v in r["phases"].items()), flush=True)
     print("fleetrl start-up breakdown (s): " + ", ".join(
         f"{k}={v:.1f}" for k, v in sorted(base["startup_parts"].items())), flush=True)
     parts = base["startup_parts"]

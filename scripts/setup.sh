@@ -24,6 +24,19 @@ if [ -n "$constraints" ] && [ ! -f "$constraints" ]; then
   exit 1
 fi
 
+# The python tool's sandbox (fleetrl.env.sandbox, docs/sandbox.md) and its tests need bubblewrap, a
+# system package: installed here when missing and this runs as root with apt-get, else named.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing bubblewrap (the python tool's sandbox)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }
+  else
+    echo "setup: bubblewrap (bwrap) is missing; the python tool's sandbox and its tests need it:" \
+         "sudo apt-get install -y bubblewrap" >&2
+  fi
+fi
+
 stamp="$venv/.fleetrl-setup"
 # What the install depends on: pyproject.toml less its ruff and pytest sections (editing lint rules
 # does not reinstall), this script and the constraints file.

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the run in RUN_DIR (a local path or s3:// URI) from its last complete "
                    "checkpoint, with its saved config.yaml plus any overrides (secrets it shows as "
-                   "<redacted> must be given again as overrides)")
+                   "<redacted> must be given again; ${env:NAME} references need nothing back)")
     t.set_defaults(func=_cmd_train)
 
     ck = sub.add_parser(

@@ -237,7 +237,8 @@ def test_every_online_algorithm_is_declared_with_registered_pieces():
         <= set(kinds)
     assert {n for n, a in kinds.items() if a.per_token} >= {"ppo", "reinforce_pp", "reinforce_pp_baseline"}
     assert [n for n, a in kinds.items() if a.critic] == ["ppo"]
-    assert [kinds[n].min_group_size for n in ("rloo", "reinforce_pp_baseline", "grpo")] == [2, 2, 1]
+    assert [kinds[n].min_group_size for n in ("rloo", "reinforce_pp_baseline", "grpo", "drgrpo", "ppo")] \
+        == [2, 2, 2, 2, 1]
     with pytest.raises(KeyError, match="did you mean 'rloo'"):
         ADVANTAGE_ESTIMATORS.get("rlo")
 

@@ -17,8 +17,10 @@ from fleetrl.run.check import (
     check_config,
     check_model,
     holds_run,
+    placement_by_node,
     requested_resources,
     resource_shortfall,
+    service_demands,
 )
 from fleetrl.run.config import load_config
 
@@ -46,7 +48,17 @@ BASE = {
     "reward": {"functions": [{"name": "acc", "kind": "rule", "path": "rewards.py:accuracy_reward"}]},
     "rl": {"group_size": 2, "prompts_per_step": 2},
     "learner": {"micro_batch_size": 1},
+    "ray": {"num_cpus": 4},  # 3 actors of 1 CPU each; set, so the local-resources check passes on any machine
 }
+PAIRS = "".join(f'{{"prompt": "{i}+1?", "chosen": "{i + 1}", "rejected": "{i + 2}"}}\n' for i in range(4))
+SCORED = "".join(f'{{"prompt": "{i}+1?", "completion": "{i + 1}", "stars": {i + 1}}}\n' for i in range(4))
+DPO = {"algorithm": "dpo", "run": {"output_dir": "runs", "name": "r"}, "model": {"path": "tiny"},
+       "data": {"path": "pairs.jsonl"}, "offline": {"batch_size": 2}, "learner": {"micro_batch_size": 1},
+       "ray": {"num_cpus": 2}}
+KTO = {**DPO, "algorithm": "kto", "data": {"path": "scored.jsonl"}, "learner": {"micro_batch_size": 2},
+       "kto": {"score_key": "stars", "score_threshold": 2.5}}
+ENV = ("from fleetrl.env import Environment\n"
+       "class Env(Environment):\n    async def step(self, text):\n        return None\n")
 ROWS = "".join(f'{{"prompt": "What is {i}+1?", "solution": "{i + 1}"}}\n' for i in range(4))
 CHAT_ROWS = "".join(f'{{"prompt": [{{"role": "user", "content": "{i}+1?"}}], "solution": "{i + 1}"}}\n'
                     for i in range(4))
@@ -54,7 +66,8 @@ CHAT_ROWS = "".join(f'{{"prompt": [{{"role": "user", "content": "{i}+1?"}}], "so
 
 def write_case(root: Path, config: dict | str | None = None, files: dict | None = None) -> Path:
     (root / "runs").mkdir(exist_ok=True)
-    for name, text in {"data.jsonl": ROWS, "chat.jsonl": CHAT_ROWS, "rewards.py": RULES, **(files or {})}.items():
+    for name, text in {"data.jsonl": ROWS, "chat.jsonl": CHAT_ROWS, "rewards.py": RULES, "pairs.jsonl": PAIRS,
+                       "scored.jsonl": SCORED, **(files or {})}.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     cfg = root / "base.yaml"
@@ -225,12 +238,122 @@ CASES = [
                                              "    def step(self, text):\n        return None\n"},
      ["rollout.environment=env.py:Env", "rollout.episode.env_kwargs={\"turnz\": 2}"],
      [r"rollout.environment: .*env_kwargs=\{'turnz': 2\}: building it raised TypeError"]),
+    # --- nonsense: settings that make the algorithm degenerate ------------------------------------
+    ("algo-group-of-one", None, {}, ["rl.group_size=1"],
+     [r"override 'rl.group_size=1': grpo needs rl.group_size >= 2 \(its advantage is the reward minus the group's "
+      r"mean, which is 0 for a group of one"]),
+    ("algo-group-of-one-drgrpo", None, {}, ["algorithm=drgrpo", "rl.group_size=1"],
+     [r"drgrpo needs rl.group_size >= 2"]),
+    ("algo-greedy-sampling", None, {}, ["rollout.sampling.temperature=0"],
+     [r"override 'rollout.sampling.temperature=0': rollout.sampling.temperature=0 is greedy decoding, but grpo "
+      r"learns from sampled completions.*Set rollout.sampling.temperature > 0"]),
+    ("algo-greedy-top-k", None, {}, ["rollout.sampling.top_k=1"], [r"rollout.sampling.top_k=1 is greedy decoding"]),
+    ("algo-lr-nan", None, {}, ["learner.lr=.nan"], [r"override 'learner.lr=.nan': 'learner.lr': .*finite number"]),
+    ("algo-lr-inf", None, {}, ["learner.lr=.inf"], [r"override 'learner.lr=.inf': 'learner.lr': .*finite number"]),
+    ("algo-lr-inf-in-file", with_(learner={"micro_batch_size": 1, "lr": float("inf")}), {}, [],
+     [r"base.yaml:\d+: 'learner.lr': .*finite number"]),
+    ("bound-staleness-above-the-run", None, {}, ["rl.max_staleness=50", "run.steps=3"],
+     [r"rl.max_staleness=50 is above the run's length \(run.steps=3\), so it bounds nothing"]),
+    # --- resources a local Ray cannot give ------------------------------------------------------
+    ("local-too-many-cpus", None, {}, ["rollout.num_cpus_per_worker=1000"],
+     [r"cluster: a local Ray \(ray.num_cpus=4, .*\) cannot give this config what it asks \(CPU: the run asks "
+      r"for 1002, the cluster has 4\): set ray.num_cpus: 1002"]),
+    ("local-gpus", None, {}, ["learner.num_gpus_per_rank=4"],
+     [r"a local Ray .*GPU: the run asks for 4, the cluster has 0.*lower learner.num_gpus_per_rank"]),
+    ("local-custom-resource", None, {}, ["rollout.resources={trn1: 1}"],
+     [r"trn1: the run asks for 1, the cluster has 0.*custom resources .* exist only on cluster nodes"]),
+    # --- data that makes the objective meaningless ----------------------------------------------
+    ("data-unknown-role", None, {"chat.jsonl": '{"prompt": [{"role": "usr", "content": "1+1?"}], "solution": "2"}\n'},
+     ["data.path={tmp}/chat.jsonl"],
+     [r"chat.jsonl:1: field 'prompt', message at index 0 has role 'usr', which chat templates do not know "
+      r"\(did you mean 'user'\?\); roles are system, developer, user, assistant, tool"]),
+    ("data-sharegpt-role", None,
+     {"chat.jsonl": '{"prompt": [{"role": "human", "content": "1+1?"}], "solution": "2"}\n'},
+     ["data.path={tmp}/chat.jsonl"], [r"chat.jsonl:1: .*role 'human'.*ShareGPT-style data: map it to 'user'"]),
+    ("data-identical-chosen-rejected", DPO,
+     {"pairs.jsonl": PAIRS + '{"prompt": "q", "chosen": "same", "rejected": "same"}\n'}, [],
+     [r"pairs.jsonl:5: fields 'chosen' and 'rejected' are identical, so the pair prefers nothing"]),
+    ("data-role-in-preference-messages", DPO,
+     {"pairs.jsonl": '{"prompt": "q", "chosen": [{"role": "Assistant", "content": "a"}], '
+                     '"rejected": [{"role": "assistant", "content": "b"}]}\n'}, [],
+     [r"pairs.jsonl:1: field 'chosen', message at index 0 has role 'Assistant'.*roles are lower case: 'assistant'"]),
+    ("data-non-finite-score", KTO, {"scored.jsonl": SCORED + '{"prompt": "q", "completion": "c", "stars": NaN}\n'}, [],
+     [r"data: .*scored.jsonl:5: kto.score_key is 'stars' but the row's 'stars' is nan; every row needs a finite "
+      r"number there"]),
+    ("data-infinite-score", KTO, {"scored.jsonl": SCORED + '{"prompt": "q", "completion": "c", "stars": Infinity}\n'},
+     [], [r"scored.jsonl:5: kto.score_key is 'stars' but the row's 'stars' is inf"]),
+    # --- environments and tools -----------------------------------------------------------------
+    ("env-not-an-environment", None, {"env.py": "class Env:\n    def step(self, text):\n        return None\n"},
+     ["rollout.environment=env.py:Env"],
+     [r"rollout.environment: .*Env is not a fleetrl.env.Environment: subclass it"]),
+    ("env-not-a-class", None, {"env.py": "Env = 3\n"}, ["rollout.environment=env.py:Env"],
+     [r"rollout.environment: .*Env in env.py is a int, not a class"]),
+    ("tool-sandbox-zero-deadline", None, {}, ["rollout.environment=fleetrl.env.tools:ToolEnv",
+                                              "rollout.episode.env_kwargs={timeout_s: 0}"],
+     [r"rollout.environment: .*rollout.episode.env_kwargs.timeout_s: Input should be greater than 0 \(got 0\)"]),
+    ("tool-sandbox-negative-memory", None, {}, ["rollout.environment=fleetrl.env.tools:ToolEnv",
+                                                "rollout.episode.env_kwargs={memory_mb: -1}"],
+     [r"rollout.episode.env_kwargs.memory_mb: Input should be greater than or equal to 32 \(got -1\)"]),
+    # --- storage and optional dependencies -------------------------------------------------------
+    ("output-uri-without-bucket", None, {}, ["run.output_dir=s3:///runs"],
+     [r"override 'run.output_dir=s3:///runs': .*names no bucket: write s3://BUCKET/prefix"]),
+    ("output-uri-empty", None, {}, ["run.output_dir=s3://"], [r"run.output_dir='s3://' names no bucket"]),
+    ("output-unknown-storage", None, {}, ["run.output_dir=nosuchfs://bucket/runs"],
+     [r"dependencies: run.output_dir='nosuchfs://bucket/runs': fsspec knows no storage 'nosuchfs://'"]),
+    ("dependency-wandb-missing", None, {}, ["run.wandb={project: p}"],
+     [r"dependencies: run.wandb is set but the wandb package is not installed: pip install 'fleetrl\[wandb\]'"]),
+    # --- LoRA the model cannot take ---------------------------------------------------------------
+    ("lora-missing-target", None, {}, ["learner.lora={target_modules: [nope_proj]}"],
+     [r"learner.lora: learner.lora.target_modules=\['nope_proj'\] does not fit the model.*linear layers are "
+      r"named \['down_proj', 'gate_proj', 'k_proj'"]),
+    ("lora-embedding-online", None, {}, ["learner.lora={target_modules: [q_proj, embed_tokens]}"],
+     [r"learner.lora: .*embed_tokens.* is trained but a weight sync cannot carry it"]),
+    # --- run names (paths) ------------------------------------------------------------------------
+    ("run-name-absolute", None, {}, ["run.name=/etc"], [r"run.name='/etc' must be one plain directory name"]),
+    ("run-name-dotdot", None, {}, ["run.name=.."], [r"run.name='..' must be one plain directory name"]),
+    ("run-name-separator", None, {}, ["run.name=a/../../b"], [r"run.name='a/../../b' must be one plain"]),
+    ("run-name-backslash", None, {}, ["run.name=a\\b"], [r"run.name='a\\\\b' must be one plain"]),
 ]
 
 
+def test_wandb_present_passes_its_dependency_check(monkeypatch):
+    import importlib.util
+
+    from fleetrl.run.check import _check_dependencies
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real(name, *a))
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml", ["run.wandb={project: p}"])
+    assert _check_dependencies(cfg) is None
+
+
+def test_an_offline_config_with_good_pairs_and_scores_passes(tmp_path, capsys):
+    rc, out, err = run_check(tmp_path, capsys, DPO)
+    assert rc == 0, err
+    rc, out, err = run_check(tmp_path, capsys, KTO)
+    assert rc == 0, err
+
+
+def test_a_ray_this_process_runs_is_measured_not_the_config(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
+    rc, out, err = run_check(tmp_path, capsys, None, {}, ["rollout.num_cpus_per_worker=1000", "ray.num_cpus=2000"])
+    assert rc == 2
+    assert re.search(r"the Ray this process already runs .*CPU: the run asks for 1002, the cluster has 3", err), err
+
+
 @pytest.mark.parametrize("name,config,files,overrides,expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_clear_message(tmp_path, capsys, name, config, files, overrides, expected):
+def test_bad_input_gets_one_clear_message(tmp_path, capsys, monkeypatch, name, config, files, overrides,
+                                          expected):
     overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    if name.startswith("local-"):
+        # These describe the local Ray a run would start; in the full suite this process already
+        # runs the session's shared Ray, which check (rightly) measures instead.
+        import ray
+
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
     if config == "MISSING":
         rc = main(["check", str(tmp_path / "missing.yaml")])
         out, err = capsys.readouterr()
@@ -319,6 +442,32 @@ def test_resources_against_the_cluster():
     assert resource_shortfall(requested_resources(cfg, cluster_has_gpus=False), {"CPU": 8.0}) == []
 
 
+def test_placement_by_node_names_where_each_service_can_go_and_which_cannot():
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml",
+                      ["rollout.num_workers=2", "rollout.resources={rollout: 1}", "learner.num_ranks=2",
+                       "learner.resources_per_rank={train: 1}", "reward.resources={judge: 1}"])
+    demands = service_demands(cfg, cluster_has_gpus=False)
+    assert demands["rollout worker"][:2] == (2, {"CPU": 1.0, "rollout": 1.0})
+    assert demands["learner rank"][:2] == (2, {"CPU": 1.0, "train": 1.0})
+    nodes = [
+        {"Alive": True, "NodeID": "head0000", "NodeManagerAddress": "127.0.0.1", "Resources": {"CPU": 1.0}},
+        {"Alive": True, "NodeID": "roll0000", "NodeManagerAddress": "127.0.0.2",
+         "Resources": {"CPU": 4.0, "rollout": 2.0, "node:127.0.0.2": 1.0}},
+        {"Alive": True, "NodeID": "train000", "NodeManagerAddress": "127.0.0.3",
+         "Resources": {"CPU": 2.0, "train": 1.0}},
+        {"Alive": False, "NodeID": "dead0000", "NodeManagerAddress": "127.0.0.4",
+         "Resources": {"CPU": 8.0, "judge": 1.0}},
+    ]
+    lines, problems = placement_by_node(demands, nodes)
+    assert "2 rollout worker(s) (each CPU 1, rollout 1) can go on: 127.0.0.2 [roll0000] (CPU 4, rollout 2) x2" in lines
+    assert "2 learner rank(s) (each CPU 1, train 1) can go on: 127.0.0.3 [train000] (CPU 2, train 1) x1" in lines
+    # The only node with `judge` is dead: the reward actor could never be placed.
+    (problem,) = problems
+    assert problem.startswith("no node can hold a reward actor (one asks for CPU 1, judge 1); the nodes have: "
+                              "127.0.0.1 [head0000] (CPU 1); 127.0.0.2")
+    assert problem.endswith("or change reward.num_cpus / num_gpus / resources")
+
+
 def test_joining_a_cluster_too_small_for_the_config(tmp_path, capsys, monkeypatch):
     import ray
 
@@ -326,8 +475,52 @@ def test_joining_a_cluster_too_small_for_the_config(tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(fleetrl.run.runtime, "connect_ray", lambda cfg: None)  # no cluster here: its answer
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1",
+                                                "Resources": {"CPU": 2.0, "memory": 1e9}}])
     rc, out, err = run_check(tmp_path, capsys, overrides=["ray.address=ray://head:10001", "rollout.num_workers=2"])
     assert rc == 2
     assert "cluster: cluster ray://head:10001 is too small for this config (CPU: the run asks for 4, the " \
            "cluster has 2)" in err
     assert main(["check", str(tmp_path / "base.yaml"), "ray.address=ray://head:10001", "--no-cluster"]) == 0
+
+
+def test_a_python_tool_without_isolation_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch):
+    """The driver's check runs the tool's sandbox probe: no bubblewrap, one message, exit code 2."""
+    import fleetrl.env.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "BWRAP", "fleetrl-no-such-bwrap")
+    monkeypatch.setattr(sandbox, "_probed", {})
+    tool_env = ["rollout.environment=fleetrl.env.tools:ToolEnv"]
+    rc, out, err = run_check(tmp_path, capsys, overrides=tool_env)
+    assert rc == 2 and "Traceback" not in err
+    assert re.search(r"rollout.environment: bubblewrap \('fleetrl-no-such-bwrap'\) is not installed on this machine, "
+                     r"so the python tool cannot isolate model-written code and refuses to run it: install it "
+                     r"\(Debian/Ubuntu: apt-get install -y bubblewrap", err), err
+    # The explicit opt-in passes, and the report says loudly what it means.
+    rc, out, err = run_check(tmp_path, capsys, overrides=[*tool_env, "rollout.episode.env_kwargs={isolation: none}"])
+    assert rc == 0, err
+    assert "python tool: isolation: none -- model-written code runs UNISOLATED (explicit opt-in)" in out
+    # A key ToolEnv does not have names itself.
+    rc, out, err = run_check(tmp_path, capsys, overrides=[*tool_env, "rollout.episode.env_kwargs={timeout: 5}"])
+    assert rc == 2 and "rollout.episode.env_kwargs.timeout: unknown key for ToolEnv; allowed: [" in err
+
+
+def test_check_refuses_a_tool_environment_whose_chat_template_hides_the_tools(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from fleetrl.testing.tiny import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
+    tok.chat_template = "{%- for m in messages -%}{{ m['role'] + ': ' + m['content'] + '\n' }}{%- endfor -%}"
+    tok.save_pretrained(tmp_path / "no_tools_tokenizer")
+    rc, out, err = run_check(tmp_path, capsys, overrides=["rollout.environment=fleetrl.env.tools:ToolEnv",
+                                                         f"model.tokenizer={tmp_path / 'no_tools_tokenizer'}"])
+    assert rc == 2 and "Traceback" not in err
+    assert re.search(r"rollout.environment: the chat template of .*no_tools_tokenizer does not render `tools`", err)
+
+
+def test_a_working_sandbox_is_reported_by_check(tmp_path, capsys):
+    rc, out, err = run_check(tmp_path, capsys, overrides=["rollout.environment=fleetrl.env.tools:ToolEnv"])
+    assert rc == 0, err
+    assert "python tool: bubblewrap sandbox works" in out
+

@@ -107,3 +107,27 @@ def test_chunked_head_short_rows():
     head = torch.nn.Linear(4, 11, bias=False)
     out = _ChunkedHead(head, torch.tensor([[3]]), 1.0, True, 2)(torch.randn(1, 1, 4))
     assert out.shape == (1, 1, 2) and out.abs().sum() == 0
+
+
+def test_the_learners_deepspeed_engine_takes_the_chunked_head(tiny_policy):
+    # DeepSpeedEngine forwards attribute lookups to its model, so it looked like an LM whose head is
+    # not its child: the chunked head was silently off for every full fine-tuning learner.
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from fleetrl.learner.deepspeed_utils import free_port
+from fleetrl.learner.forward import causal_lm_of
+from fleetrl.learner.rank import Learner
+cfg = {{"num_ranks": 1, "num_cpus_per_rank": 1, "zero_stage": 2, "micro_batch_size": 2, "reference": True,
+        "loss": {{"kl_coef": 0.0}}}}
+learner = Learner(cfg, {str(tiny_policy)!r}, 0, 1, "127.0.0.1", free_port(), None, 2)
+engine = learner.engine
+assert type(engine.policy).__name__ == "DeepSpeedEngine", type(engine.policy)
+assert causal_lm_of(engine.policy) is engine.policy.module
+assert causal_lm_of(engine.reference()) is not None
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -583,3 +583,101 @@ def test_cluster_launcher_enables_token_auth_and_keeps_the_dashboard_on_loopback
         assert "RAY_AUTH_MODE=token" in start, key
     head = next(c for c in raw["head_start_ray_commands"] if "ray start" in c)
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets never reach a job's entrypoint, metadata or `fleetrl status`
+
+
+@pytest.mark.parametrize("override", [
+    "run.storage_options.secret=abc123",
+    "run.storage_options={key: AKIA1, secret: abc123}",
+    "rollout.env_vars.HF_TOKEN=hf_abc",
+    "run.wandb={project: p, api_key: wk-1}",
+])
+def test_submit_refuses_a_secret_override_and_says_to_use_a_reference(no_cluster, tmp_path, override):
+    cfg = _project(tmp_path)
+    key = override.partition("=")[0]
+    with pytest.raises(DeployError, match=rf"override\(s\) {re.escape(key)} would put a secret in the job's "
+                                          r"entrypoint.*\(nothing was submitted\).*\$\{env:MY_SECRET\}"):
+        jobs.submit(cfg, ["run.steps=2", override], working_dir=tmp_path)
+
+
+def test_submit_passes_references_and_plain_overrides(fake_cluster, tmp_path):
+    client, _ = fake_cluster
+    cfg = _project(tmp_path)
+    jobs.submit(cfg, ["run.storage_options.secret=${env:S3_SECRET}", "rl.max_prompt_tokens=64",
+                      "data.prompt_key=prompt"], address="http://h:8265", working_dir=tmp_path, job_id="j")
+    (kw,) = client.submitted
+    assert "'run.storage_options.secret=${env:S3_SECRET}'" in kw["entrypoint"]  # quoted: no shell expands it
+    assert "rl.max_prompt_tokens=64" in kw["entrypoint"]
+
+
+def test_status_and_metadata_show_secret_overrides_redacted():
+    shown = jobs.redact_command("fleetrl train cfg.yaml run.storage_options.secret=abc rl.max_prompt_tokens=64 "
+                                "'reward.functions.0.headers.Authorization=Bearer sk-1' "
+                                "'reward.functions.0.url=https://u:pw@judge/s' "
+                                "reward.functions.1.kwargs.answer_key=solution "
+                                "rollout.env_vars.HF_TOKEN=hf_x 'run.storage_options.key=${env:K}'")
+    for secret in ("abc", "sk-1", ":pw@", "hf_x"):
+        assert secret not in shown, secret
+    assert "rl.max_prompt_tokens=64" in shown and "kwargs.answer_key=solution" in shown  # not secrets
+    assert "${env:K}" in shown
+
+    class Info:
+        submission_id, job_id, status, message, start_time, end_time = "j", None, "RUNNING", "", 0, 0
+        entrypoint = "fleetrl train c.yaml run.storage_options.secret=abc"
+
+    assert jobs._state(Info()).entrypoint == "fleetrl train c.yaml 'run.storage_options.secret=<redacted>'"
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifests fail closed; the image holds no credentials
+
+
+def _containers(spec: dict) -> list[tuple[str, dict]]:
+    groups = [("head", spec["headGroupSpec"]), *((g["groupName"], g) for g in spec["workerGroupSpecs"])]
+    return [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("rel,path", [("src/fleetrl/deploy/kuberay/raycluster.yaml", ("spec",)),
+                                      ("src/fleetrl/deploy/kuberay/rayjob.yaml", ("spec", "rayClusterSpec"))])
+def test_kuberay_manifests_set_token_auth_explicitly_in_every_container(rel, path):
+    spec = _load(rel)
+    for key in path:
+        spec = spec[key]
+    assert spec["authOptions"] == {"mode": "token"}
+    containers = _containers(spec)
+    assert len(containers) == 3
+    for name, container in containers:
+        # Explicit: an operator too old for authOptions drops it silently; with this, Ray refuses to start
+        # without a token instead of serving an open dashboard.
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"], name
+    assert "KubeRay operator >= 1.5.1" in (REPO / rel).read_text()
+
+
+def test_kuberay_network_policy_guards_every_head_port():
+    policy = _load("src/fleetrl/deploy/kuberay/networkpolicy.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"fleetrl.io/role": "head"}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    head = _load("src/fleetrl/deploy/kuberay/raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]
+    head_ports = {p["containerPort"] for p in head["containers"][0]["ports"]}
+    rules = policy["spec"]["ingress"]
+    assert all(rule.get("from") for rule in rules)  # no rule lets everyone in
+    allowed = {p["port"] for rule in rules for p in rule["ports"]}
+    assert head_ports == allowed == {6379, 8265, 10001, 8080}
+    # Outside the cluster's own pods, only the Jobs API (submitters) and metrics (Prometheus) are reachable.
+    for rule in rules[1:]:
+        assert {p["port"] for p in rule["ports"]} <= {8265, 8080}
+
+
+def test_dockerignore_keeps_every_credential_out_of_the_image():
+    buildkit = (REPO / "src/fleetrl/deploy/Dockerfile.dockerignore").read_text().splitlines()
+    classic = (REPO / ".dockerignore").read_text().splitlines()
+    assert [line for line in classic if not line.startswith("#")] == \
+        [line for line in buildkit if not line.startswith("#")]  # the two copies say the same
+    patterns = {line.strip() for line in buildkit if line.strip() and not line.startswith("#")}
+    for cred in jobs.CREDENTIAL_EXCLUDES:
+        assert f"**/{cred.rstrip('/')}" in patterns, cred
+    assert "COPY --chown=ray:users . /app" in (REPO / "src/fleetrl/deploy/Dockerfile").read_text()

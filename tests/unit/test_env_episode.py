@@ -192,6 +192,19 @@ def test_bad_step_result_is_an_error(tokenizer):
         _run(Wrong(), tokenizer, Scripted(tokenizer, [" a"]))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "high"])
+def test_a_non_finite_or_non_numeric_step_reward_is_an_environment_error(tokenizer, bad):
+    class Bad(Environment):
+        async def step(self, text):
+            return StepResult(reward=bad, done=True)
+
+    with pytest.raises(EnvError, match=r"Bad in episode 0, step of turn 1: raised (ValueError: step returned a "
+                                       r"non-finite reward \((nan|inf)\)|ValueError: could not convert)"):
+        _run(Bad(), tokenizer, Scripted(tokenizer, [" a"]))
+    r = _run(Bad(), tokenizer, Scripted(tokenizer, [" a"]), EpisodeConfig(on_error="zero"))
+    assert r.finish_reason == "env_error" and r.episode.turn_rewards == []
+
+
 def test_chat_delta_rejects_a_template_that_rewrites_history(tokenizer):
     from transformers import AutoTokenizer
 
@@ -201,6 +214,24 @@ def test_chat_delta_rejects_a_template_that_rewrites_history(tokenizer):
                          " + '\n' }}{%- endfor -%}")
     with pytest.raises(ValueError, match="renders earlier messages differently"):
         ChatDelta(tok).observation_ids("hi", [5])
+
+
+def test_chat_delta_refuses_a_template_that_does_not_render_tools(tokenizer):
+    from transformers import AutoTokenizer
+
+    from fleetrl.env.tools import TOOL_SCHEMAS
+
+    tools = [TOOL_SCHEMAS["calculator"], TOOL_SCHEMAS["python"]]
+    built = AutoTokenizer.from_pretrained(tokenizer.name_or_path)  # the tiny model's own template shows them
+    ChatDelta(built).check_tools(tools)
+    assert "calculator" in built.decode(ChatDelta(built).first("hi", tools))
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = ("{%- for m in messages -%}"
+                         "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endfor -%}"
+                         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}")
+    with pytest.raises(ValueError, match=r"does not render `tools`, so the policy would never see the "
+                                         r"environment's tools \['calculator', 'python'\]"):
+        ChatDelta(tok).check_tools(tools)
 
 
 def test_load_environment(tmp_path):

@@ -271,15 +271,13 @@ def test_adapter_versions_in_flight_and_release(tmp_path):
     with, an old adapter goes (engine and disk) when its last request ends, a failed load names the
     worker and version and changes nothing."""
     import asyncio
-    import itertools
 
     from fleetrl.rollout.worker import RolloutWorker, sampling_params
 
     async def scenario():
         w = object.__new__(RolloutWorker)
-        w.cfg, w.worker_index, w.weight_version, w.adapter_mode = RolloutConfig(lora_sync="adapter"), 5, 0, True
-        w._lora, w._lora_users, w._lora_ids, w._requests, w._inflight = None, {}, itertools.count(1), \
-            itertools.count(), 0
+        w._init_state(RolloutConfig(lora_sync="adapter"), "m", 5, lora_rank=8)
+        assert w.adapter_mode
         w.engine = engine = _FakeEngine()
         w._adapter_root = str(tmp_path)
         params = sampling_params({"max_tokens": 1}, 1)

@@ -46,3 +46,18 @@ def test_progress_line_has_step_reward_and_eta():
     p.update(1, {"reward/mean": 0.25, "time/step": 1.5})
     line = out.getvalue()
     assert "step 1/10" in line and "reward 0.25" in line and "eta " in line
+
+
+def test_reward_per_function_comes_from_the_trained_samples_not_this_steps_scoring():
+    # Async rollouts: a step may train groups scored in earlier steps, so this step's scoring
+    # stats are empty; reward/<function> must still describe the samples trained on.
+    import torch
+
+    from fleetrl.online.batch import Sample
+    from fleetrl.online.collect import RolloutStats
+    from fleetrl.online.loop import _reward_metrics
+
+    samples = [Sample(0, "", [1], [2], [0.0], "stop", 0, reward=r, reward_parts={"letter": r, "len": 1.0})
+               for r in (1.0, 0.0, 0.0, 1.0)]
+    m = _reward_metrics(torch.tensor([s.reward for s in samples]), samples, RolloutStats())
+    assert m["reward/letter"] == 0.5 and m["reward/len"] == 1.0 and m["reward/mean"] == 0.5

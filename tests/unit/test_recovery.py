@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fleetrl.data.rows import DataError
+from fleetrl.env import EnvError
 from fleetrl.online.collect import GroupCollector
 from fleetrl.online.recovery import recovery_metrics, rng_state, set_rng_state
 from fleetrl.online.supervisor import is_restartable, run_supervised
@@ -68,7 +69,7 @@ def test_supervisor_gives_up_after_max_restarts(caplog):
 
 
 @pytest.mark.parametrize("error", [ConfigError("bad key"), DataError("bad row"), RewardError("fn raised"),
-                                   FileExistsError("run dir")])
+                                   EnvError("env raised"), FileExistsError("run dir")])
 def test_supervisor_does_not_restart_what_a_restart_cannot_fix(error):
     cfg = load_config(EXAMPLE, [])
     assert cfg.run.max_restarts == 3  # the default

@@ -117,3 +117,61 @@ def test_a_saved_config_with_hidden_secrets_is_refused_by_name(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"reward\.functions\.0\.headers\.Authorization is '<redacted>'"):
         load_config(path)
+
+
+# ---------------------------------------------------------------- secrets by reference (${env:NAME})
+
+
+def test_env_references_resolve_where_used_and_name_a_missing_variable():
+    from fleetrl.core.secrets import SecretRefError, resolve_env_refs
+
+    env = {"JUDGE_TOKEN": "sk-live-123"}
+    assert resolve_env_refs({"Authorization": "Bearer ${env:JUDGE_TOKEN}", "X": "rl"}, "h", env) == \
+        {"Authorization": "Bearer sk-live-123", "X": "rl"}
+    assert resolve_env_refs(["${env:JUDGE_TOKEN}", 3], "l", env) == ["sk-live-123", 3]
+    with pytest.raises(SecretRefError, match=r"run.storage_options.secret refers to \$\{env:S3_SECRET\} but "
+                                             r"S3_SECRET is not set in the environment of this process"):
+        resolve_env_refs({"secret": "${env:S3_SECRET}"}, "run.storage_options", {})
+
+
+def test_http_headers_by_reference_are_read_in_the_scorer_and_shown_as_written(tmp_path, monkeypatch):
+    from fleetrl.reward.http_scorer import HttpScorer
+
+    cfg_tree = yaml.safe_load((REPO / "examples/grpo_tiny.yaml").read_text())
+    cfg_tree["data"]["path"] = str(REPO / "examples/data/letters_train.jsonl")
+    cfg_tree["reward"]["functions"].append({"name": "judge", "kind": "http", "url": "https://judge.example.com/s",
+                                            "headers": {"Authorization": "Bearer ${env:JUDGE_TOKEN}"}})
+    cfg_tree["run"]["storage_options"] = {"key": "${env:S3_KEY}", "secret": "${env:S3_SECRET}"}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg_tree))
+    cfg = load_config(path)
+    text = dump_config(cfg)
+    assert "Bearer ${env:JUDGE_TOKEN}" in text and "${env:S3_SECRET}" in text  # no secret in them: kept
+    # A saved config.yaml with references loads again with nothing to give back (resume asks for nothing).
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(text)
+    again = load_config(saved)
+    assert again.run.storage_options == {"key": "${env:S3_KEY}", "secret": "${env:S3_SECRET}"}
+    monkeypatch.setenv("JUDGE_TOKEN", "sk-live-123")
+    judge = next(f for f in cfg.reward.functions if f.name == "judge")
+    assert HttpScorer(judge.url, headers=judge.headers).headers["Authorization"] == "Bearer sk-live-123"
+    assert judge.headers["Authorization"] == "Bearer ${env:JUDGE_TOKEN}"  # the config keeps the reference
+
+
+def test_storage_options_by_reference_are_resolved_when_the_store_is_opened(tmp_path, monkeypatch, s3_server):
+    import s3fs
+
+    from fleetrl.core.secrets import SecretRefError
+    from fleetrl.core.storage import Storage
+
+    s3fs.S3FileSystem(**s3_server).mkdir("refs")
+    options = {**s3_server, "key": "${env:T_S3_KEY}", "secret": "${env:T_S3_SECRET}"}
+    store = Storage(options)
+    assert store.options["secret"] == "${env:T_S3_SECRET}"  # what is handed to other processes
+    with pytest.raises(SecretRefError, match=r"run.storage_options.key refers to \$\{env:T_S3_KEY\}"):
+        store.write_text("s3://refs/x.txt", "hi")
+    monkeypatch.setenv("T_S3_KEY", s3_server["key"])
+    monkeypatch.setenv("T_S3_SECRET", s3_server["secret"])
+    store = Storage(options)
+    store.write_text("s3://refs/x.txt", "hi")
+    assert store.read_text("s3://refs/x.txt") == "hi"

@@ -39,11 +39,13 @@ def test_timeout_defaults_and_overrides():
 
 @pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), 10**9])
 def test_timeout_validation(bad):
-    with pytest.raises(ValidationError, match=r"timeout_s\n.*above 0 and at most 86400"):
+    # inf and NaN are refused before the range check, by every config model (core.strict.StrictModel).
+    why = "finite number" if bad != bad or bad == float("inf") else "above 0"
+    with pytest.raises(ValidationError, match=rf"timeout_s\n.*{why}"):
         RewardConfig(timeout_s=bad)
-    with pytest.raises(ValidationError, match=r"functions\.0\.rule\.timeout_s\n.*above 0"):
+    with pytest.raises(ValidationError, match=rf"functions\.0\.rule\.timeout_s\n.*{why}"):
         RewardConfig(functions=[{"name": "a", "kind": "rule", "path": "f.py:g", "timeout_s": bad}])
-    with pytest.raises(ValidationError, match=r"functions\.0\.http\.timeout_s\n.*above 0"):
+    with pytest.raises(ValidationError, match=rf"functions\.0\.http\.timeout_s\n.*{why}"):
         RewardConfig(functions=[{"name": "h", "kind": "http", "url": "http://127.0.0.1:1/", "timeout_s": bad}])
     with pytest.raises(ValidationError, match=r"max_response_bytes"):
         RewardConfig(functions=[{"name": "h", "kind": "http", "url": "http://127.0.0.1:1/", "max_response_bytes": 0}])
@@ -67,6 +69,15 @@ def hang_on_some(prompts, completions, **columns):
     if completions == ["hang"]:
         fleetrl_test_gate.release.wait()
     return [2.0] * len(completions)
+
+
+def slow_alone(prompts, completions, **columns):
+    if len(completions) > 1:
+        raise RuntimeError("batch")
+    import time
+
+    time.sleep(0.15)
+    return [3.0]
 
 
 def fast(prompts, completions, **columns):
@@ -135,11 +146,32 @@ def test_hung_rule_with_zero_scores_0_counts_it_and_other_functions_still_score(
 
 
 def test_timed_out_sample_in_a_one_by_one_rerun(rules_dir):
-    # The batch raises, so each sample runs alone: one raises, one hangs, the others score.
+    # The batch raises, so each sample runs alone: "boom" alone is fine, "hang" uses up the reruns'
+    # one deadline, and the sample after it is not run at all (n samples cost two deadlines, not n).
     scorer = RewardScorer(functions(("acc", "hang_on_some", {}), timeout_s=0.5, on_error="zero"), base_dir=rules_dir)
+    start = time.monotonic()
     result = scorer.score(["p"] * 4, ["ok", "boom", "hang", "ok"])
-    assert result.per_function["acc"] == [2.0, 2.0, 0.0, 2.0]  # "boom" alone is fine
-    assert [(e.index, e.message.split(" (")[0]) for e in result.errors] == [(2, "timed out after 0.5 s")]
+    assert time.monotonic() - start < 0.5 + LOOSE_S
+    assert result.per_function["acc"] == [2.0, 2.0, 0.0, 0.0]
+    assert [e.index for e in result.errors] == [2, 3]
+    assert result.errors[0].message.startswith("timed out after 0.")
+    assert "what was left of the one-sample reruns' deadline of 0.5 s" in result.errors[0].message
+    assert result.errors[1].message.startswith("not scored: the batch raised ValueError: boom")
+    assert "used up the function's deadline of 0.5 s (reward.timeout_s) before sample 3" in result.errors[1].message
+
+
+def test_one_sample_reruns_share_one_deadline(rules_dir):
+    # Each sample alone takes 0.15 s, under the deadline of 0.5 s: without a shared deadline, 20 reruns
+    # after the failed batch would take 3 s (n x timeout_s in the worst case, 256 x 60 s by default).
+    scorer = RewardScorer(functions(("acc", "slow_alone", {}), timeout_s=0.5, on_error="zero"), base_dir=rules_dir)
+    start = time.monotonic()
+    result = scorer.score(["p"] * 20, ["c"] * 20)
+    took = time.monotonic() - start
+    assert took < 1.5, took
+    scored = [v for v in result.per_function["acc"] if v == 3.0]
+    assert 1 <= len(scored) <= 4
+    assert len(result.errors) == 20 - len(scored)
+    assert result.errors[-1].message.startswith("not scored: the batch raised RuntimeError: batch")
 
 
 def test_function_with_too_many_hung_calls_is_refused_as_broken(rules_dir, gate):

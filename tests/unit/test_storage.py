@@ -248,3 +248,90 @@ def test_a_resumed_run_finds_its_rule_and_environment_files_from_any_directory(t
     assert again.reward.functions[0].path == f"{proj / 'rewards.py'}:short"
     assert again.rollout.environment == f"{proj / 'env.py'}:Env"
     load_rule_function(again.reward.functions[0].path, base_dir=elsewhere)  # found (it was not, relative)
+
+
+# ---------------------------------------------------------------- run names and scratch directories
+
+
+@pytest.mark.parametrize("bad", ["/etc", "..", ".", "a/b", "a/../../b", "../x", "a\\b", "", " x", ".hidden",
+                                 "-rf", "x" * 201, "a\nb", "name with space"])
+def test_run_name_must_be_one_plain_path_component(bad):
+    with pytest.raises(ConfigError, match=r"run.name=.* must be one plain directory name"):
+        config_from_dict({"algorithm": "sft", "data": {"path": "d.jsonl"}, "run": {"name": bad}})
+
+
+@pytest.mark.parametrize("good", ["r1", "grpo-20261206-044500", "exp_3.b+lr=1e-6@v2", "A" * 200])
+def test_plain_run_names_pass(good):
+    assert config_from_dict({"algorithm": "sft", "data": {"path": "d.jsonl"}, "run": {"name": good}}).run.name == good
+
+
+def test_private_dir_is_this_users_own_and_refuses_what_another_user_could_plant(tmp_path):
+    import os
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    mine = storage.private_dir(shared)
+    assert mine == shared / f"fleetrl-{os.getuid()}"
+    assert stat.S_IMODE(os.lstat(mine).st_mode) == 0o700 and storage.private_dir(shared) == mine  # idempotent
+    # A symlink planted under the name (pointing, say, at the victim's home) is refused, not followed.
+    other = tmp_path / "other"
+    other.mkdir()
+    (tmp_path / "shared2").mkdir()
+    (tmp_path / "shared2" / f"fleetrl-{os.getuid()}").symlink_to(other)
+    with pytest.raises(StorageError, match=r"is not a plain directory \(a symlink or a file\)"):
+        storage.private_dir(tmp_path / "shared2")
+    # A directory others can write into is refused too.
+    (tmp_path / "shared3" / f"fleetrl-{os.getuid()}").mkdir(parents=True)
+    os.chmod(tmp_path / "shared3" / f"fleetrl-{os.getuid()}", 0o777)
+    with pytest.raises(StorageError, match=r"others can write into it .*mode 777"):
+        storage.private_dir(tmp_path / "shared3")
+    if os.getuid() == 0:  # sessions and CI run as root: a directory of another owner
+        (tmp_path / "shared4" / "fleetrl-0").mkdir(parents=True)
+        os.chown(tmp_path / "shared4" / "fleetrl-0", 12345, 12345)
+        with pytest.raises(StorageError, match=r"belongs to another user .*owner uid 12345"):
+            storage.private_dir(tmp_path / "shared4")
+
+
+def test_scratch_root_is_per_user_and_fleetrl_scratch_must_be_private(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    monkeypatch.delenv("FLEETRL_SCRATCH", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert storage.scratch_root() == tmp_path / f"fleetrl-{os.getuid()}"
+    rank_dir = storage.scratch_dir(Storage(), "s3://bucket/ckpt.tmp", 0)
+    assert rank_dir.startswith(str(tmp_path / f"fleetrl-{os.getuid()}") + "/fleetrl-rank0-")
+    monkeypatch.setenv("FLEETRL_SCRATCH", str(tmp_path / "mine"))
+    assert storage.scratch_root() == tmp_path / "mine"
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    monkeypatch.setenv("FLEETRL_SCRATCH", str(open_dir))
+    with pytest.raises(StorageError, match=r"FLEETRL_SCRATCH=.*open belongs to another user or others can write"):
+        storage.scratch_root()
+
+
+def test_a_remote_run_mirrors_its_logs_in_this_users_scratch(s3_server, tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    import s3fs
+
+    monkeypatch.delenv("FLEETRL_SCRATCH", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    s3fs.S3FileSystem(**s3_server).mkdir("mirrors")
+    run_dir = RunDir(_cfg("s3://mirrors/exp", s3_server))
+    assert run_dir.path == tmp_path / f"fleetrl-{os.getuid()}" / "fleetrl-runs" / "r1"
+
+
+def test_adapter_root_defaults_to_this_users_own_directory(tmp_path, monkeypatch):
+    import os
+
+    from fleetrl.rollout import worker
+
+    monkeypatch.setattr(worker.os, "access", lambda path, mode: False)  # no /dev/shm: the temp dir
+    monkeypatch.setattr(worker.tempfile, "gettempdir", lambda: str(tmp_path))
+    root = worker.adapter_root(2)
+    assert root == str(tmp_path / f"fleetrl-{os.getuid()}" / f"fleetrl-lora-w2-pid{os.getpid()}")

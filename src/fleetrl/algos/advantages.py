@@ -65,13 +65,18 @@ def grpo_advantages(
     return centered.flatten()
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo", per_token=False, options=("scale",))
+_GROUP_MEAN = "its advantage is the reward minus the group's mean, which is 0 for a group of one: nothing would train"
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo", per_token=False, options=("scale",), min_group_size=2,
+                               min_group_reason=_GROUP_MEAN)
 def grpo(rewards: torch.Tensor, group_size: int, scale: str | None = None) -> torch.Tensor:
     """GRPO's group-normalized advantage; scale defaults to "group"."""
     return grpo_advantages(rewards, group_size, scale=scale or "group")
 
 
-@ADVANTAGE_ESTIMATORS.register("drgrpo", per_token=False, options=("scale",))
+@ADVANTAGE_ESTIMATORS.register("drgrpo", per_token=False, options=("scale",), min_group_size=2,
+                               min_group_reason=_GROUP_MEAN)
 def drgrpo(rewards: torch.Tensor, group_size: int, scale: str | None = None) -> torch.Tensor:
     """Dr.GRPO: the group-centered reward, no std division (unless ``scale`` asks for one)."""
     return grpo_advantages(rewards, group_size, scale=scale or "none")

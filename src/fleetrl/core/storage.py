@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,10 @@ class Storage:
     (``endpoint_url``, ``key``, ``secret``, ``client_kwargs``...); empty = the environment's."""
 
     def __init__(self, options: dict[str, Any] | None = None):
+        # As configured (``${env:NAME}`` references kept: what is handed to other processes); each
+        # process resolves them from its own environment when it first opens the store.
         self.options = dict(options or {})
+        self._resolved: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ basics
 
@@ -58,7 +62,11 @@ class Storage:
         import fsspec
 
         try:
-            fs, path = fsspec.core.url_to_fs(location, **self.options)
+            if self._resolved is None:
+                from fleetrl.core.secrets import resolve_env_refs
+
+                self._resolved = resolve_env_refs(self.options, "run.storage_options")
+            fs, path = fsspec.core.url_to_fs(location, **self._resolved)
         except ImportError as e:
             raise StorageError(f"{location}: this storage needs an extra package ({e}); for s3:// install "
                                "fleetrl[s3] (s3fs)") from None
@@ -227,6 +235,43 @@ def begin(storage: Storage, final: str) -> str:
     return staging
 
 
+def private_dir(parent: str | os.PathLike) -> Path:
+    """``parent/fleetrl-<uid>``: this user's own directory under a shared one (/tmp, /dev/shm), made
+    0700. Refused unless it is a real directory (not a symlink) owned by this user that nobody else
+    can write: in a shared directory another user could otherwise plant a link or files there first."""
+    path = Path(parent) / f"fleetrl-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    _refuse_unsafe(path, f"the scratch directory {path}")
+    return path
+
+
+def _refuse_unsafe(path: Path, what: str) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{what} is not a plain directory (a symlink or a file): remove it, or set "
+                           "FLEETRL_SCRATCH to a private directory")
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise StorageError(f"{what} belongs to another user or others can write into it (owner uid {st.st_uid}, "
+                           f"mode {stat.S_IMODE(st.st_mode):o}): remove it, or set FLEETRL_SCRATCH to a "
+                           "directory only you can write")
+
+
+def scratch_root() -> Path:
+    """Where this process writes local scratch (the driver's log mirror, ranks' files before upload):
+    ``FLEETRL_SCRATCH`` when set (it must be a directory only this user can write), else this user's
+    own directory in the system's temp dir (``private_dir``)."""
+    env = os.environ.get("FLEETRL_SCRATCH")
+    if not env:
+        return private_dir(tempfile.gettempdir())
+    path = Path(env).expanduser()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _refuse_unsafe(path.resolve(), f"FLEETRL_SCRATCH={env}")
+    return path
+
+
 def scratch_dir(storage: Storage, staging: str, rank: int) -> str:
     """A local directory where rank ``rank`` writes before committing: inside the staging dir on a
     file system (moving out is then a rename), else a temp dir (``FLEETRL_SCRATCH``, or the system's)."""
@@ -235,10 +280,7 @@ def scratch_dir(storage: Storage, staging: str, rank: int) -> str:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
         return path
-    root = os.environ.get("FLEETRL_SCRATCH") or None
-    if root:
-        os.makedirs(root, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f"fleetrl-rank{rank}-", dir=root)
+    return tempfile.mkdtemp(prefix=f"fleetrl-rank{rank}-", dir=scratch_root())
 
 
 def commit_rank_files(storage: Storage, scratch: str, staging: str, rank: int) -> dict[str, int]:

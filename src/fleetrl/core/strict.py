@@ -7,9 +7,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """A pydantic model that rejects unknown keys and validates on assignment."""
+    """A pydantic model that rejects unknown keys, validates on assignment and refuses inf and NaN floats."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def env_text(value: Any) -> Any:

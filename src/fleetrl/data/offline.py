@@ -243,32 +243,30 @@ class Encoder:
         return [Pair(c, r, self._margin(row))]
 
     def _score(self, row: UnpairedRow | SFTRow) -> float:
-        key = self.feedback.score_key
-        value = row.extra.get(key)
-        if type(value).__module__ == "numpy":
-            value = value.item()
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            raise DataError(
-                f"{row.source}: {self.algorithm}.score_key is '{key}' but the row's '{key}' is {value!r}; "
-                f"every row needs a number there (or unset {self.algorithm}.score_key to read boolean labels)"
-            )
-        return float(value)
+        return row_number(row, self.feedback.score_key, f"{self.algorithm}.score_key",
+                          f"unset {self.algorithm}.score_key to read boolean labels")
 
     def _margin(self, row: PreferenceRow) -> float | None:
         if self.margin_key is None:
             return None
-        value = row.extra.get(self.margin_key)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise DataError(
-                f"{row.source}: rm.margin_key is '{self.margin_key}' but the row's '{self.margin_key}' is "
-                f"{value!r}; every row needs a number there (or unset rm.margin_key)"
-            )
-        return float(value)
+        return row_number(row, self.margin_key, "rm.margin_key", "unset rm.margin_key")
+
+
+def row_number(row: Row, key: str, setting: str, instead: str) -> float:
+    """The finite number in column ``key`` of ``row`` (``setting`` names it); DataError naming the row
+    otherwise (``instead``: what else the user can do)."""
+    value = row.extra.get(key)
+    if type(value).__module__ == "numpy":
+        value = value.item()
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(f"{row.source}: {setting} is '{key}' but the row's '{key}' is {value!r}; every row needs "
+                        f"a finite number there (or {instead})")
+    return float(value)
 
 
 def _wrong_kind(row: Row, algorithm: str, needs: str) -> DataError:

@@ -15,6 +15,7 @@ A malformed row raises :class:`DataError` naming the file, the line or row, the 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import random
@@ -402,6 +403,19 @@ def parse_label(value: Any, source: str, key: str = "label") -> bool:
     raise DataError(f"{source}: field '{key}' must be true/false or 1/0, found {_describe(value)}")
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+def _role_hint(role: str) -> str:
+    if role.lower() in CHAT_ROLES:
+        return f" (roles are lower case: {role.lower()!r})"
+    if role.lower() in _SHAREGPT_ROLES:
+        return f" (ShareGPT-style data: map it to {_SHAREGPT_ROLES[role.lower()]!r})"
+    close = difflib.get_close_matches(role, CHAT_ROLES, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _normalize_messages(value: list, field: str, source: str) -> Messages:
     if not value:
         raise DataError(f"{source}: field '{field}' is an empty message list; it needs at least one message")
@@ -423,6 +437,11 @@ def _normalize_messages(value: list, field: str, source: str) -> Messages:
             raise DataError(
                 f"{source}: field '{field}', message at index {i}: '{bad}' must be a string, "
                 f"found {_describe(msg[bad])}"
+            )
+        if msg["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{source}: field '{field}', message at index {i} has role {msg['role']!r}, which chat templates "
+                f"do not know{_role_hint(msg['role'])}; roles are {', '.join(CHAT_ROLES)}"
             )
         # Parquet/Arrow structs carry every key seen in the column, as None where a message lacked it.
         out.append({k: v for k, v in msg.items() if v is not None})
@@ -513,6 +532,10 @@ class _RowParser:
                 prompt, chosen, rejected = _shared_prefix(chosen, rejected, source, cfg)
             else:
                 prompt = self._prompt(record, source)
+            if chosen == rejected:
+                raise DataError(
+                    f"{source}: fields '{cfg.chosen_key}' and '{cfg.rejected_key}' are identical, so the pair "
+                    "prefers nothing (its loss cannot be lowered by learning); fix or remove the row")
             row = PreferenceRow(prompt=prompt, chosen=chosen, rejected=rejected, extra={}, source=source)
         elif self.kind == "unpaired":
             used = {cfg.prompt_key, cfg.completion_key, cfg.label_key}

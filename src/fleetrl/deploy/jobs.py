@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import json
 import os
 import re
 import secrets
@@ -280,6 +281,102 @@ def env_vars_warning(env_vars: Mapping[str, str] | None) -> str | None:
             "already holds (a Kubernetes Secret, the nodes' environment)")
 
 
+def _schema_field_names() -> set[str]:
+    """Every field name of the run config's models (``prompt_key``, ``max_prompt_tokens``...): names
+    that only look secret."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from fleetrl.run.config import RunConfig
+
+    names: set[str] = set()
+    seen: set[type] = set()
+
+    def walk(model: type) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            names.add(name)
+            stack = [field.annotation]
+            while stack:
+                ann = stack.pop()
+                if isinstance(ann, type) and issubclass(ann, BaseModel):
+                    walk(ann)
+                stack.extend(typing.get_args(ann))
+
+    walk(RunConfig)
+    return names
+
+
+def _secret_looking(key: str, value: str, schema: set[str]) -> bool:
+    """Whether ``key=value`` (an override as typed) carries a secret: an HTTP header, a key named like a
+    secret that is not a schema field (storage_options.secret, env_vars.HF_TOKEN), a URL password, or a
+    mapping holding one of those; ``${env:NAME}`` references are not secrets."""
+    import yaml
+
+    from fleetrl.core.secrets import has_env_ref
+    from fleetrl.run.config import REDACTED, _redact_free_form, looks_secret
+
+    if not value or has_env_ref(value):
+        return False
+    parts = key.split(".")
+    if "headers" in parts[:-1] or (looks_secret(parts[-1]) and parts[-1] not in schema):
+        return True
+    if re.search(r"://[^/@:\s]*:[^/@\s]+@", value):
+        return True
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False
+    if isinstance(parsed, (dict, list)):
+        if "headers" in json.dumps(parsed):
+            return True
+        return REDACTED in json.dumps(_redact_free_form(parsed))
+    return False
+
+
+def redact_command(command: str) -> str:
+    """A job's entrypoint (or overrides) as shown by `fleetrl status` / `fleetrl list`: the value of
+    every secret-looking ``key=value`` word replaced by <redacted>, passwords in URLs too."""
+    from fleetrl.run.config import REDACTED, _redact_url
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    schema = _schema_field_names()
+    out = []
+    for word in words:
+        key, sep, value = word.partition("=")
+        if sep and re.fullmatch(r"[A-Za-z0-9_.]+", key) and _secret_looking(key, value, schema):
+            word = f"{key}={REDACTED}"
+        out.append(_redact_url(word))
+    return shlex.join(out)
+
+
+def secret_overrides(config_path: str | Path, overrides: Sequence[str]) -> list[str]:
+    """The overrides that would put a secret in the job's entrypoint: those whose value the config's own
+    redaction hides (HTTP headers, storage_options keys, tokens in env vars...), unless written as
+    ``${env:NAME}`` references."""
+    from fleetrl.run.config import REDACTED, ConfigError, load_config, parse_override, redacted_config
+
+    try:
+        tree = redacted_config(load_config(config_path, list(overrides)))
+    except ConfigError:
+        return []
+    found = []
+    for text in overrides:
+        node: Any = tree
+        for k in parse_override(text)[0]:
+            node = node[int(k)] if isinstance(node, list) and k.isdigit() and int(k) < len(node) else \
+                node.get(k) if isinstance(node, dict) else None
+        if REDACTED in json.dumps(node):
+            found.append(text.partition("=")[0])
+    return found
+
+
 def default_job_id(config_path: str | Path | None) -> str:
     stem = re.sub(r"[^a-z0-9]+", "-", Path(config_path).stem.lower()).strip("-") if config_path else "job"
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
@@ -401,7 +498,7 @@ def _state(info) -> JobState:
         job_id=info.submission_id or info.job_id or "?",
         status=str(info.status),
         message=info.message or "",
-        entrypoint=info.entrypoint,
+        entrypoint=redact_command(info.entrypoint or ""),
         start_time=secs(info.start_time),
         end_time=secs(info.end_time),
         driver_exit_code=getattr(info, "driver_exit_code", None),
@@ -448,7 +545,15 @@ def submit(
             raise DeployError(f"config {rel} would not be uploaded ({why}): move it or change the excludes")
         if validate:
             check_config(wd / rel, overrides, wd, excludes)
-        metadata.update({"fleetrl.config": rel, "fleetrl.overrides": shlex.join(overrides)})
+        secret = secret_overrides(wd / rel, overrides)
+        if secret:
+            raise DeployError(
+                f"override(s) {', '.join(secret)} would put a secret in the job's entrypoint and metadata, which "
+                "the dashboard, the Jobs API, `fleetrl status` and `ps` on the head show (nothing was submitted). "
+                "Write the value as a reference instead, e.g. "
+                f"'{secret[0]}=${{env:MY_SECRET}}', and set MY_SECRET where the run's services run (on "
+                "Kubernetes: the pods' env, from a Secret): it is read there and never passes a command line")
+        metadata.update({"fleetrl.config": rel, "fleetrl.overrides": redact_command(shlex.join(overrides))})
     else:
         argv = list(command)
         if not argv:

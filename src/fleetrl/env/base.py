@@ -38,3 +38,9 @@ class Environment:
     async def step(self, text: str) -> StepResult:
         """Take the policy's turn (its text, decoded from the sampled tokens) and answer it."""
         raise NotImplementedError("an Environment must implement step(text) -> StepResult")
+
+    def preflight(self) -> str | None:
+        """Check what the environment needs on this machine (a sandbox, a service), before any episode:
+        ``fleetrl check`` calls it in the driver and every rollout worker before its first episode.
+        Raise with a message saying what to change; return a one-line note (or None)."""
+        return None

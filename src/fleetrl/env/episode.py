@@ -38,6 +38,20 @@ class ChatDelta:
         # What the template writes after an assistant turn's content (e.g. "<|im_end|>\n").
         self.turn_close = self._base[end + 2:]
 
+    def check_tools(self, tools: list[dict]) -> None:
+        """Raises ValueError when the chat template does not show ``tools`` (an environment's tool
+        schemas) to the model: the policy would be asked to call tools it never sees."""
+        probe = [{"role": "user", "content": "\x00q"}]
+        plain = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        shown = self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True, tools=tools)
+        names = [t.get("function", t).get("name", "?") for t in tools]
+        missing = [n for n in names if n not in shown or shown == plain]
+        if missing:
+            raise ValueError(
+                f"the chat template of {self.tokenizer.name_or_path or 'the tokenizer'} does not render `tools`, "
+                f"so the policy would never see the environment's tools {missing}; use a model (or model.tokenizer) "
+                "whose template renders tools (e.g. Qwen2.5-Instruct), or an environment without tools")
+
     def first(self, obs: Observation, tools: list[dict] | None = None) -> list[int]:
         """The episode's first tokens: the observation with the generation prompt (and the
         environment's tool schemas, which templates render once, at the start)."""

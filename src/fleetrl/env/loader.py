@@ -67,10 +67,16 @@ def load_environment(spec: str, base_dir: str | Path | None = None) -> type:
             module = importlib.import_module(where)
         except ImportError as e:
             raise EnvLoadError(f"rollout.environment {spec!r}: cannot import module {where!r}: {e}") from e
+    from fleetrl.env.base import Environment
+
     cls = getattr(module, cls_name, None)
-    if not isinstance(cls, type):
+    if cls is None:
         raise EnvLoadError(f"rollout.environment {spec!r}: {where} has no class {cls_name!r}")
-    if not callable(getattr(cls, "step", None)):
-        raise EnvLoadError(f"rollout.environment {spec!r}: {cls_name} has no step(text) method "
-                           "(subclass fleetrl.env.Environment)")
+    if not isinstance(cls, type):
+        raise EnvLoadError(f"rollout.environment {spec!r}: {cls_name} in {where} is a {type(cls).__name__}, "
+                           "not a class; name a subclass of fleetrl.env.Environment")
+    if not issubclass(cls, Environment):
+        no_step = "" if callable(getattr(cls, "step", None)) else "has no step(text) method and "
+        raise EnvLoadError(f"rollout.environment {spec!r}: {cls_name} {no_step}is not a fleetrl.env.Environment: "
+                           "subclass it (from fleetrl.env import Environment) and implement step(text)")
     return cls

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -98,7 +99,11 @@ async def run_episode(env, row: dict[str, Any], prompt_ids: list[int], generate:
             result = await env_call(env.step, text)
             if not isinstance(result, StepResult):
                 raise TypeError(f"step must return a fleetrl.env.StepResult, got {type(result).__name__}")
-            ep.turn_rewards.append(None if result.reward is None else float(result.reward))
+            reward = None if result.reward is None else float(result.reward)
+            if reward is not None and not math.isfinite(reward):
+                # A NaN would spread into the group's advantages and every weight of the update.
+                raise ValueError(f"step returned a non-finite reward ({reward}); return a finite number or None")
+            ep.turn_rewards.append(reward)
             if result.done or result.observation is None or ep.num_turns >= cfg.max_turns:
                 break
             obs_ids = delta.observation_ids(result.observation, turn.token_ids)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fleetrl.core.nodes import this_node
 from fleetrl.core.weight_wire import WeightPlan, broadcast, init_side_group, pack_bucket, plan_buckets
 from fleetrl.learner.config import (
     LearnerConfig,
@@ -298,6 +299,7 @@ class Engine:
             "torch_threads": torch.get_num_threads(),
             "dropout": active_dropout(self.engine.module),  # 0: a train forward equals an eval one
             "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+            **this_node(),
             "pid": os.getpid(),
         }
 
@@ -488,11 +490,11 @@ class Engine:
         import shutil
         import tempfile
 
-        from fleetrl.core.storage import Storage, is_remote
+        from fleetrl.core.storage import Storage, is_remote, scratch_root
 
         local, tmp = str(ckpt_dir), None
         if is_remote(local):
-            tmp = tempfile.mkdtemp(prefix=f"fleetrl-load-rank{self.rank}-", dir=os.environ.get("FLEETRL_SCRATCH"))
+            tmp = tempfile.mkdtemp(prefix=f"fleetrl-load-rank{self.rank}-", dir=scratch_root())
             Storage(storage_options).download_tree(str(ckpt_dir), tmp)
             local = tmp
         ckpt_engine = self.engine.checkpoint_engine

@@ -68,10 +68,12 @@ def causal_lm_of(fn: Model) -> torch.nn.Module | None:
         seen += 1
         if hasattr(fn, "call") and not isinstance(fn, torch.nn.Module):  # lora.AdapterDisabled
             fn = fn.call
+        elif isinstance(fn, torch.nn.Module) and isinstance(fn._modules.get("module"), torch.nn.Module):
+            # DeepSpeedEngine: tested by its child, since it forwards attribute lookups (such as
+            # get_output_embeddings) to the model it wraps.
+            fn = fn._modules["module"]
         elif hasattr(fn, "get_base_model"):  # peft.PeftModel
             fn = fn.get_base_model()
-        elif not hasattr(fn, "get_output_embeddings") and isinstance(getattr(fn, "module", None), torch.nn.Module):
-            fn = fn.module  # DeepSpeedEngine
         else:
             break
     if not isinstance(fn, torch.nn.Module) or not hasattr(fn, "get_output_embeddings"):

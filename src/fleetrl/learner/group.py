@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fleetrl.core.waits import wait_all
 from fleetrl.core.weight_wire import WeightPlan
 from fleetrl.learner.config import LearnerConfig, micro_steps_per_mini_batch
 from fleetrl.learner.deepspeed_utils import free_port
@@ -50,6 +51,11 @@ def _node_address() -> tuple[str, int]:
     import ray
 
     return ray.util.get_node_ip_address(), free_port()
+
+
+def role_setting(role: str) -> str:
+    """The config section of a group's role (``learner``, ``critic``, ``reference``...), for messages."""
+    return role if role in ("learner", "critic") else "learner"
 
 
 def _split_rows(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
@@ -108,6 +114,7 @@ class LearnerGroup:
             bundle[key] = bundle.get(key, 0.0) + float(amount)
         self.name_prefix = name_prefix
         self.role = role
+        self._ready_timeout_s = ready_timeout_s
         if colocate_with is not None:
             if colocate_with.num_ranks != self.num_ranks:
                 raise ValueError(
@@ -145,7 +152,6 @@ class LearnerGroup:
                      total_steps, self.mini_batch_size, **(learner_kwargs or {}))
             for i in range(self.num_ranks)
         ]
-        self._ready_timeout_s = ready_timeout_s
         self._info_refs = [a.info.remote() for a in self.actors]
         self.rank_info: list[dict[str, Any]] = []
         if wait:
@@ -155,7 +161,8 @@ class LearnerGroup:
         """Every rank's `info()` once its model and engine are built; a failing rank shuts the group down."""
         if not self.rank_info:
             try:
-                self.rank_info = self._gather(self._info_refs, timeout_s=self._ready_timeout_s)
+                self.rank_info = self._gather(self._info_refs, timeout_s=self._ready_timeout_s,
+                                              what=f"building the {self.role}'s models and engines")
             except BaseException:
                 self.shutdown()
                 raise
@@ -164,33 +171,27 @@ class LearnerGroup:
     # ------------------------------------------------------------------ fan-out helpers
 
     def _address_of_rank0(self) -> tuple[str, int]:
-        import ray
+        ref = self._node_address.options(scheduling_strategy=self._in_bundle(0)).remote()
+        return wait_all([ref], [f"a task in {self.role} rank 0's bundle"], self._ready_timeout_s,
+                        f"the {role_setting(self.role)} start-up (asking rank 0's node for its address)",
+                        "the placement group is placed, so its node is overloaded or lost: check the "
+                        "Ray dashboard")[0]
 
-        return ray.get(self._node_address.options(scheduling_strategy=self._in_bundle(0)).remote())
+    def rank_names(self) -> list[str]:
+        """The actor name of each rank, for messages."""
+        return [f"{self.name_prefix}{self.role}-rank-{i}" for i in range(self.num_ranks)]
 
-    def _gather(self, refs: list, timeout_s: float | None = None) -> list:
+    def _gather(self, refs: list, timeout_s: float | None = None, what: str | None = None) -> list:
         """Results in order; the first failing rank's error is raised at once.
 
         Fail fast because the healthy ranks of a failed collective call would wait forever. One
         deadline for the whole call (default ``call_timeout_s`` of the config): a TimeoutError
         names the ranks that did not answer.
         """
-        import time
-
-        import ray
-
         timeout_s = self.cfg.call_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not done:
-                late = [f"{self.name_prefix}{self.role}-rank-{refs.index(r)}" for r in pending]
-                raise TimeoutError(
-                    f"{self.role} ranks {late} did not answer within {timeout_s:.0f}s "
-                    "(learner.call_timeout_s): a rank stuck in a collective holds up the others")
-            ray.get(done[0])  # raises the rank's exception (named after its actor) if it failed
-        return ray.get(refs)
+        what = what or f"a call of the {self.role} ranks ({role_setting(self.role)}.call_timeout_s)"
+        return wait_all(refs, self.rank_names()[:len(refs)], timeout_s, what,
+                        "a rank stuck in a collective holds up the others")
 
     def _call_all(self, method: str, *args, **kwargs) -> list:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
@@ -264,9 +265,7 @@ class LearnerGroup:
         return torch.cat(self._gather(refs))[:n]
 
     def weight_plan(self, version: int, dtype: str | None = None) -> WeightPlan:
-        import ray
-
-        return ray.get(self.actors[0].weight_plan.remote(version, dtype))
+        return self._gather([self.actors[0].weight_plan.remote(version, dtype)])[0]
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> list:
         """ObjectRefs (rank 0 joins the side group; it returns once every receiver joined too)."""

@@ -56,10 +56,12 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, model_kind: str = "causa
         raise ValueError(f"learner.lora: no LoRA task for model kind {model_kind!r}")
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=cfg.target_modules, task_type=_TASK_TYPES[model_kind])
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
-        raise ValueError(f"learner.lora.target_modules={cfg.target_modules!r} does not fit the model: {e}") from None
+        raise ValueError(f"learner.lora.target_modules={cfg.target_modules!r} does not fit the model: {e} "
+                         f"The model's linear layers are named {linear}") from None
 
 
 def wire_name(peft_name: str) -> str | None:

@@ -28,6 +28,7 @@ from fleetrl.run.config import RunConfig
 log = logging.getLogger("fleetrl")
 
 Prompt = tuple[int, Any, str, list[int]]  # (prompt index, data row, rendered text, token ids)
+IDLE_WAKE_S = 60.0  # a wait with no deadline of its own wakes up this often (and the loop waits again)
 
 
 @dataclass
@@ -45,7 +46,6 @@ class RolloutStats:
     max_prompts_in_flight: int = 0  # prompts at the fleet whose completions had not come back
     max_reward_queue: int = 0  # scoring calls waiting at the reward actors
     reward_error_examples: list[str] = field(default_factory=list)
-    per_function: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     groups_dropped_stale: int = 0  # too stale to train (their prompts are generated again)
     staleness: list[int] = field(default_factory=list)  # of each group handed to the learner
     learner_wait_s: float = 0.0  # the learner waiting for groups (collect)
@@ -87,6 +87,10 @@ class GroupCollector:
         self._gen_refs: dict[Any, list[Prompt]] = {}
         self._reward_refs: dict[Any, list[Group]] = {}
         self._scored_by: dict[Any, tuple[int, Any]] = {}  # score ref -> (reward actor index, its handle)
+        # score ref -> when it is overdue (time.time()): the actor's calls ahead of it and its own, each
+        # at its worst case (reward.RewardConfig.call_deadline_s); past that the actor is hung.
+        self._reward_deadline: dict[Any, float] = {}
+        self._call_deadline_s = cfg.reward.call_deadline_s()
         self._next_reward_actor = 0
         self.buffer: StalenessBuffer[Group] = StalenessBuffer(cfg.rl.max_staleness, lambda g: g.min_version)
         self.admission = Admission(cfg.rl.max_staleness, cfg.rl.prompts_per_step)
@@ -239,17 +243,38 @@ class GroupCollector:
         index = self._next_reward_actor % len(self.reward_actors)
         actor = self.reward_actors[index]
         self._next_reward_actor += 1
+        ahead = sum(1 for i, _ in self._scored_by.values() if i == index)
         ref = actor.score.remote(
             [s.prompt_text for _, s in samples], [s.completion_text for _, s in samples], dict(columns),
             [g.row.prompt for g, _ in samples],  # as written in the data, for TRL-style functions
         )
         self._reward_refs[ref] = groups
         self._scored_by[ref] = (index, actor)
+        self._reward_deadline[ref] = time.time() + (ahead + 1) * self._call_deadline_s
+
+    def reward_calls_in_flight(self) -> int:
+        """Score calls sent to the reward actors and not collected yet."""
+        return len(self._reward_refs)
+
+    def _check_reward_deadlines(self) -> None:
+        """A score call past its deadline means its reward actor is hung (every function has a
+        deadline of its own, so a working actor always answers): fail, naming the actor."""
+        now = time.time()
+        for ref, due in self._reward_deadline.items():
+            if due < now and ref in self._reward_refs:
+                index, _ = self._scored_by[ref]
+                raise TimeoutError(
+                    f"reward actor {index} did not answer a score call within its deadline "
+                    f"({self._call_deadline_s:.0f}s per call, the reward functions' own deadlines summed: "
+                    "reward.timeout_s, functions[i].timeout_s): the actor is hung, e.g. in code that holds "
+                    "the GIL (a regular expression that backtracks, a C extension). Fix that function; "
+                    "the message of the Ray dashboard's stack dump (`ray stack`) shows where it is")
 
     def _reward_actor_died(self, ref, groups: list[Group], error: BaseException) -> None:
         """A reward actor died while scoring ``groups``: start a new one in its place (once per
         death, whichever of its calls shows it first) and score the groups again."""
         index, actor = self._scored_by.pop(ref)
+        self._reward_deadline.pop(ref, None)
         if self.restart_reward_actor is None:
             raise error
         if self.reward_actors[index] is actor:
@@ -268,6 +293,7 @@ class GroupCollector:
             self._reward_actor_died(ref, groups, e)
             return []
         self._scored_by.pop(ref, None)
+        self._reward_deadline.pop(ref, None)
         return self._scored(groups, result, stats)
 
     def _scored(self, groups: list[Group], result, stats: RolloutStats) -> list[Group]:
@@ -283,8 +309,6 @@ class GroupCollector:
                     s.reward + sum(r for r in s.episode["turn_rewards"] if r is not None)
         if result is None:
             return self._keep_varied(groups, stats)
-        for name, vals in result.per_function.items():
-            stats.per_function[name].extend(float(v) for v in vals)
         stats.reward_s += sum(result.seconds.values())
         stats.reward_errors += len(result.errors)
         stats.reward_skipped += sum(result.skipped.values())
@@ -313,23 +337,32 @@ class GroupCollector:
             self._retry.append([(g.prompt_index, g.row, first.prompt_text, first.prompt_ids)])
         stats.groups_dropped_stale += len(groups)
 
-    def _wait_once(self, stats: RolloutStats, until: list) -> list:
-        """Submit what admission allows, then handle one finished generate or score call (or return
-        the finished ones of ``until``)."""
+    def _submit_admitted(self, stats: RolloutStats) -> None:
+        """Start every generate call admission and the fleet allow now."""
         while self._can_submit():
             self._submit_generation(stats)
         stats.max_prompts_in_flight = max(stats.max_prompts_in_flight,
                                           sum(len(b) for b in self._gen_refs.values()))
         stats.max_reward_queue = max(stats.max_reward_queue, len(self._reward_refs))
+
+    def _wait_once(self, stats: RolloutStats, until: list, until_deadline: float | None = None) -> list:
+        """Submit what admission allows, then handle one finished generate or score call (or return
+        the finished ones of ``until``, due by ``until_deadline``, time.time()). Never waits past the
+        first deadline of what is in flight."""
+        self._submit_admitted(stats)
         pending = list(self._gen_refs) + list(self._reward_refs) + list(until)
         if not pending:
             raise RuntimeError("the collector has nothing in flight and admission starts nothing: "
                                "rl.prompts_per_step or rl.max_staleness leaves no room for a prompt")
-        # Wake up by the oldest generate call's deadline at the latest (a hung engine never answers).
-        deadline = self.fleet.next_deadline()
-        timeout = None if deadline is None else max(0.1, deadline - time.time())
+        # Wake up by the first deadline at the latest: the oldest generate call's (a hung engine never
+        # answers), a score call's, or the caller's.
+        deadlines = [d for d in (self.fleet.next_deadline() if self._gen_refs else None, until_deadline,
+                                 *(self._reward_deadline[r] for r in self._reward_refs)) if d is not None]
+        timeout = max(0.1, min(deadlines) - time.time()) if deadlines else IDLE_WAKE_S
         ready, _ = ray.wait(pending, num_returns=1, timeout=timeout)
         self._remove_hung_workers()
+        if not ready:
+            self._check_reward_deadlines()
         for ref in ready:
             if ref in self._gen_refs:
                 self._on_generated(ref, stats)
@@ -357,17 +390,30 @@ class GroupCollector:
         stats.reward_wait_s = time.perf_counter() - max(start, stats.last_generated)
         return done, stats
 
-    def pump(self, refs: list, stats: RolloutStats) -> None:
+    def pump(self, refs: list, stats: RolloutStats, timeout_s: float, names: list[str] | None = None) -> None:
         """Keep generating and scoring (as admission allows) until every ref in ``refs`` is done:
-        the fleet works for the coming steps while the learner trains (rl.max_staleness > 0)."""
+        the fleet works for the coming steps while the learner trains (rl.max_staleness > 0).
+
+        The first ref that fails raises its error at once (the other ranks may be waiting on it in a
+        collective); refs not done within ``timeout_s`` (learner.call_timeout_s) raise a TimeoutError
+        naming them (``names[i]`` says who answers ``refs[i]``)."""
         left = list(refs)
+        deadline = time.time() + timeout_s
         while left:
+            self._submit_admitted(stats)  # first: what starts now is not idle time
             idle = not self._gen_refs
             t = time.perf_counter()
-            for ref in self._wait_once(stats, until=left):
+            for ref in self._wait_once(stats, until=left, until_deadline=deadline):
                 left.remove(ref)
+                ray.get(ref)  # ready: raises the rank's own error if it failed
             if idle:
                 stats.fleet_idle_s += time.perf_counter() - t
+            if left and time.time() >= deadline:
+                late = [names[refs.index(r)] if names else f"call {refs.index(r)}" for r in left]
+                raise TimeoutError(
+                    f"the learner's train call did not finish within {timeout_s:.0f}s (learner.call_timeout_s): "
+                    f"no answer from {', '.join(late)}. A rank stuck in a collective holds up the others: "
+                    "check that actor in the Ray dashboard, or raise learner.call_timeout_s for very long steps")
 
     def pending_prompts(self) -> list[list[int]]:
         """[prompt index, data row] of every prompt started but not trained yet: in flight, being

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 CONTROL_ACTOR = "orchestrator"
+CONTROL_TIMEOUT_S = 60.0  # the actor only holds a few numbers: past this, Ray or its node is in trouble
 
 
 def control_actor_name(actor_prefix: str) -> str:
@@ -63,6 +64,16 @@ def start_control_actor(actor_prefix: str, rollout_workers: int):
     )
 
 
+def poll_control(control, timeout_s: float = CONTROL_TIMEOUT_S) -> tuple[int, bool]:
+    """(wanted fleet size, stop requested) from the run's control actor, within ``timeout_s``."""
+    from fleetrl.core.waits import wait_all
+
+    return wait_all([control.poll.remote()], ["the run's control actor (orchestrator)"], timeout_s,
+                    "reading `fleetrl scale` / stop requests between steps",
+                    "that actor holds a few numbers only, so its node is lost or Ray is overloaded: "
+                    "check `ray status` and the Ray dashboard")[0]
+
+
 def scale_run(run_name: str, rollout_workers: int, address: str | None, namespace: str,
               wait_s: float = 600.0, poll_s: float = 2.0) -> dict[str, Any]:
     """Ask run ``run_name`` for ``rollout_workers`` workers; wait until the loop reports it applied."""
@@ -83,10 +94,10 @@ def scale_run(run_name: str, rollout_workers: int, address: str | None, namespac
             f"no running fleetrl run named {run_name!r} in Ray namespace {namespace!r} (looked for actor "
             f"{name!r}); the run name is the last part of its run directory, e.g. runs/<name>"
         ) from None
-    ray.get(actor.request_rollout_workers.remote(rollout_workers))
+    ray.get(actor.request_rollout_workers.remote(rollout_workers), timeout=CONTROL_TIMEOUT_S)
     deadline = time.time() + wait_s
     while True:
-        status = ray.get(actor.status.remote())
+        status = ray.get(actor.status.remote(), timeout=CONTROL_TIMEOUT_S)
         if status.get("rollout_workers") == rollout_workers or time.time() > deadline:
             return status
         time.sleep(poll_s)

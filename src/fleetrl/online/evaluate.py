@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import ray
 
+from fleetrl.core.waits import wait_all
 from fleetrl.data.rows import render_prompt
 from fleetrl.rollout.fleet import RolloutFleet
 from fleetrl.run.config import RunConfig
@@ -17,8 +19,12 @@ class HeldOutEval:
     """Completions of held-out prompts (one each, at rl.eval_temperature: 0 = greedy) from the
     fleet, scored by the reward service: the reward a policy gets on prompts it never trains on."""
 
-    def __init__(self, cfg: RunConfig, fleet: RolloutFleet, reward_actors, rows, tokenizer):
+    def __init__(self, cfg: RunConfig, fleet: RolloutFleet, reward_actors, rows, tokenizer,
+                 reward_calls_ahead: Callable[[], int] = lambda: 0):
+        """``reward_calls_ahead()``: score calls already queued at the reward actors (the collector's),
+        which the evaluation's calls wait behind."""
         self.cfg, self.fleet, self.reward_actors = cfg, fleet, reward_actors
+        self.reward_calls_ahead = reward_calls_ahead
         self.sampling = {**cfg.rollout.sampling.model_dump(), "temperature": cfg.rl.eval_temperature}
         self.prompts: list[tuple[Any, str, list[int]]] = []
         self.skipped_too_long = 0
@@ -78,7 +84,13 @@ class HeldOutEval:
         raw = [row.prompt for row, _, _ in self.prompts]  # as written in the data, for TRL-style functions
         refs = [a.score.remote(prompts[lo:hi], texts[lo:hi], {c: v[lo:hi] for c, v in columns.items()}, raw[lo:hi])
                 for a, lo, hi in zip(self.reward_actors, bounds, bounds[1:]) if hi > lo]
-        results = ray.get(refs)
+        per_call = self.cfg.reward.call_deadline_s()
+        timeout = per_call * (1 + self.reward_calls_ahead())
+        results = wait_all(
+            refs, [f"reward actor {i}" for i in range(len(refs))], timeout,
+            "evaluation: scoring the held-out completions",
+            f"every reward function has a deadline of its own ({per_call:.0f}s per call in all: reward.timeout_s, "
+            "functions[i].timeout_s), so that actor is hung, e.g. in code that holds the GIL; fix that function")
         rewards = [r for res in results for r in res.rewards]
         per_function: dict[str, list[float]] = defaultdict(list)
         for res in results:

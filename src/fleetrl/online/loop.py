@@ -13,9 +13,9 @@ import json
 import logging
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
 
-import ray
 import torch
 
 from fleetrl.data.rows import PromptStream, load_rows, load_train_eval
@@ -26,6 +26,7 @@ from fleetrl.metrics.ray_metrics import RayMetricsExporter
 from fleetrl.online.advantages import AdvantageStep
 from fleetrl.online.batch import completion_stats, episode_stats, pad_samples
 from fleetrl.online.collect import GroupCollector, RolloutStats
+from fleetrl.online.control import poll_control
 from fleetrl.online.evaluate import HeldOutEval
 from fleetrl.online.off_policy import OffPolicyCorrection
 from fleetrl.online.recovery import exact_resume_state, recovery_metrics, restore_exact_state
@@ -84,7 +85,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         cfg.reward, index, run_dir.config_dir, run_dir.actor_prefix, dead=dead)
     advantages = AdvantageStep(cfg, learner, critic)
     off_policy = OffPolicyCorrection(cfg, learner)
-    evaluator = _evaluator(cfg, services, eval_rows, tokenizer)
+    evaluator = _evaluator(cfg, services, eval_rows, tokenizer, collector.reward_calls_in_flight)
     start_step = _resume(cfg, run_dir, learner, critic, advantages, collector, sync, services)
     print(f"fleetrl: services ready in {time.perf_counter() - t0:.1f}s", flush=True)
 
@@ -92,7 +93,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     optimizer_steps, steps_done = start_step * cfg.optimizer_steps_per_step, start_step
     for step in range(start_step, cfg.run.steps):
         # Between steps: apply `fleetrl scale` requests, replace workers that died, honour a stop.
-        target, stop = ray.get(control.poll.remote())
+        target, stop = poll_control(control)
         if (stop or run_dir.stop_requested()) and step > start_step:
             print(f"fleetrl: stop requested; ending after step {step} with a checkpoint", flush=True)
             run_dir.clear_stop()
@@ -120,7 +121,8 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         if step >= cfg.critic_warmup_steps:
             train_refs = learner.start_train(batch, cfg.mini_batch_size, cfg.rl.epochs,
                                              cfg.rollout.sampling.temperature)
-        collector.pump(train_refs + critic_refs, rstats)
+        collector.pump(train_refs + critic_refs, rstats, _train_deadline_s(learner, critic if critic_refs else None),
+                       names=learner.rank_names()[:len(train_refs)] + (critic.rank_names() if critic_refs else []))
         train_stats = learner.finish(train_refs) if train_refs else []
         critic_stats = critic.finish(critic_refs) if critic_refs else []
         correction.update(off_policy.from_train(train_stats))
@@ -135,7 +137,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         sync_s = sync.push(step + 1)
 
         row = {"step": step + 1, "optimizer_steps": optimizer_steps,
-               **_reward_metrics(scores, rstats), **completion_stats(samples), **episode_stats(samples),
+               **_reward_metrics(scores, samples, rstats), **completion_stats(samples), **episode_stats(samples),
                **_mean_stats(train_stats), **_mean_stats(critic_stats, prefix="critic/"), **adv.metrics,
                **correction, **_rollout_metrics(fleet, sync, collector, rstats, samples),
                "time/reference": adv.reference_s, "time/train": train_s, "time/weight_sync": sync_s,
@@ -159,10 +161,17 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     return run_dir.location
 
 
-def _evaluator(cfg: RunConfig, services: Services, eval_rows, tokenizer) -> HeldOutEval | None:
+def _train_deadline_s(learner: LearnerGroup, critic: CriticGroup | None) -> float:
+    """How long a step's train calls may take: learner.call_timeout_s (the critic's too when it trains
+    alongside)."""
+    return max(learner.cfg.call_timeout_s, critic.cfg.call_timeout_s if critic is not None else 0.0)
+
+
+def _evaluator(cfg: RunConfig, services: Services, eval_rows, tokenizer,
+               reward_calls_ahead=lambda: 0) -> HeldOutEval | None:
     if not eval_rows:
         return None
-    evaluator = HeldOutEval(cfg, services.fleet, services.reward_actors, eval_rows, tokenizer)
+    evaluator = HeldOutEval(cfg, services.fleet, services.reward_actors, eval_rows, tokenizer, reward_calls_ahead)
     if not evaluator.prompts:
         raise ConfigError(f"none of the {len(eval_rows)} held-out prompts fits rl.max_prompt_tokens="
                           f"{cfg.rl.max_prompt_tokens}: raise it or check the held-out data")
@@ -194,11 +203,17 @@ def _resume(cfg: RunConfig, run_dir: RunDir, learner: LearnerGroup, critic: Crit
     return start_step
 
 
-def _reward_metrics(scores: torch.Tensor, rstats: RolloutStats) -> dict[str, float]:
+def _reward_metrics(scores: torch.Tensor, samples, rstats: RolloutStats) -> dict[str, float]:
+    # Per-function means over the trained samples, like reward/mean: with async rollouts a step
+    # may train only groups scored in earlier steps, so this step's scoring stats can be empty.
+    per_function: dict[str, list[float]] = defaultdict(list)
+    for s in samples:
+        for name, value in s.reward_parts.items():
+            per_function[name].append(value)
     return {
         "reward/mean": scores.mean().item(),
         "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
-        **{f"reward/{name}": sum(v) / len(v) for name, v in rstats.per_function.items() if v},
+        **{f"reward/{name}": sum(v) / len(v) for name, v in per_function.items()},
         "reward/errors": rstats.reward_errors,
         "reward/skipped": rstats.reward_skipped,
         "reward/hung_calls": rstats.reward_hung_calls,

@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from fleetrl.core.nodes import placement, placement_line
 from fleetrl.env import resolve_environment
 from fleetrl.learner.critic import CriticGroup
 from fleetrl.learner.group import LearnerGroup
@@ -37,6 +38,8 @@ class Services:
     critic: CriticGroup | None = None  # algorithms with a critic (ppo)
     # Seconds from start_services to each service being ready, and the engines' own start/warm-up.
     startup: dict[str, float] = field(default_factory=dict)
+    # Actor name -> "IP [node id]" where it runs (core.nodes.placement), printed at start.
+    placement: dict[str, str] = field(default_factory=dict)
 
     def shutdown(self) -> None:
         critic = self.critic.shutdown if self.critic is not None else (lambda: None)
@@ -107,6 +110,12 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
         raise
     services.startup = {f"startup/{name}_ready": s for name, (s, _) in ready.items()}
     infos = ready["fleet"][1]
+    actors = {f"rollout-{i.get('worker_index', n)}": i for n, i in enumerate(infos)}
+    for group in (learner, critic):
+        if group is not None:
+            actors.update({f"{group.role}-rank-{i.get('rank', n)}": i for n, i in enumerate(group.rank_info)})
+    services.placement = placement(actors)
+    print(f"fleetrl: placement: {placement_line(actors)}", flush=True)  # noqa: T201
     services.startup["startup/engine_start"] = max(i.get("engine_start_s", 0.0) for i in infos)
     services.startup["startup/engine_warmup"] = max(i.get("warmup_s", 0.0) for i in infos)
     services.startup["startup/services"] = time.perf_counter() - t0

@@ -17,14 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fleetrl.data.rows import DataError
+from fleetrl.env.runner import EnvError
 from fleetrl.reward.scorer import RewardError
 from fleetrl.run.config import ConfigError, RunConfig
 from fleetrl.run.runtime import RunDir
 
 log = logging.getLogger("fleetrl")
 
-# The same input gives the same error again: restarting would only repeat it.
-NOT_RESTARTABLE: tuple[type[BaseException], ...] = (ConfigError, DataError, RewardError, FileExistsError)
+# The same input gives the same error again: restarting would only repeat it. EnvError: an
+# environment that raised under rollout.episode.on_error: fail meets the same rows (and policy) again.
+NOT_RESTARTABLE: tuple[type[BaseException], ...] = (ConfigError, DataError, RewardError, EnvError, FileExistsError)
 
 
 def is_restartable(error: BaseException) -> bool:

@@ -111,7 +111,14 @@ def resize_fleet(fleet: RolloutFleet, sync: WeightSync, collector: GroupCollecto
         return
     before = fleet.num_workers
     while fleet.num_workers > target:
-        collector.requeue(fleet.remove_worker(max(fleet.indices()), wait=True))
+        index = max(fleet.indices())
+        # A call older than rollout.generate_timeout_s is hung anyway: its prompts go to the others.
+        unfinished = fleet.remove_worker(index, wait=True, timeout_s=fleet.cfg.generate_timeout_s)
+        if unfinished:
+            log.warning("rollout worker %d did not finish %d generate call(s) within rollout.generate_timeout_s="
+                        "%.0fs while it was being removed; their prompts go to the other workers",
+                        index, len(unfinished), fleet.cfg.generate_timeout_s)
+        collector.requeue(unfinished)
     while fleet.num_workers < target:
         fleet.add_worker()
     fleet.wait_ready()

@@ -1,7 +1,8 @@
 """Ray actors of the reward service: each is a RewardScorer in its own process.
 
     actors = make_reward_actors(cfg.reward, base_dir=config_dir)        # reward-0, reward-1, ...
-    result = ray.get(actors[0].score.remote(prompts, completions, {"answer": answers}))
+    result = ray.get(actors[0].score.remote(prompts, completions, {"answer": answers}),
+                     timeout=cfg.reward.call_deadline_s())
 
 Actors are created in the caller's Ray namespace (none is forced); `name_prefix` keeps the names of
 two runs in one namespace apart. A RewardError raised while scoring reaches the caller of `ray.get`
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import ray
 
+from fleetrl.core.waits import wait_all
 from fleetrl.reward.config import RewardConfig
 from fleetrl.reward.scorer import RewardScorer
 
@@ -46,7 +48,7 @@ def make_reward_actors(
         for i in range(cfg.num_workers):
             actors.append(_start(cfg, base, reward_actor_name(i, name_prefix)))
         if wait:
-            ray.get([actor.describe.remote() for actor in actors])
+            wait_ready(cfg, actors, [reward_actor_name(i, name_prefix) for i in range(len(actors))])
     except BaseException:
         for actor in actors:
             ray.kill(actor)
@@ -71,11 +73,23 @@ def restart_reward_actor(cfg: RewardConfig, index: int, base_dir: str | Path | N
                 raise
             time.sleep(0.2)
     try:
-        ray.get(actor.describe.remote())
+        wait_ready(cfg, [actor], [reward_actor_name(index, name_prefix)])
     except BaseException:
         ray.kill(actor)
         raise
     return actor
+
+
+def wait_ready(cfg: RewardConfig, actors: list, names: list[str]) -> list:
+    """Every actor's describe() once it has loaded, within reward.ready_timeout_s; a TimeoutError
+    names the actors that did not answer, what each asks for and what the cluster has free."""
+    ask = {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus, **cfg.resources}
+    return wait_all(
+        [a.describe.remote() for a in actors], [f"reward actor {n!r}" for n in names], cfg.ready_timeout_s,
+        "starting the reward service (reward.ready_timeout_s)",
+        lambda: f"Each asks for {ask}; the cluster has {ray.cluster_resources()} in all, {ray.available_resources()} "
+        "free. If they could not be placed: lower reward.num_workers or the per-actor resources, or add "
+        "nodes; if a reward model loads slowly: raise reward.ready_timeout_s")
 
 
 def _start(cfg: RewardConfig, base: str, name: str):

@@ -30,6 +30,14 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from fleetrl.core.strict import StrictModel
 
 MAX_TIMEOUT_S = 24 * 3600.0
+HTTP_DEADLINE_MARGIN_S = 5.0  # over an http function's own worst case, for DNS and JSON decoding
+CALL_MARGIN_S = 30.0  # over a score() call's worst case, for Ray's transport
+
+
+def http_worst_case_s(timeout_s: float, max_retries: int, retry_backoff_s: float) -> float:
+    """The longest one http call can take: every try to its deadline plus the backoff between tries."""
+    backoff = sum(retry_backoff_s * 2**k for k in range(max_retries))
+    return (max_retries + 1) * timeout_s + backoff
 
 
 def _check_timeout(v: float | None) -> float | None:
@@ -181,6 +189,23 @@ class RewardConfig(StrictModel):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources per reward actor (pins it to marked nodes)."
     )
+    ready_timeout_s: float = Field(
+        default=900.0, gt=0, allow_inf_nan=False,
+        description="Deadline in seconds for every reward actor to start and load its functions (a reward "
+        "model included); a late one fails the start naming the actor and what it asks for.",
+    )
+
+    def call_deadline_s(self) -> float:
+        """The longest one score() call of an actor can take (its functions' own deadlines: a rule or
+        builtin one twice, the failed batch and its one-sample reruns; an http one every try plus
+        backoff), plus a margin for the transport. Past it the actor is hung, not slow."""
+        total = CALL_MARGIN_S
+        for f in self.functions:
+            if f.kind == "http":
+                total += http_worst_case_s(f.timeout_s, f.max_retries, f.retry_backoff_s) + HTTP_DEADLINE_MARGIN_S
+            else:
+                total += (f.timeout_s or self.timeout_s) * (2 if f.kind in ("rule", "builtin") else 1)
+        return total
 
     @field_validator("timeout_s")
     @classmethod

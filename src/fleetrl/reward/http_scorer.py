@@ -30,6 +30,9 @@ import urllib.request
 from collections.abc import Sequence
 from email.message import Message
 
+from fleetrl.core.secrets import resolve_env_refs
+from fleetrl.reward.config import http_worst_case_s
+
 ERROR_BODY_BYTES = 64 * 1024  # read at most this much of a non-200 answer, for the message
 
 
@@ -155,13 +158,13 @@ class HttpScorer:
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": "fleetrl-reward",
-            **(headers or {}),
+            # ${env:NAME} references are read here, in the reward actor: the secret never enters a config.
+            **resolve_env_refs(dict(headers or {}), f"the headers of http reward function {url}"),
         }
 
     def worst_case_s(self) -> float:
         """The longest one call can take: every try to its deadline plus the backoff between tries."""
-        backoff = sum(self.retry_backoff_s * 2**k for k in range(self.max_retries))
-        return (self.max_retries + 1) * self.timeout_s + backoff
+        return http_worst_case_s(self.timeout_s, self.max_retries, self.retry_backoff_s)
 
     def _encode(self, prompts: Sequence[str], completions: Sequence[str], columns: dict[str, list]) -> bytes:
         payload = {"prompts": list(prompts), "completions": list(completions), "columns": columns}

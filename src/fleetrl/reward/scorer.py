@@ -6,7 +6,9 @@ first invalid value raises `RewardError`, naming the function, the sample, a pre
 and completion and the exception. With `on_error: zero` invalid values count as 0 for that function
 and each is listed in `ScoreResult.errors`. When a rule or built-in function raises on a batch, it is
 run again one sample at a time to find the samples that fail (the others keep their scores); a model
-or HTTP scorer that raises fails the whole batch.
+or HTTP scorer that raises fails the whole batch. The one-sample reruns share one deadline, the
+function's own: a batch of n samples costs at most two deadlines, never n; samples the reruns did
+not reach are invalid ("not scored: ...") and follow `on_error`.
 
 Deadlines. Every call of a function runs in a daemon thread of its own, and the scorer waits for it
 at most the function's deadline: `functions[i].timeout_s`, else `reward.timeout_s` (an http
@@ -37,12 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetrl.reward.config import RewardConfig
+from fleetrl.reward.config import HTTP_DEADLINE_MARGIN_S, RewardConfig
 from fleetrl.reward.rules import RewardLoadError
 
 PREVIEW_CHARS = 160
 MAX_HUNG_CALLS = 4  # calls of one function still running past their deadline before it counts as broken
-HTTP_DEADLINE_MARGIN_S = 5.0  # over an http function's own worst case, for DNS and JSON decoding
 
 
 class RewardError(RuntimeError):
@@ -295,12 +296,15 @@ class RewardScorer:
             "never ends) or raise its timeout; restarting the reward actor frees the threads."
         )
 
-    def _call(self, func: _Function, prompts: list[str], completions: list[str], columns: dict[str, list]) -> Any:
-        """func.fn(prompts, completions, **columns) within func.timeout_s; _CallTimeout when it does not return."""
+    def _call(self, func: _Function, prompts: list[str], completions: list[str], columns: dict[str, list],
+              timeout_s: float | None = None) -> Any:
+        """func.fn(prompts, completions, **columns) within ``timeout_s`` (default func.timeout_s);
+        _CallTimeout when it does not return."""
         self._refuse_if_broken(func)
         call = _Call(func, (prompts, completions), columns)
         call.thread.start()
-        timeout = min(func.timeout_s, threading.TIMEOUT_MAX)
+        timeout_s = func.timeout_s if timeout_s is None else timeout_s
+        timeout = min(timeout_s, threading.TIMEOUT_MAX)
         if not call.done.wait(timeout):
             with func.lock:
                 if not call.done.is_set():
@@ -308,8 +312,10 @@ class RewardScorer:
                     func.hung += 1
                     func.timed_out += 1
             if call.abandoned:
+                took = f"{func.timeout_s:g} s" if timeout_s == func.timeout_s else \
+                    f"{timeout_s:.2f} s (what was left of the one-sample reruns' deadline of {func.timeout_s:g} s)"
                 raise _CallTimeout(
-                    f"timed out after {func.timeout_s:g} s{_running_at(call.thread)}; the call goes on in a "
+                    f"timed out after {took}{_running_at(call.thread)}; the call goes on in a "
                     f"background thread. Make the function faster or raise {func.timeout_source}"
                 )
         if call.error is not None:
@@ -330,19 +336,20 @@ class RewardScorer:
         )
 
     def _run(
-        self, func: _Function, prompts: list[str], completions: list[str], columns: dict[str, list]
+        self, func: _Function, prompts: list[str], completions: list[str], columns: dict[str, list],
+        timeout_s: float | None = None,
     ) -> tuple[list[float], list[tuple[int, str]]]:
         """Values (0.0 where invalid) and (sample index, message) for each invalid sample."""
         n = len(completions)
         try:
-            raw = self._call(func, prompts, completions, columns)
+            raw = self._call(func, prompts, completions, columns, timeout_s)
         except _CallTimeout as e:  # not rerun one sample at a time: that could take n deadlines
             return [0.0] * n, [(i, str(e)) for i in range(n)]
         except RewardHungError:
             raise
         except Exception as e:  # noqa: BLE001 - user code may raise anything; policy decides
             if func.isolatable and n > 1:
-                return self._run_one_by_one(func, prompts, completions, columns)
+                return self._run_one_by_one(func, prompts, completions, columns, e)
             message = f"raised {_describe_exception(e)}"
             if "signal only works in main thread" in str(e):
                 message += (
@@ -371,12 +378,26 @@ class RewardScorer:
         return values, failures
 
     def _run_one_by_one(
-        self, func: _Function, prompts: list[str], completions: list[str], columns: dict[str, list]
+        self, func: _Function, prompts: list[str], completions: list[str], columns: dict[str, list],
+        batch_error: BaseException,
     ) -> tuple[list[float], list[tuple[int, str]]]:
+        """Each sample alone, all within one deadline (func.timeout_s in total, not per sample)."""
         values, failures = [], []
+        deadline = time.monotonic() + func.timeout_s
         for i in range(len(completions)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                message = (
+                    f"not scored: the batch raised {_describe_exception(batch_error)}, and rerunning its "
+                    f"samples one at a time to find the failing ones used up the function's deadline of "
+                    f"{func.timeout_s:g} s ({func.timeout_source}) before sample {i}. Fix the error, make the "
+                    f"function faster or raise {func.timeout_source}"
+                )
+                values.extend([0.0] * (len(completions) - i))
+                failures.extend((j, message) for j in range(i, len(completions)))
+                break
             sub_values, sub_failures = self._run(
-                func, [prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()}
+                func, [prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()}, left
             )
             values.append(sub_values[0])  # None stays None: left out
             failures.extend((i, msg) for _, msg in sub_failures)

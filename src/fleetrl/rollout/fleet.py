@@ -352,8 +352,14 @@ class RolloutFleet:
         return self.book.next_deadline(self.cfg.generate_timeout_s)
 
     def remove_worker(self, index: int, wait: bool = False, timeout_s: float | None = None) -> list[Work]:
-        """Stop worker ``index``. Returns the calls it did not finish, to be submitted again."""
+        """Stop worker ``index``. Returns the calls it did not finish, to be submitted again.
+
+        ``wait``: its calls in flight may finish first, within ``timeout_s`` (default
+        rollout.generate_timeout_s: an older call is hung anyway)."""
         import ray
+
+        if timeout_s is None:
+            timeout_s = self.cfg.generate_timeout_s
 
         def wait_fn(futs: list, timeout: float | None) -> list:
             ready, _ = ray.wait(futs, num_returns=len(futs), timeout=timeout)
@@ -438,10 +444,12 @@ class RolloutFleet:
         return self.book.receive_weights(plan)
 
     def versions(self, timeout_s: float | None = None) -> dict[int, int]:
-        """Weight version of each worker (waits behind calls already queued on it)."""
+        """Weight version of each worker (waits behind calls already queued on it, so by default up
+        to rollout.generate_timeout_s)."""
         import ray
 
         idx = self.book.indices()
+        timeout_s = self.cfg.generate_timeout_s if timeout_s is None else timeout_s
         got = ray.get([self.book.handle(i).get_weight_version.remote() for i in idx], timeout=timeout_s)
         return dict(zip(idx, got))
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleetrl.core.nodes import this_node
 from fleetrl.core.weight_wire import WeightPlan
-from fleetrl.env import ChatDelta, TurnOutput, load_environment, run_episode
+from fleetrl.env import ChatDelta, EnvError, TurnOutput, load_environment, run_episode
 from fleetrl.rollout.config import MAX_LORAS, RolloutConfig, resolve_device, vllm_lora_rank, worker_env
 from fleetrl.rollout.fleet import EngineDead
 from fleetrl.rollout.weight_receiver import plan_to_plain
@@ -104,8 +105,10 @@ def adapter_root(worker_index: int, parent: str | None = None) -> str:
     """A fresh directory for this process's adapter versions: worker-local and in memory where there
     is /dev/shm (vLLM reads each adapter back at once). A killed worker cannot clean up after itself,
     so directories left by processes that no longer exist are removed here."""
-    if parent is None:
-        parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    if parent is None:  # this user's own directory there: /dev/shm and /tmp are shared
+        from fleetrl.core.storage import private_dir
+
+        parent = str(private_dir("/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()))
     for old in Path(parent).glob("fleetrl-lora-w*-pid*"):
         pid = old.name.rpartition("-pid")[2]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
@@ -152,6 +155,29 @@ class RolloutWorker:
 
     def __init__(self, cfg: RolloutConfig | dict, model_path: str, worker_index: int = 0,
                  lora_rank: int | None = None):
+        self._init_state(cfg, model_path, worker_index, lora_rank)
+        cfg = self.cfg
+        import torch
+
+        self.device = resolve_device(cfg, torch.cuda.is_available())
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        t0 = time.perf_counter()
+        # vLLM reads its environment while it builds the engine and spawns the engine process with
+        # it. A fleet's actor has it from its runtime_env already; an in-process worker gets it for
+        # the build only, so it does not leak into the rest of the process (a later vllm.LLM there).
+        with _environment(worker_env(cfg, self.device)):
+            self.engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**engine_kwargs(cfg, model_path, worker_index, lora_rank)))
+        self.engine_start_s = time.perf_counter() - t0
+        self.warmup_s = 0.0
+        self.num_ranks = self.engine.vllm_config.parallel_config.world_size
+        self.vocab_size = self.engine.model_config.get_vocab_size()
+
+    def _init_state(self, cfg: RolloutConfig | dict, model_path: str, worker_index: int,
+                    lora_rank: int | None) -> None:
+        """Everything but the engine (tests drive the request and update logic over a stand-in engine)."""
         if isinstance(cfg, dict):
             cfg = RolloutConfig.model_validate(cfg)
         self.cfg = cfg
@@ -170,26 +196,17 @@ class RolloutWorker:
         self.weight_updates_in_flight = 0  # syncs that found requests in flight (they went on)
         self._requests = itertools.count()
         self._inflight = 0
+        # rollout.weight_update: drain. _admit is cleared while an update waits for the requests in
+        # flight (new ones wait for the new weights); _idle is set when none is in flight. fleetrl
+        # drains them itself rather than relying on vLLM's pause(mode="wait") alone: that returns
+        # once the engine has finished them, possibly before their final outputs reach us, and a
+        # request must read its last version before the update changes it.
+        self._admit = asyncio.Event()
+        self._admit.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._warm: asyncio.Task | None = None
-        self._env: tuple[type, ChatDelta] | None = None  # (environment class, chat delta), built on first use
-
-        import torch
-
-        self.device = resolve_device(cfg, torch.cuda.is_available())
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        t0 = time.perf_counter()
-        # vLLM reads its environment while it builds the engine and spawns the engine process with
-        # it. A fleet's actor has it from its runtime_env already; an in-process worker gets it for
-        # the build only, so it does not leak into the rest of the process (a later vllm.LLM there).
-        with _environment(worker_env(cfg, self.device)):
-            self.engine = AsyncLLM.from_engine_args(
-                AsyncEngineArgs(**engine_kwargs(cfg, model_path, worker_index, lora_rank)))
-        self.engine_start_s = time.perf_counter() - t0
-        self.warmup_s = 0.0
-        self.num_ranks = self.engine.vllm_config.parallel_config.world_size
-        self.vocab_size = self.engine.model_config.get_vocab_size()
+        self._env: asyncio.Future | None = None  # -> (environment class, chat delta), built on first use
 
     async def _warm_up(self) -> None:
         # The first generate of an engine is several times slower than later ones
@@ -260,20 +277,26 @@ class RolloutWorker:
         """All samples of one prompt: one engine request (vLLM fans it out to params.n sequences)."""
         from vllm.inputs import TokensPrompt
 
+        if not self._admit.is_set():  # a drain is waiting for the requests in flight
+            await asyncio.wait_for(self._admit.wait(), timeout=self.cfg.weight_sync_timeout_s)
         first_version = self.weight_version  # the oldest weights any of its tokens can come from
         lora = self._lora  # adapter mode: the request keeps this adapter (its version) to the end
         final = None
         self._inflight += 1
+        self._idle.clear()
         self._hold_adapter(lora)
         try:
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt)), params,
                                                   request_id=f"w{self.worker_index}-{next(self._requests)}",
                                                   lora_request=lora):
                 final = out
+            # The weights of its last token: read before a drained update may change the version.
+            last_version = first_version if self.adapter_mode else self.weight_version
         finally:
             self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
             await self._drop_adapter(lora)
-        last_version = first_version if self.adapter_mode else self.weight_version
         result = []
         for c in sorted(final.outputs, key=lambda c: c.index):
             token_ids = list(c.token_ids)
@@ -299,11 +322,8 @@ class RolloutWorker:
                        sampling: dict[str, Any]) -> Completion:
         """One multi-turn episode: a coroutine of its own, so a slow environment holds up only it."""
         if self._env is None:
-            from transformers import AutoTokenizer
-
-            self._env = (load_environment(self.cfg.environment),
-                         ChatDelta(AutoTokenizer.from_pretrained(self.model_path)))
-        env_cls, delta = self._env
+            self._env = asyncio.ensure_future(self._build_env())
+        env_cls, delta = await self._env
 
         async def turn(ids: list[int], max_tokens: int) -> TurnOutput:
             c = (await self._sample(rid, ids, sampling_params({**sampling, "max_tokens": max_tokens}, 1)))[0]
@@ -320,6 +340,29 @@ class RolloutWorker:
             episode={"turns": ep.num_turns, "observation_tokens": ep.observation_tokens, "env_s": r.env_s,
                      "env_error": r.error, "turn_rewards": ep.turn_rewards, "messages": ep.messages},
         )
+
+    async def _build_env(self) -> tuple[type, ChatDelta]:
+        """The environment class and the chat delta, once per worker; the environment's preflight runs
+        here too (this node may lack what the driver's check found, e.g. a working sandbox), and its
+        failure fails every episode of this worker, whatever rollout.episode.on_error says."""
+        from transformers import AutoTokenizer
+
+        env_cls = load_environment(self.cfg.environment)
+        env = env_cls(**self.cfg.episode.env_kwargs)
+        preflight = getattr(env, "preflight", None)
+        if callable(preflight):
+            try:
+                await asyncio.to_thread(preflight)
+            except Exception as e:
+                raise RuntimeError(f"rollout worker {self.worker_index}: environment {self.cfg.environment} cannot "
+                                   f"run on this node: {type(e).__name__}: {e}") from e
+        delta = ChatDelta(AutoTokenizer.from_pretrained(self.model_path))
+        if getattr(env, "tools", None):
+            try:
+                delta.check_tools(env.tools)
+            except ValueError as e:  # the same on every node and restart: EnvError is not restartable
+                raise EnvError(f"rollout worker {self.worker_index}: environment {self.cfg.environment}: {e}") from e
+        return env_cls, delta
 
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         """Logprobs (temperature 1, current weights) of a GIVEN completion after ``prompt_ids``."""
@@ -375,14 +418,32 @@ class RolloutWorker:
         inflight = self._inflight
         mode = "keep" if self.cfg.weight_update == "in_flight" else "wait"
         async with self._engine_alive():
-            await self.engine.pause_generation(mode=mode, clear_cache=True)
+            if mode == "wait":
+                self._admit.clear()
             try:
-                stats = await self.engine.collective_rpc("receive_weights", args=(plain,))
-                self.weight_version = int(plain["version"])
+                if mode == "wait":
+                    await self._drained(int(plain["version"]))
+                await self.engine.pause_generation(mode=mode, clear_cache=True)
+                try:
+                    stats = await self.engine.collective_rpc("receive_weights", args=(plain,))
+                    self.weight_version = int(plain["version"])
+                finally:
+                    await self.engine.resume_generation()
             finally:
-                await self.engine.resume_generation()
+                self._admit.set()
         self.weight_updates_in_flight += int(inflight > 0 and mode == "keep")
         return self._sync_report(t0, inflight, stats)
+
+    async def _drained(self, version: int) -> None:
+        """rollout.weight_update: drain: wait (within rollout.weight_sync_timeout_s) until the requests
+        in flight have finished and read their weight version."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=self.cfg.weight_sync_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(
+                f"rollout worker {self.worker_index}: {self._inflight} request(s) in flight did not finish "
+                f"within rollout.weight_sync_timeout_s={self.cfg.weight_sync_timeout_s:g}s, so weight version "
+                f"{version} (rollout.weight_update: drain) was not loaded") from None
 
     def _sync_report(self, t0: float, inflight: int, stats: Any) -> dict[str, Any]:
         """What a weight sync returns to the fleet (both sync modes)."""
@@ -479,6 +540,7 @@ class RolloutWorker:
             "warmup_s": self.warmup_s,
             "requests_in_flight": self._inflight,
             "weight_updates_in_flight": self.weight_updates_in_flight,
+            **this_node(),
         }
 
     async def get_weight_version(self) -> int:

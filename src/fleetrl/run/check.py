@@ -13,8 +13,10 @@ asked for against the cluster's. Each problem is one line naming the setting, fi
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,14 +65,17 @@ def check_run(cfg: RunConfig, config_path: str | Path | None = None, cluster: bo
         if note:
             report.notes.append(f"{name}: {note}")
 
+    step("dependencies", lambda: _check_dependencies(cfg))
     step("model", lambda: _check_model_step(cfg, state))
     step("tokenizer", lambda: _check_tokenizer(cfg, state))
+    if cfg.learner.lora is not None:
+        step("learner.lora", lambda: _check_lora(cfg, state))
     step("data", lambda: _check_data(cfg, state))
     if cfg.algorithm not in OFFLINE_ALGORITHMS:
         for i, fc in enumerate(cfg.reward.functions):
             step(f"reward.functions.{i} ({fc.name})", lambda fc=fc: _check_reward_function(fc, base_dir, state))
         if cfg.rollout.environment is not None:
-            step("rollout.environment", lambda: _check_environment(cfg, base_dir))
+            step("rollout.environment", lambda: _check_environment(cfg, base_dir, state))
     step("run.output_dir", lambda: check_output(cfg))
     if cluster:
         step("cluster", lambda: _check_cluster(cfg))
@@ -180,6 +185,62 @@ def _check_tokenizer(cfg: RunConfig, state: dict) -> str:
     return f"{type(tok).__name__}, {template}"
 
 
+def _check_lora(cfg: RunConfig, state: dict) -> str:
+    """learner.lora against the model itself (its skeleton, no weights): the target modules exist,
+    and an online run trains only what a weight sync can carry to the fleet."""
+    if "model" not in state:
+        raise _Skipped
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fleetrl.learner.lora import adapter_tensors, apply_lora
+    from fleetrl.run.runtime import resolve_model
+
+    kind = "seq_cls" if cfg.algorithm == "rm" else "causal_lm"
+    model_cfg = AutoConfig.from_pretrained(resolve_model(cfg.model.path))
+    if kind == "seq_cls":
+        model_cfg.num_labels = 1
+    loader = AutoModelForSequenceClassification if kind == "seq_cls" else AutoModelForCausalLM
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on tied embeddings: the error below says what matters
+        model = loader.from_config(model_cfg)
+        peft_model = apply_lora(model, cfg.learner.lora, kind)
+    if cfg.algorithm not in OFFLINE_ALGORITHMS:
+        n = len(adapter_tensors(peft_model))
+        return f"{n} adapter matrices on {cfg.learner.lora.target_modules}, all carried by the weight sync"
+    return f"adapters on {cfg.learner.lora.target_modules}"
+
+
+def _check_dependencies(cfg: RunConfig) -> str | None:
+    """Packages the config asks for that are optional extras of fleetrl: present, or one line
+    saying which extra to install."""
+    import importlib.util
+
+    missing = []
+    if cfg.algorithm not in OFFLINE_ALGORITHMS and importlib.util.find_spec("vllm") is None:
+        missing.append(f"{cfg.algorithm} generates with vLLM, which is not installed: pip install "
+                       "'fleetrl[cpu]' (CPU build) or 'fleetrl[gpu]'")
+    if cfg.run.wandb is not None and importlib.util.find_spec("wandb") is None:
+        missing.append("run.wandb is set but the wandb package is not installed: pip install 'fleetrl[wandb]' "
+                       "or unset run.wandb")
+    scheme, sep, _ = cfg.run.output_dir.partition("://")
+    if sep and scheme != "file":
+        import fsspec
+
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except ImportError as e:
+            extra = " (pip install 'fleetrl[s3]')" if scheme in ("s3", "s3a") else ""
+            missing.append(f"run.output_dir={cfg.run.output_dir!r} needs a package that is not installed{extra}: "
+                           f"{_one_line(e)[:200]}")
+        except ValueError:
+            missing.append(f"run.output_dir={cfg.run.output_dir!r}: fsspec knows no storage '{scheme}://'; use "
+                           "a local path, a shared mount, or s3://bucket/prefix")
+    if missing:
+        raise ValueError("; ".join(missing))
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 
@@ -206,6 +267,8 @@ def _check_data(cfg: RunConfig, state: dict) -> str:
     if online and rows and too_long >= len(rows) + len(held):
         raise DataError(f"every prompt is longer than rl.max_prompt_tokens={cfg.rl.max_prompt_tokens} tokens: "
                         "raise it or shorten the prompts")
+    if not online:
+        _check_numbers(cfg, [*rows, *held])
     columns: set[str] = set()
     for row in rows:
         columns |= set(row.extra)
@@ -217,6 +280,21 @@ def _check_data(cfg: RunConfig, state: dict) -> str:
     if too_long:
         text += f"; {too_long} prompt(s) longer than rl.max_prompt_tokens will be skipped"
     return text
+
+
+def _check_numbers(cfg: RunConfig, rows) -> None:
+    """Score and margin columns an offline trainer reads: a finite number in every row (NaN or inf
+    would reach the loss)."""
+    from fleetrl.data.offline import row_number
+    from fleetrl.data.rows import PreferenceRow
+
+    section = getattr(cfg, cfg.algorithm, None)
+    score_key, margin_key = getattr(section, "score_key", None), getattr(section, "margin_key", None)
+    for row in rows:
+        if score_key is not None and not isinstance(row, PreferenceRow):
+            row_number(row, score_key, f"{cfg.algorithm}.score_key", f"unset {cfg.algorithm}.score_key")
+        if margin_key is not None and isinstance(row, PreferenceRow):
+            row_number(row, margin_key, f"{cfg.algorithm}.margin_key", f"unset {cfg.algorithm}.margin_key")
 
 
 def _bounded(data):
@@ -261,12 +339,22 @@ def _check_reward_function(fc, base_dir: Path, state: dict) -> str:
     return f"{func.label} ({style}) reads {needed or 'no columns'}"
 
 
-def _check_environment(cfg: RunConfig, base_dir: Path) -> str:
-    from fleetrl.env import resolve_environment
+def _check_environment(cfg: RunConfig, base_dir: Path, state: dict) -> str:
+    from fleetrl.env import load_environment, resolve_environment
 
     # Imports the file and builds the class with rollout.episode.env_kwargs (EnvLoadError names both).
-    resolve_environment(cfg.rollout.environment, base_dir, cfg.rollout.episode.env_kwargs)
-    return f"{cfg.rollout.environment} loads and builds"
+    spec = resolve_environment(cfg.rollout.environment, base_dir, cfg.rollout.episode.env_kwargs)
+    env = load_environment(spec)(**cfg.rollout.episode.env_kwargs)
+    # What it needs on this machine (ToolEnv: a python sandbox that isolates, else it refuses to run).
+    preflight = getattr(env, "preflight", None)
+    note = preflight() if callable(preflight) else None
+    if "tokenizer" in state:  # multi-turn episodes need a template that renders turns and tools
+        from fleetrl.env.episode import ChatDelta
+
+        delta = ChatDelta(state["tokenizer"])
+        if getattr(env, "tools", None):
+            delta.check_tools(env.tools)
+    return f"{cfg.rollout.environment} loads and builds" + (f"; {note}" if note else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,24 +386,70 @@ def check_output(cfg: RunConfig) -> str:
     return f"{root.resolve()} writable"
 
 
-def requested_resources(cfg: RunConfig, cluster_has_gpus: bool) -> dict[str, float]:
-    """Ray resources the run's actors ask for in total (rollout workers, learner ranks, reward actors;
-    PPO's critic ranks when not colocated)."""
+def service_demands(cfg: RunConfig, cluster_has_gpus: bool) -> dict[str, tuple[int, dict[str, float], str]]:
+    """Each kind of actor the run places: name -> (how many, the Ray resources of one, the keys that set
+    them). Learner ranks always; rollout workers and reward actors for online algorithms."""
     ro, lc, rw = cfg.rollout, cfg.learner, cfg.reward
     gpu_default = 1.0 if cluster_has_gpus else 0.0
     rollout_gpus = ro.num_gpus_per_worker if ro.num_gpus_per_worker is not None else (
         float(ro.tensor_parallel_size) if cluster_has_gpus else 0.0)
     learner_gpus = lc.num_gpus_per_rank if lc.num_gpus_per_rank is not None else gpu_default
-    total: dict[str, float] = {"CPU": lc.num_ranks * lc.num_cpus_per_rank, "GPU": lc.num_ranks * learner_gpus}
-    for k, v in lc.resources_per_rank.items():
-        total[k] = total.get(k, 0.0) + lc.num_ranks * v
+
+    def one(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+        return {k: float(v) for k, v in {"CPU": cpus, "GPU": gpus, **custom}.items() if v}
+
+    demands = {"learner rank": (lc.num_ranks, one(lc.num_cpus_per_rank, learner_gpus, lc.resources_per_rank),
+                                "learner.num_cpus_per_rank / num_gpus_per_rank / resources_per_rank")}
     if cfg.algorithm not in OFFLINE_ALGORITHMS:
-        total["CPU"] += ro.num_workers * ro.num_cpus_per_worker + rw.num_workers * rw.num_cpus
-        total["GPU"] += ro.num_workers * rollout_gpus + rw.num_workers * rw.num_gpus
-        for res, n in ((ro.resources, ro.num_workers), (rw.resources, rw.num_workers)):
-            for k, v in res.items():
-                total[k] = total.get(k, 0.0) + n * v
+        demands["rollout worker"] = (ro.num_workers, one(ro.num_cpus_per_worker, rollout_gpus, ro.resources),
+                                     "rollout.num_cpus_per_worker / num_gpus_per_worker / resources")
+        demands["reward actor"] = (rw.num_workers, one(rw.num_cpus, rw.num_gpus, rw.resources),
+                                   "reward.num_cpus / num_gpus / resources")
+    return {k: v for k, v in demands.items() if v[0] > 0}
+
+
+def requested_resources(cfg: RunConfig, cluster_has_gpus: bool) -> dict[str, float]:
+    """Ray resources the run's actors ask for in total (rollout workers, learner ranks, reward actors)."""
+    total: dict[str, float] = {}
+    for count, one, _ in service_demands(cfg, cluster_has_gpus).values():
+        for k, v in one.items():
+            total[k] = total.get(k, 0.0) + count * v
     return {k: v for k, v in total.items() if v}
+
+
+def _node_label(node: dict) -> str:
+    """'127.0.0.2 (CPU 4, rollout 1)': a node's address and what it offers (Ray's own node: keys left out)."""
+    res = node.get("Resources", {})
+    shown = [f"{k} {v:g}" for k, v in sorted(res.items())
+             if not k.startswith("node:") and k not in ("memory", "object_store_memory") and v]
+    return f"{node.get('NodeManagerAddress', '?')} [{str(node.get('NodeID', ''))[:8]}] ({', '.join(shown)})"
+
+
+def placement_by_node(demands: dict[str, tuple[int, dict[str, float], str]], nodes: list[dict]) -> \
+        tuple[list[str], list[str]]:
+    """Which alive nodes can hold one actor of each service (by the node's total resources), as lines
+    for the report, and a problem for each service no node can hold at all (it would wait, unplaced,
+    for its deadline). Whether all actors fit at once is the total check's job (resource_shortfall)."""
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    lines, problems = [], []
+    for name, (count, one, keys) in demands.items():
+        asks = ", ".join(f"{k} {v:g}" for k, v in sorted(one.items())) or "nothing"
+        fits = []
+        for node in alive:
+            res = node.get("Resources", {})
+            if all(res.get(k, 0.0) + 1e-9 >= v for k, v in one.items()):
+                room = min((int(res.get(k, 0.0) / v + 1e-9) for k, v in one.items() if v), default=count)
+                fits.append(f"{_node_label(node)} x{room}")
+        if fits:
+            lines.append(f"{count} {name}(s) (each {asks}) can go on: {'; '.join(fits)}")
+        else:
+            custom = json.dumps({k: v for k, v in one.items() if k not in ("CPU", "GPU")})
+            how = f"`ray start --resources='{custom}'`" if custom != "{}" else "`ray start --num-cpus/--num-gpus`"
+            problems.append(
+                f"no node can hold a {name} (one asks for {asks}); the nodes have: "
+                f"{'; '.join(_node_label(n) for n in alive) or 'none alive'}. Give a node those resources "
+                f"({how}, or a KubeRay worker group's rayStartParams) or change {keys}")
+    return lines, problems
 
 
 def resource_shortfall(requested: dict[str, float], cluster: dict[str, float]) -> list[str]:
@@ -324,21 +458,69 @@ def resource_shortfall(requested: dict[str, float], cluster: dict[str, float]) -
             for k, v in sorted(requested.items()) if v > cluster.get(k, 0) + 1e-9]
 
 
+def local_ray_resources(cfg: RunConfig) -> tuple[dict[str, float], str]:
+    """What the local Ray the run starts will have (CPU: ray.num_cpus, else this machine's cores; its
+    GPUs; no custom resources), and where that comes from; the Ray of this process when one runs."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            return {k: float(v) for k, v in ray.cluster_resources().items()}, "the Ray this process already runs"
+        except Exception:  # noqa: BLE001 - still starting (train starts it beside the checks): as configured
+            pass
+    cpus = cfg.ray.num_cpus if cfg.ray.num_cpus is not None else os.cpu_count() or 1
+    have = {"CPU": float(cpus)}
+    import torch
+
+    if torch.cuda.is_available():
+        have["GPU"] = float(torch.cuda.device_count())
+    where = f"ray.num_cpus={cfg.ray.num_cpus}" if cfg.ray.num_cpus is not None else \
+        f"ray.num_cpus unset: this machine's {cpus} cores"
+    return have, f"a local Ray ({where}, {int(have.get('GPU', 0))} GPUs, no custom resources)"
+
+
+def _check_local(cfg: RunConfig) -> str:
+    """The run's actors fit the local Ray it starts (else they would wait, unplaced, until a deadline)."""
+    have, where = local_ray_resources(cfg)
+    want = requested_resources(cfg, have.get("GPU", 0) > 0)
+    short = resource_shortfall(want, have)
+    if short:
+        hints = []
+        if any(s.startswith("CPU:") for s in short):
+            hints.append(f"set ray.num_cpus: {int(want['CPU'] + 0.999)} (logical CPUs may exceed the cores) or "
+                         "lower the per-actor num_cpus")
+        if any(s.startswith("GPU:") for s in short):
+            hints.append("lower learner.num_gpus_per_rank / rollout.num_gpus_per_worker / reward.num_gpus")
+        if any(not s.startswith(("CPU:", "GPU:")) for s in short):
+            hints.append("custom resources (rollout.resources, learner.resources_per_rank, reward.resources) "
+                         "exist only on cluster nodes that declare them: remove them, or join that cluster "
+                         "(ray.address)")
+        raise ValueError(f"{where} cannot give this config what it asks ({'; '.join(short)}): "
+                         + "; ".join(hints))
+    return f"{where}: {', '.join(f'{k} {v:g}' for k, v in sorted(want.items()))} of " \
+           f"{', '.join(f'{k} {have.get(k, 0):g}' for k in sorted(want))}"
+
+
 def _check_cluster(cfg: RunConfig) -> str | None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if not address:
-        return None  # a local Ray is sized by the run itself (ray.num_cpus)
+        return _check_local(cfg)
     import ray
 
     from fleetrl.run.runtime import connect_ray
 
     connect_ray(cfg.ray)
     have = {k: float(v) for k, v in ray.cluster_resources().items()}
+    demands = service_demands(cfg, have.get("GPU", 0) > 0)
     want = requested_resources(cfg, have.get("GPU", 0) > 0)
+    autoscaler = "(an autoscaler may add nodes: then ignore this with --no-cluster)"
+    placed, unplaceable = placement_by_node(demands, ray.nodes())
+    if unplaceable:
+        raise ValueError(f"cluster {address}: " + "; ".join(unplaceable) + f" {autoscaler}")
     short = resource_shortfall(want, have)
     if short:
         raise ValueError(f"cluster {address} is too small for this config ({'; '.join(short)}): lower "
                          "rollout.num_workers / learner.num_ranks / their per-actor resources, or add nodes "
-                         "(the autoscaler may add them: then this is a warning you can ignore with --no-cluster)")
+                         f"{autoscaler}")
     return f"{address}: {', '.join(f'{k} {v:g}' for k, v in sorted(want.items()))} of " \
-           f"{', '.join(f'{k} {have.get(k, 0):g}' for k in sorted(want))}"
+           f"{', '.join(f'{k} {have.get(k, 0):g}' for k in sorted(want))}\n    " + "\n    ".join(placed)

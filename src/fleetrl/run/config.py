@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 
 # Importing the package (not .registry) registers every algorithm file.
 from fleetrl.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, OnlineAlgorithm
 from fleetrl.algos import ONLINE_ALGORITHMS as ONLINE_REGISTRY
+from fleetrl.core.secrets import has_env_ref
 from fleetrl.core.strict import EnvStr, StrictModel
 from fleetrl.data.rows import DataConfig, looks_like_dataset_name
 from fleetrl.learner.config import LearnerConfig
@@ -64,6 +65,9 @@ class ModelConfig(StrictModel):
     tokenizer: str | None = None  # default: the model's own
 
 
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]{0,199}$")
+
+
 class RunSection(StrictModel):
     # A local path (on a cluster: a mount every node shares) or an object-store URI (s3://bucket/prefix,
     # S3 and compatible through s3fs). Checkpoints, logs and the final model go there from every node.
@@ -90,6 +94,32 @@ class RunSection(StrictModel):
     tensorboard: bool = True  # event files in <run dir>/tensorboard
     # Weights & Biases: keyword arguments of wandb.init (project, entity, ...); needs fleetrl[wandb].
     wandb: dict | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        """The run directory is output_dir/name (and, for object stores, a local mirror of that name
+        is cleared at start): a name must be one plain path component."""
+        if v is None:
+            return v
+        if not _RUN_NAME.match(v) or ".." in v:
+            raise ValueError(
+                f"run.name={v!r} must be one plain directory name: letters, digits and . _ - + = @ only, "
+                "starting with a letter or digit, no '/' or '\\', no '..', not absolute (it is joined to "
+                "run.output_dir; put the parent directories in run.output_dir instead)")
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _uri_has_a_bucket(cls, v: str) -> str:
+        scheme, sep, rest = v.partition("://")
+        if sep and scheme != "file" and not rest.split("/", 1)[0]:
+            raise ValueError(
+                f"run.output_dir={v!r} names no bucket: write {scheme}://BUCKET/prefix (a URI without a "
+                "bucket would not reach the object store)")
+        if not v.strip():
+            raise ValueError("run.output_dir is empty: set a directory (default: runs) or an object-store URI")
+        return v
 
     @model_validator(mode="after")
     def _resume_needs_a_name(self) -> RunSection:
@@ -318,6 +348,20 @@ class RunConfig(StrictModel):
             reason = estimator.get("min_group_reason")
             raise ValueError(f"{self.algorithm} needs rl.group_size >= {algo.min_group_size}"
                              + (f" ({reason})" if reason else ""))
+        sampling = self.rollout.sampling
+        if sampling.temperature == 0 or sampling.top_k == 1:
+            setting = "rollout.sampling.temperature=0" if sampling.temperature == 0 else "rollout.sampling.top_k=1"
+            raise ValueError(
+                f"{setting} is greedy decoding, but {self.algorithm} learns from sampled completions: every sample "
+                "of a prompt would be the same (advantage 0) and the policy's log-probs of a greedy choice are not "
+                "what it sampled with. Set rollout.sampling.temperature > 0 (e.g. 1.0) and top_k -1 or >= 2; "
+                "greedy decoding is for evaluation (rl.eval_temperature: 0)")
+        steps = self.run.steps or 0
+        if "max_staleness" in self.rl.model_fields_set and self.rl.max_staleness > steps:
+            raise ValueError(
+                f"rl.max_staleness={self.rl.max_staleness} is above the run's length (run.steps={steps}), so it "
+                "bounds nothing: no sample can lag more versions than the run has steps. Use a small bound "
+                "(0 = synchronous, 1-4 = asynchronous) or leave it unset")
         if self.rl.advantage_std is not None and "scale" not in estimator.get("options", ()):
             raise ValueError(
                 f"rl.advantage_std={self.rl.advantage_std} does not apply to {self.algorithm} (its advantage "
@@ -675,7 +719,9 @@ def config_from_dict(tree: dict, overrides=(), source: str = "<config>",
         raise ConfigError(
             f"{source}: {', '.join(hidden)} {'is' if len(hidden) == 1 else 'are'} {REDACTED!r}: this config was "
             "saved by fleetrl with its secrets hidden (a run directory's config.yaml, or `fleetrl config show`); "
-            "put the real values back, or train from your own config file"
+            "put the real values back, or train from your own config file. Better: write secrets as "
+            "'${env:NAME}' references (HTTP headers, run.storage_options), read from the environment where they "
+            "are used and saved as written, so a resume needs nothing back and no secret reaches a command line"
         )
     try:
         return RunConfig.model_validate(tree)
@@ -717,7 +763,15 @@ def algorithm_defaults(algorithm: str) -> dict[str, Any]:
 
 REDACTED = "<redacted>"
 # Keys of free-form mappings (env vars, engine/DeepSpeed kwargs, run.wandb) whose values are secrets.
-SECRET_KEY = re.compile(r"TOKEN(?!IZER)|KEY|SECRET|PASSW|AUTH|CREDENTIAL|COOKIE|SESSION", re.IGNORECASE)
+SECRET_KEY = re.compile(r"TOKEN(?!IZER|S)|KEY|SECRET|PASSW|AUTH|CREDENTIAL|COOKIE|SESSION", re.IGNORECASE)
+# ... except names of data columns and counts (a builtin's answer_key, an engine's max_num_batched_tokens).
+_NOT_SECRET = re.compile(r"(answer|letter|prompt|label|score|margin|chosen|rejected|completion|messages|text|"
+                         r"sort|group|input|output|id)_key$", re.IGNORECASE)
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a free-form key names a secret (HF_TOKEN, api_key, secret, password, ...)."""
+    return bool(SECRET_KEY.search(name)) and not _NOT_SECRET.search(name)
 
 
 def redacted_config(cfg: RunConfig) -> dict[str, Any]:
@@ -736,8 +790,8 @@ def _redact_model(model: BaseModel, tree: dict) -> None:
         if name not in tree:
             continue
         value = getattr(model, name)
-        if name == "headers" and isinstance(tree[name], dict):
-            tree[name] = {k: REDACTED if v else v for k, v in tree[name].items()}
+        if name == "headers" and isinstance(tree[name], dict):  # ${env:NAME} references hold no secret
+            tree[name] = {k: REDACTED if v and not has_env_ref(v) else v for k, v in tree[name].items()}
         elif isinstance(value, BaseModel) and isinstance(tree[name], dict):
             _redact_model(value, tree[name])
         elif isinstance(value, (list, tuple)) and isinstance(tree[name], list):
@@ -752,8 +806,8 @@ def _redact_model(model: BaseModel, tree: dict) -> None:
 
 def _redact_free_form(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else _redact_free_form(v)
-                for k, v in node.items()}
+        return {k: REDACTED if looks_secret(str(k)) and v not in (None, "") and not has_env_ref(v)
+                else _redact_free_form(v) for k, v in node.items()}
     if isinstance(node, list):
         return [_redact_free_form(v) for v in node]
     if isinstance(node, str) and "://" in node:

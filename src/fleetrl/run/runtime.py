@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from fleetrl.core import storage
-from fleetrl.core.storage import Storage, StorageError, is_remote
+from fleetrl.core.storage import Storage, StorageError, is_remote, scratch_root
 from fleetrl.run.config import RayConfig, RunConfig, dump_config, redacted_config, with_absolute_file_specs
 
 
@@ -46,7 +45,8 @@ class RunDir:
                 f"(or: fleetrl train --resume {self.uri}), or choose another run.name"
             )
         if self.remote:
-            self.path = Path(os.environ.get("FLEETRL_SCRATCH") or tempfile.gettempdir()) / "fleetrl-runs" / name
+            # In this user's own scratch (never a shared /tmp path another user could have planted).
+            self.path = scratch_root() / "fleetrl-runs" / name
             shutil.rmtree(self.path, ignore_errors=True)
             self.path.mkdir(parents=True)
             if cfg.run.resume:  # the logs to continue (truncate_logs trims them to the checkpoint)

@@ -20,7 +20,7 @@ from typing import Any
 from fleetrl.testing.tasks import TOKENIZER_CORPUS
 
 # Bump when the build output changes for the same parameters (invalidates every cache entry).
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 MARKER_FILE = "fleetrl_tiny.json"
 
 PAD_TOKEN = "<|pad|>"
@@ -32,6 +32,8 @@ SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, IM_START, IM_END)  # ids 0..3 in this or
 
 # ChatML-like. The tokenizer does not add BOS: prompts are exactly what the template renders.
 CHAT_TEMPLATE = (
+    # Tool schemas (an environment's `tools`) as a first system turn, so a tool environment runs here.
+    "{%- if tools -%}{{ '<|im_start|>system\n# Tools\n' + (tools | tojson) + '<|im_end|>\n' }}{%- endif -%}"
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{%- endfor -%}"

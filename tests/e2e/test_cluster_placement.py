@@ -1,0 +1,112 @@
+"""fleetrl on a real multi-node Ray cluster (ray.cluster_utils.Cluster: a head and three nodes on this
+machine, each a raylet of its own with its own CPUs and custom resources: one `rollout` node, two
+`train` nodes).
+
+One short GRPO run placed by node kind: the rollout worker on the rollout node, the two learner ranks
+on the two train nodes (a rendezvous across nodes), the run's outputs (metrics, both ranks'
+checkpoint manifests, final_model/) in S3-compatible storage every node reaches. Then `fleetrl
+check` against the same cluster: per service, which nodes can hold one of its actors; a service no
+alive node can hold is refused, before and after a node is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def node_kinds():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    rollout = cluster.add_node(num_cpus=2, resources={"rollout": 2})
+    trains = [cluster.add_node(num_cpus=1, resources={"train": 1}) for _ in range(2)]
+    cluster.wait_for_nodes(timeout=60)
+    yield cluster, rollout, trains
+    cluster.shutdown()
+
+
+def _fleetrl(command: str, address: str, *overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "fleetrl", command, str(EXAMPLE), f"ray.address={address}",
+                           *overrides], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+KINDS = ["rollout.resources={rollout: 1}", "learner.resources_per_rank={train: 1}", "reward.num_cpus=0.5"]
+
+
+def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_kinds, s3_server, tmp_path):
+    import s3fs
+
+    from fleetrl.core.storage import Storage
+
+    cluster, rollout, trains = node_kinds
+    s3fs.S3FileSystem(**s3_server).mkdir("fleetrl-nodes")
+    options = [f"run.storage_options.{k}={v}" for k, v in s3_server.items() if k != "client_kwargs"]
+    options.append("run.storage_options.client_kwargs.region_name=eu-west-1")
+    small = ["rollout.num_workers=1", "learner.num_ranks=2", "rl.prompts_per_step=4", "rl.group_size=4",
+             "learner.micro_batch_size=8", "rollout.sampling.max_tokens=8", "rl.max_staleness=0",
+             "run.checkpoint_every=2", "rl.eval_every=0"]
+    done = _fleetrl("train", cluster.address, "run.output_dir=s3://fleetrl-nodes/runs", "run.name=nodes",
+                    "run.steps=2", *options, *KINDS, *small, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    # Where each actor ran, as the run printed it: placed by the node kind its resources name.
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("fleetrl: placement: ")]
+    by_actor = {}
+    for part in line.split(" node(s): ", 1)[1].split("; "):  # "IP [node id]: actor, actor"
+        node, actors = part.split("]: ")
+        by_actor.update({actor: node + "]" for actor in actors.split(", ")})
+    assert f"[{rollout.node_id[:8]}]" in by_actor["rollout-0"], line
+    rank_nodes = {by_actor["learner-rank-0"], by_actor["learner-rank-1"]}
+    assert rank_nodes == {f"{t.node_ip_address} [{t.node_id[:8]}]" for t in trains}, line  # one rank per node
+
+    # It trained, and what ranks on other nodes wrote is in the run's storage.
+    store, uri = Storage(s3_server), "s3://fleetrl-nodes/runs/nodes"
+    rows = [json.loads(r) for r in store.read_text(f"{uri}/metrics.jsonl").splitlines()]
+    assert [r["weight_version"] for r in rows] == [1, 2]
+    assert all(r["train/grad_norm"] > 0 for r in rows if r["reward/std"] > 0)
+    ckpt = store.file_sizes(f"{uri}/checkpoints/step-000002")
+    assert {"COMPLETE", ".manifest-rank-0.json", ".manifest-rank-1.json"} <= set(ckpt), sorted(ckpt)
+    assert {"COMPLETE", "config.json", "model.safetensors"} <= set(store.file_sizes(f"{uri}/final_model"))
+
+
+def test_check_places_each_service_by_node_and_refuses_what_no_node_can_hold(node_kinds):
+    cluster, rollout, trains = node_kinds
+    kinds = ["rollout.num_workers=2", *KINDS]
+    done = _fleetrl("check", cluster.address, *kinds)
+    assert done.returncode == 0, done.stderr
+    rollout_id = rollout.node_id[:8]
+    assert f"2 rollout worker(s) (each CPU 1, rollout 1) can go on: {rollout.node_ip_address} [{rollout_id}] " \
+           "(CPU 2, rollout 2) x2" in done.stdout, done.stdout
+    line = next(ln for ln in done.stdout.splitlines() if "learner rank(s)" in ln)
+    assert all(f"[{t.node_id[:8]}] (CPU 1, train 1) x1" in line for t in trains) and rollout_id not in line, line
+    assert "reward actor(s) (each CPU 0.5) can go on:" in done.stdout  # anywhere
+
+    # A kind of node the cluster does not have: refused before anything starts, naming the keys.
+    done = _fleetrl("check", cluster.address, *kinds, "reward.resources={judge: 1}")
+    assert done.returncode == 2
+    assert "no node can hold a reward actor (one asks for CPU 0.5, judge 1); the nodes have: " in done.stderr
+    assert "(`ray start --resources='{\"judge\": 1.0}'`, or a KubeRay worker group's rayStartParams) or change " \
+           "reward.num_cpus / num_gpus / resources" in done.stderr, done.stderr
+
+    # A train node is lost: check answers for the cluster as it is now. Two ranks no longer fit; one
+    # does, and only on the node left.
+    lost, left = trains
+    cluster.remove_node(lost)
+    done = _fleetrl("check", cluster.address, *kinds, "learner.num_ranks=2")
+    assert done.returncode == 2
+    assert "train: the run asks for 2, the cluster has 1" in done.stderr, done.stderr
+    done = _fleetrl("check", cluster.address, *kinds, "learner.num_ranks=1")
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if "learner rank(s)" in ln)
+    assert f"[{left.node_id[:8]}]" in line and f"[{lost.node_id[:8]}]" not in line, line
