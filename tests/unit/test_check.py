@@ -16,6 +16,7 @@ from fleetrl.run.check import (
     CheckError,
     check_config,
     check_model,
+    check_output_reach,
     holds_run,
     placement_by_node,
     requested_resources,
@@ -466,6 +467,38 @@ def test_placement_by_node_names_where_each_service_can_go_and_which_cannot():
     assert problem.startswith("no node can hold a reward actor (one asks for CPU 1, judge 1); the nodes have: "
                               "127.0.0.1 [head0000] (CPU 1); 127.0.0.2")
     assert problem.endswith("or change reward.num_cpus / num_gpus / resources")
+    # The only train node is draining: it takes no new rank, and the report says why it is left out.
+    lines, problems = placement_by_node(demands, nodes, draining={"train000"})
+    assert lines[0] == "draining, so left out: 127.0.0.3 [train000] (CPU 2, train 1)"
+    assert any(p.startswith("no node can hold a learner rank (one asks for CPU 1, train 1)") for p in problems)
+
+
+def test_a_local_output_dir_is_refused_when_ranks_may_run_on_other_nodes():
+    example = Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml"
+    nodes = [
+        {"Alive": True, "NodeID": "head0000", "NodeManagerAddress": "127.0.0.1", "Resources": {"CPU": 2.0}},
+        {"Alive": True, "NodeID": "train000", "NodeManagerAddress": "127.0.0.3",
+         "Resources": {"CPU": 2.0, "train": 1.0}},
+        {"Alive": False, "NodeID": "dead0000", "NodeManagerAddress": "127.0.0.4", "Resources": {"CPU": 8.0}},
+    ]
+
+    def reach(*overrides, driver="head0000", on=nodes):
+        cfg = load_config(example, list(overrides))
+        return check_output_reach(cfg, service_demands(cfg, cluster_has_gpus=False), on, driver)
+
+    msg = reach("learner.resources_per_rank={train: 1}")
+    assert msg.startswith("run.output_dir=runs is a local path, but learner ranks may run on other nodes "
+                          "(127.0.0.3 [train000] (CPU 2, train 1)): the checkpoints and final_model/"), msg
+    assert msg.endswith("Use storage every node reaches: run.output_dir=s3://BUCKET/prefix (or another object "
+                        "store, with run.storage_options), or, if it is a shared filesystem mounted at the same "
+                        "path on every node, set run.output_dir_shared=true"), msg
+    # Plain CPU ranks fit the head and the train node: still refused (Ray may put them on either).
+    assert "127.0.0.3 [train000]" in reach() and "head0000" not in reach()
+    # What is fine: object storage, a declared shared mount, ranks only on the driver's node, one node.
+    assert reach("learner.resources_per_rank={train: 1}", "run.output_dir=s3://bucket/runs") is None
+    assert reach("learner.resources_per_rank={train: 1}", "run.output_dir_shared=true") is None
+    assert reach("learner.resources_per_rank={train: 1}", driver="train000") is None
+    assert reach(on=nodes[:1]) is None and reach(on=[nodes[0], nodes[2]]) is None  # the other one is dead
 
 
 def test_joining_a_cluster_too_small_for_the_config(tmp_path, capsys, monkeypatch):

@@ -258,7 +258,7 @@ def test_shrinking_the_fleet_does_not_wait_forever_on_a_hung_worker(stuck):
     from fleetrl.rollout.fleet import FleetBook, RolloutFleet
 
     fleet = RolloutFleet.__new__(RolloutFleet)
-    fleet.cfg = RolloutConfig(generate_timeout_s=1.0)
+    fleet.cfg, fleet._nodes = RolloutConfig(generate_timeout_s=1.0), {}
     fleet.book = FleetBook(4, call=lambda handle, method, *args: getattr(handle, method).remote(*args))
     fleet.book.add(stuck.make(), 0)
     fleet.book.add(stuck.make(), 1)

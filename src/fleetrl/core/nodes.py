@@ -7,7 +7,10 @@ cluster)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def this_node() -> dict[str, str]:
@@ -34,3 +37,17 @@ def placement_line(actors: dict[str, dict[str, Any]]) -> str:
     for name, node in placement(actors).items():
         by_node.setdefault(node, []).append(name)
     return f"{len(by_node)} node(s): " + "; ".join(f"{node}: {', '.join(names)}" for node, names in by_node.items())
+
+
+def draining_nodes() -> dict[str, float]:
+    """Node id (hex) -> drain deadline (time.time() seconds; 0: none given) of every node Ray is
+    draining (``ray drain-node``, the autoscaler, KubeRay). {} when Ray cannot say: then nothing is
+    treated as draining, and a node that goes counts as lost."""
+    try:
+        import ray
+
+        # Ray's own Train and Data libraries read draining nodes the same way; no public API yet.
+        return {node: ms / 1000.0 for node, ms in ray._private.state.state.get_draining_nodes().items()}
+    except Exception as e:  # noqa: BLE001 - a state query that fails must not fail a step or a check
+        log.debug("could not read Ray's draining nodes: %s", e)
+        return {}

@@ -98,6 +98,7 @@ class GroupCollector:
         self._row_of: dict[int, int] = {}  # prompt index -> its data row, while the prompt is not trained
         self._prompts_submitted = 0
         self.workers_lost = 0
+        self.workers_drained = 0  # left a draining node (online/draining.py), their calls finished or requeued
         self.restore_fleet = None  # set by the loop: brings a fleet that lost every worker back
         # Set by the loop: restart_reward_actor(index, dead handle) starts a reward actor in its place.
         self.restart_reward_actor: Callable[[int, Any], Any] | None = None

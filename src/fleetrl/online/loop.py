@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fleetrl.core.nodes import draining_nodes
 from fleetrl.data.rows import PromptStream, load_rows, load_train_eval
 from fleetrl.learner.critic import CriticGroup
 from fleetrl.learner.group import LearnerGroup
@@ -27,6 +28,7 @@ from fleetrl.online.advantages import AdvantageStep
 from fleetrl.online.batch import completion_stats, episode_stats, pad_samples
 from fleetrl.online.collect import GroupCollector, RolloutStats
 from fleetrl.online.control import poll_control
+from fleetrl.online.draining import drain_leaving_workers, leaving, rank_nodes
 from fleetrl.online.evaluate import HeldOutEval
 from fleetrl.online.off_policy import OffPolicyCorrection
 from fleetrl.online.recovery import exact_resume_state, recovery_metrics, restore_exact_state
@@ -91,6 +93,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
 
     run_log = _RunLog(cfg, run_dir, start_step, evaluator)
     optimizer_steps, steps_done = start_step * cfg.optimizer_steps_per_step, start_step
+    saved_for: set[str] = set()  # draining nodes a checkpoint was already made for (their ranks cannot move)
     for step in range(start_step, cfg.run.steps):
         # Between steps: apply `fleetrl scale` requests, replace workers that died, honour a stop.
         target, stop = poll_control(control)
@@ -98,6 +101,13 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
             print(f"fleetrl: stop requested; ending after step {step} with a checkpoint", flush=True)
             run_dir.clear_stop()
             break
+        # Workers on a node that is going away leave it (calls finished or handed back); resize_fleet
+        # starts their replacements elsewhere. Ranks on one end this step with a checkpoint.
+        draining = draining_nodes()
+        drain_leaving_workers(fleet, collector, draining)
+        ranks_leaving = {name: node for name, node in leaving(rank_nodes(learner, critic), draining).items()
+                         if node not in saved_for}
+        saved_for.update(ranks_leaving.values())
         resize_fleet(fleet, sync, collector, target)
         control.report.remote(step=step, rollout_workers=fleet.num_workers, weight_version=sync.version)
         step_start = time.perf_counter()
@@ -145,7 +155,10 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
                **recovery_metrics(collector, restarts)}
         run_log.step(step, row, samples, rstats)
         steps_done = step + 1
-        if cfg.run.checkpoint_every and steps_done % cfg.run.checkpoint_every == 0:
+        if ranks_leaving:
+            print(f"fleetrl: {', '.join(sorted(ranks_leaving))} on a draining node: checkpoint at step "  # noqa: T201
+                  f"{steps_done}, so a restart after the node goes loses no step", flush=True)
+        if ranks_leaving or (cfg.run.checkpoint_every and steps_done % cfg.run.checkpoint_every == 0):
             save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, advantages.kl_ctl,
                             extra=exact_resume_state(services))
         run_dir.sync()
@@ -229,6 +242,7 @@ def _rollout_metrics(fleet, sync: WeightSync, collector: GroupCollector, rstats:
         "prompts_in_flight": rstats.max_prompts_in_flight,
         "queue_depth/reward": rstats.max_reward_queue,
         "rollout/workers_lost": collector.workers_lost + sync.workers_dropped,
+        "rollout/workers_drained": collector.workers_drained,
         # Versions the trained groups lagged the learner by (the oldest weights any token came from).
         "staleness/mean": sum(rstats.staleness) / len(rstats.staleness),
         "staleness/max": max(rstats.staleness),

@@ -9,6 +9,7 @@ import time
 
 import ray
 
+from fleetrl.core.nodes import placement
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.online.collect import GroupCollector
 from fleetrl.rollout.fleet import EngineDead, RolloutFleet
@@ -119,10 +120,13 @@ def resize_fleet(fleet: RolloutFleet, sync: WeightSync, collector: GroupCollecto
                         "%.0fs while it was being removed; their prompts go to the other workers",
                         index, len(unfinished), fleet.cfg.generate_timeout_s)
         collector.requeue(unfinished)
+    kept = set(fleet.indices())
     while fleet.num_workers < target:
         fleet.add_worker()
-    fleet.wait_ready()
+    infos = fleet.wait_ready()
     sync.connect()
     sync.push(sync.version)
+    started = placement({f"rollout-{i}": info for i, info in zip(fleet.indices(), infos) if i not in kept})
+    where = "; started " + ", ".join(f"{name} on {node}" for name, node in started.items()) if started else ""
     print(f"fleetrl: rollout fleet {before} -> {fleet.num_workers} worker(s), "  # noqa: T201 (console progress)
-          f"weights at version {sync.version}", flush=True)
+          f"weights at version {sync.version}{where}", flush=True)

@@ -290,6 +290,7 @@ class RolloutFleet:
             ranks_per_worker=cfg.tensor_parallel_size * pp,
             dead_errors=(ray.exceptions.RayActorError, EngineDead),
         )
+        self._nodes: dict[int, str | None] = {}  # worker index -> its Ray node id, from its ping
         for _ in range(cfg.num_workers):
             self.add_worker()
 
@@ -337,7 +338,17 @@ class RolloutFleet:
                 "placed: lower rollout.num_workers or the per-worker resources, or add nodes; if they are "
                 "placed but slow: raise rollout.ready_timeout_s"
             )
-        return ray.get(list(pings))
+        infos = ray.get(list(pings))
+        self._nodes.update({index: info.get("node_id") for index, info in zip(pings.values(), infos)})
+        return infos
+
+    def node_of(self, index: int) -> str | None:
+        """The Ray node id worker ``index`` runs on (None until its first ``wait_ready``)."""
+        return self._nodes.get(index)
+
+    def inflight_of(self, index: int) -> int:
+        """Generate calls in flight on worker ``index``."""
+        return self.book.inflight(index)
 
     def remove_hung_workers(self) -> list[tuple[int, list[Work]]]:
         """Remove (kill) every worker holding a generate call older than rollout.generate_timeout_s.
@@ -366,6 +377,7 @@ class RolloutFleet:
             return ready
 
         handle, unfinished = self.book.remove(index, wait=wait, timeout_s=timeout_s, wait_fn=wait_fn)
+        self._nodes.pop(index, None)
         ray.kill(handle)
         return unfinished
 

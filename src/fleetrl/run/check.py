@@ -17,7 +17,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,21 +425,52 @@ def _node_label(node: dict) -> str:
     return f"{node.get('NodeManagerAddress', '?')} [{str(node.get('NodeID', ''))[:8]}] ({', '.join(shown)})"
 
 
-def placement_by_node(demands: dict[str, tuple[int, dict[str, float], str]], nodes: list[dict]) -> \
-        tuple[list[str], list[str]]:
+def nodes_that_fit(one: dict[str, float], nodes: list[dict], count: int) -> list[tuple[dict, int]]:
+    """(node, how many such actors its total resources hold) for each node that holds at least one."""
+    fits = []
+    for node in nodes:
+        res = node.get("Resources", {})
+        if all(res.get(k, 0.0) + 1e-9 >= v for k, v in one.items()):
+            fits.append((node, min((int(res.get(k, 0.0) / v + 1e-9) for k, v in one.items() if v), default=count)))
+    return fits
+
+
+def check_output_reach(cfg: RunConfig, demands: dict[str, tuple[int, dict[str, float], str]], nodes: list[dict],
+                       driver_node: str | None) -> str | None:
+    """A local run.output_dir is refused when a learner rank may be placed on a node other than the
+    driver's: the checkpoints and final_model/ it writes would stay on that node, and a resume or the
+    user would not find them. None when nothing is wrong."""
+    if "://" in cfg.run.output_dir or cfg.run.output_dir_shared or "learner rank" not in demands:
+        return None
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    if len(alive) < 2:  # one node: the ranks run where the driver does
+        return None
+    _, one, _ = demands["learner rank"]
+    others = [node for node, _ in nodes_that_fit(one, alive, 1) if node.get("NodeID") != driver_node]
+    if not others:
+        return None
+    return (f"run.output_dir={cfg.run.output_dir} is a local path, but learner ranks may run on other nodes "
+            f"({'; '.join(_node_label(n) for n in others)}): the checkpoints and final_model/ they write would "
+            "stay on those nodes. Use storage every node reaches: run.output_dir=s3://BUCKET/prefix (or another "
+            "object store, with run.storage_options), or, if it is a shared filesystem mounted at the same path "
+            "on every node, set run.output_dir_shared=true")
+
+
+def placement_by_node(demands: dict[str, tuple[int, dict[str, float], str]], nodes: list[dict],
+                      draining: Iterable[str] = ()) -> tuple[list[str], list[str]]:
     """Which alive nodes can hold one actor of each service (by the node's total resources), as lines
     for the report, and a problem for each service no node can hold at all (it would wait, unplaced,
-    for its deadline). Whether all actors fit at once is the total check's job (resource_shortfall)."""
-    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    for its deadline). Whether all actors fit at once is the total check's job (resource_shortfall).
+    A draining node (``draining``: node ids) takes no new actor: it counts as gone, and is named."""
+    draining = set(draining)
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True)) and n.get("NodeID") not in draining]
     lines, problems = [], []
+    leaving = [n for n in nodes if n.get("NodeID") in draining]
+    if leaving:
+        lines.append(f"draining, so left out: {'; '.join(_node_label(n) for n in leaving)}")
     for name, (count, one, keys) in demands.items():
         asks = ", ".join(f"{k} {v:g}" for k, v in sorted(one.items())) or "nothing"
-        fits = []
-        for node in alive:
-            res = node.get("Resources", {})
-            if all(res.get(k, 0.0) + 1e-9 >= v for k, v in one.items()):
-                room = min((int(res.get(k, 0.0) / v + 1e-9) for k, v in one.items() if v), default=count)
-                fits.append(f"{_node_label(node)} x{room}")
+        fits = [f"{_node_label(node)} x{room}" for node, room in nodes_that_fit(one, alive, count)]
         if fits:
             lines.append(f"{count} {name}(s) (each {asks}) can go on: {'; '.join(fits)}")
         else:
@@ -514,7 +545,9 @@ def _check_cluster(cfg: RunConfig) -> str | None:
     demands = service_demands(cfg, have.get("GPU", 0) > 0)
     want = requested_resources(cfg, have.get("GPU", 0) > 0)
     autoscaler = "(an autoscaler may add nodes: then ignore this with --no-cluster)"
-    placed, unplaceable = placement_by_node(demands, ray.nodes())
+    from fleetrl.core.nodes import draining_nodes
+
+    placed, unplaceable = placement_by_node(demands, ray.nodes(), draining_nodes())
     if unplaceable:
         raise ValueError(f"cluster {address}: " + "; ".join(unplaceable) + f" {autoscaler}")
     short = resource_shortfall(want, have)
@@ -522,5 +555,9 @@ def _check_cluster(cfg: RunConfig) -> str | None:
         raise ValueError(f"cluster {address} is too small for this config ({'; '.join(short)}): lower "
                          "rollout.num_workers / learner.num_ranks / their per-actor resources, or add nodes "
                          f"{autoscaler}")
+    driver_node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    unreachable = check_output_reach(cfg, demands, ray.nodes(), driver_node)
+    if unreachable:
+        raise ValueError(unreachable)
     return f"{address}: {', '.join(f'{k} {v:g}' for k, v in sorted(want.items()))} of " \
            f"{', '.join(f'{k} {have.get(k, 0):g}' for k in sorted(want))}\n    " + "\n    ".join(placed)

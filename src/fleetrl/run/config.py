@@ -72,6 +72,10 @@ class RunSection(StrictModel):
     # A local path (on a cluster: a mount every node shares) or an object-store URI (s3://bucket/prefix,
     # S3 and compatible through s3fs). Checkpoints, logs and the final model go there from every node.
     output_dir: str = "runs"
+    # A local output_dir on a cluster whose learner ranks may run on other nodes is refused by the
+    # check (what a rank writes there would stay on its node) unless it is a shared mount at the same
+    # path on every node: then say so here.
+    output_dir_shared: bool = False
     # fsspec/s3fs options for output_dir (endpoint_url, key, secret, client_kwargs, ...); default: the
     # usual AWS environment variables. Secret values are redacted wherever the config is shown or saved.
     storage_options: dict[str, Any] = {}
