@@ -4,7 +4,9 @@ machine, each a raylet of its own with its own CPUs and custom resources: two `r
 
 One short GRPO run placed by node kind: the rollout worker on a rollout node, the two learner ranks
 on the two train nodes (a rendezvous across nodes), the run's outputs (metrics, both ranks'
-checkpoint manifests, final_model/) in S3-compatible storage every node reaches. Before the run,
+checkpoint manifests, final_model/) in S3-compatible storage every node reaches. After step 1 the
+rollout worker's node is drained through Ray (a preemption): the worker leaves between steps, its
+replacement starts on the other rollout node, and every prompt is trained exactly once. Before the run,
 `fleetrl check` against the same cluster: a local run.output_dir is refused while ranks may run on
 other nodes; per service, which nodes can hold one of its actors; a service no alive node can hold
 is refused, before and after a node is lost.
@@ -16,6 +18,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +57,18 @@ def _placement(line: str) -> dict[str, str]:
         node, actors = part.split("]: ")
         by_actor.update({actor: node + "]" for actor in actors.split(", ")})
     return by_actor
+
+
+def _drain(address: str, node_id: str, deadline_s: float) -> None:
+    """Drain a node as the autoscaler or KubeRay would before removing it (a preemption: accepted even
+    while the node is busy; its actors run on until they leave or the deadline passes)."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    accepted, why = GcsClient(address=address).drain_node(node_id, reason, "fleetrl test: preempted",
+                                                          int((time.time() + deadline_s) * 1000))
+    assert accepted, why
 
 
 KINDS = ["rollout.resources={rollout: 1}", "learner.resources_per_rank={train: 1}", "reward.num_cpus=0.5"]
@@ -115,23 +131,54 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
     small = ["rollout.num_workers=1", "learner.num_ranks=2", "rl.prompts_per_step=4", "rl.group_size=4",
              "learner.micro_batch_size=8", "rollout.sampling.max_tokens=8", "rl.max_staleness=0",
              "run.checkpoint_every=2", "rl.eval_every=0"]
-    done = _fleetrl("train", cluster.address, "run.output_dir=s3://fleetrl-nodes/runs", "run.name=nodes",
-                    "run.steps=2", *options, *KINDS, *small, timeout=900)
-    console = done.stdout + done.stderr
-    assert done.returncode == 0, console[-6000:]
+    # Run as a process whose console is read live: once step 1 is done, the node holding the rollout
+    # worker is drained (as a preemption or a scale-down would): the worker leaves it between steps and
+    # its replacement starts on the other rollout node.
+    cmd = [sys.executable, "-m", "fleetrl", "train", str(EXAMPLE), f"ray.address={cluster.address}",
+           "run.output_dir=s3://fleetrl-nodes/runs", "run.name=nodes", "run.steps=3", "run.log_samples=true",
+           *options, *KINDS, *small]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    lines, drained = [], None
+    try:
+        watchdog = threading.Timer(900, proc.kill)  # every wait has a deadline
+        watchdog.start()
+        for ln in proc.stdout:
+            lines.append(ln.rstrip("\n"))
+            if ln.startswith("fleetrl: placement: ") and drained is None:
+                worker_node = _placement(ln)["rollout-0"].split("[")[1].rstrip("]")
+                drained = next(n for n in rollouts if n.node_id.startswith(worker_node))
+            if ln.startswith("fleetrl: step 1/3") and drained is not None:
+                _drain(cluster.address, drained.node_id, deadline_s=120)
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    console = "\n".join(lines)
+    assert proc.returncode == 0, console[-6000:]
+    assert drained is not None, console[-6000:]
 
     # Placed by the node kind its resources name: the worker on a rollout node, one rank per train node.
-    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("fleetrl: placement: ")]
+    (line,) = [ln for ln in lines if ln.startswith("fleetrl: placement: ")]
     by_actor = _placement(line)
     assert by_actor["rollout-0"] in {f"{n.node_ip_address} [{n.node_id[:8]}]" for n in rollouts}, line
     rank_nodes = {by_actor["learner-rank-0"], by_actor["learner-rank-1"]}
     assert rank_nodes == {f"{t.node_ip_address} [{t.node_id[:8]}]" for t in trains}, line
+    # The drained node's worker left between steps; its replacement went to the rollout node that stays.
+    assert f"fleetrl: node {drained.node_id[:8]} is draining: rollout worker 0 left after finishing" in console, \
+        console[-6000:]
+    other = next(n for n in rollouts if n is not drained)
+    assert f"on {other.node_ip_address} [{other.node_id[:8]}]" in console, console[-6000:]
 
     # It trained, and what ranks on other nodes wrote is in the run's storage.
     store, uri = Storage(s3_server), "s3://fleetrl-nodes/runs/nodes"
     rows = [json.loads(r) for r in store.read_text(f"{uri}/metrics.jsonl").splitlines()]
-    assert [r["weight_version"] for r in rows] == [1, 2]
-    assert [r["rollout/workers_drained"] for r in rows] == [0, 0]
+    assert [r["weight_version"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["rollout/workers_drained"] == 1 and rows[0]["rollout/workers_drained"] == 0
+    per_prompt: dict[int, set] = {}
+    for sample in store.read_text(f"{uri}/samples.jsonl").splitlines():
+        sample = json.loads(sample)
+        per_prompt.setdefault(sample["prompt_index"], set()).add(sample["step"])
+    assert len(per_prompt) == 3 * 4 and all(len(v) == 1 for v in per_prompt.values())  # each once, across it
     assert all(r["train/grad_norm"] > 0 for r in rows if r["reward/std"] > 0)
     ckpt = store.file_sizes(f"{uri}/checkpoints/step-000002")
     assert {"COMPLETE", ".manifest-rank-0.json", ".manifest-rank-1.json"} <= set(ckpt), sorted(ckpt)
