@@ -91,6 +91,8 @@ class OnlineAlgorithm:
     policy_loss: the POLICY_LOSSES name the learner optimizes (learner.loss.policy_loss's default).
     critic: a value model is trained next to the policy and gives values at sampling time.
     section: the run-config section with the algorithm's own settings (e.g. "ppo"), if any.
+    objective: what the learner trains on: "policy" (the policy loss on advantages) or "pairs" (a
+    pair loss of PREFERENCE_LOSSES on chosen/rejected pairs picked from each group, online DPO).
     defaults: {dotted run-config key: value} used when the config leaves the key unset, shown by
     ``fleetrl config show`` (e.g. GSPO's tiny clip range).
     """
@@ -100,6 +102,7 @@ class OnlineAlgorithm:
     policy_loss: str = "ppo"
     critic: bool = False
     section: str | None = None
+    objective: str = "policy"
     defaults: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
 

@@ -24,13 +24,14 @@ from fleetrl.learner.critic import CriticGroup
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.metrics.local import Progress
 from fleetrl.metrics.ray_metrics import RayMetricsExporter
-from fleetrl.online.advantages import AdvantageStep
+from fleetrl.online.advantages import AdvantageStep, StepAdvantages
 from fleetrl.online.batch import completion_stats, episode_stats, pad_samples
 from fleetrl.online.collect import GroupCollector, RolloutStats
 from fleetrl.online.control import poll_control
 from fleetrl.online.draining import drain_leaving_workers, leaving, rank_nodes
 from fleetrl.online.evaluate import HeldOutEval
 from fleetrl.online.off_policy import OffPolicyCorrection
+from fleetrl.online.pairs import pair_batch
 from fleetrl.online.recovery import exact_resume_state, recovery_metrics, restore_exact_state
 from fleetrl.online.services import Services, check_critic_tokenizer, local_path, process_age_s, start_services
 from fleetrl.online.weights import WeightSync, resize_fleet
@@ -116,11 +117,16 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         # The learner holds version `step`; no group older than rl.max_staleness versions is trained.
         groups, rstats = collector.collect(cfg.rl.prompts_per_step, learner_version=step)
         samples = [s for g in groups for s in g.samples]
-        batch = pad_samples(samples, pad_id=tokenizer.pad_token_id)
         scores = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-        adv = advantages(batch, scores)
-        batch["advantages"] = adv.advantages
-        correction = off_policy(batch, samples, learner_version=step)
+        if cfg.pairs_per_step:  # online DPO: each group's best vs worst sample (online/pairs.py)
+            batch, pair_metrics = pair_batch(samples, cfg.rl.group_size, tokenizer.pad_token_id,
+                                             cfg.mini_batch_size)
+            adv, correction = StepAdvantages(torch.zeros(0), pair_metrics), {}
+        else:
+            batch = pad_samples(samples, pad_id=tokenizer.pad_token_id)
+            adv = advantages(batch, scores)
+            batch["advantages"] = adv.advantages
+            correction = off_policy(batch, samples, learner_version=step)
 
         t = time.perf_counter()
         # The critic trains while the policy does (separate ranks); the policy waits out the
@@ -128,7 +134,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         critic_refs = critic.start_train(adv.critic_batch, cfg.mini_batch_size, cfg.rl.epochs) \
             if adv.critic_batch is not None else []
         train_refs = []
-        if step >= cfg.critic_warmup_steps:
+        if step >= cfg.critic_warmup_steps and batch is not None:  # None: every group of the step tied
             train_refs = learner.start_train(batch, cfg.mini_batch_size, cfg.rl.epochs,
                                              cfg.rollout.sampling.temperature)
         collector.pump(train_refs + critic_refs, rstats, _train_deadline_s(learner, critic if critic_refs else None),

@@ -82,8 +82,12 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
                          lora_rank=cfg.learner.lora.r if cfg.learner.lora is not None else None)
     started.append(fleet)
     try:
+        # online_dpo's ranks train its pair loss (learner/offline.py PairObjective) on chosen/rejected pairs.
+        pair_loss = cfg.online_dpo.loss if cfg.pairs_per_step else None
         learner = LearnerGroup(cfg.learner, model_path, total_steps=total_steps,
                                mini_batch_size=cfg.mini_batch_size, name_prefix=prefix, wait=False,
+                               learner_kwargs={"objective": pair_loss, "objective_cfg": getattr(cfg, pair_loss)}
+                               if pair_loss else None,
                                reserve=CriticGroup.reserve(cfg.critic, cfg.learner) if colocate else None)
         started.append(learner)
         critic = None
