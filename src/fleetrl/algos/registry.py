@@ -73,7 +73,9 @@ class Registry(Generic[F]):
 # The registries. Each algorithm file registers itself into one of them.
 # Advantage estimators, meta per_token=False: fn(rewards [N], group_size, **options) -> [N]
 #   (fleetrl.algos.advantages); per_token=True: fn(scores [B], mask [B, T], *, kl, kl_coef, group_size,
-#   values, gamma, lam) -> (advantages [B, T], returns [B, T]) (fleetrl.algos.token_advantages).
+#   values, gamma, lam) -> (advantages [B, T], returns [B, T]) (fleetrl.algos.token_advantages);
+#   teacher=True: fn(student_logp, teacher_logp, mask, group_advantages, reward_weight) -> (advantages
+#   [B, T], reverse_kl [B, T]) (fleetrl.algos.opd).
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 # Policy losses: fn(logp, old_logp, advantages, mask, *, clip_low, clip_high, dual_clip, agg)
 #   -> (loss 0-d tensor, stats {clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_max}).
@@ -109,6 +111,11 @@ class OnlineAlgorithm:
     @property
     def per_token(self) -> bool:
         return bool(ADVANTAGE_ESTIMATORS.meta(self.advantage).get("per_token", False))
+
+    @property
+    def teacher(self) -> bool:
+        """Its advantage needs a frozen teacher's token log-probs (the run's ``teacher:`` service)."""
+        return bool(ADVANTAGE_ESTIMATORS.meta(self.advantage).get("teacher", False))
 
     @property
     def min_group_size(self) -> int:

@@ -86,7 +86,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     collector.restore_fleet = lambda: resize_fleet(fleet, sync, collector, max(1, cfg.rollout.num_workers))
     collector.restart_reward_actor = lambda index, dead: restart_reward_actor(
         cfg.reward, index, run_dir.config_dir, run_dir.actor_prefix, dead=dead)
-    advantages = AdvantageStep(cfg, learner, critic)
+    advantages = AdvantageStep(cfg, learner, critic, services.teacher)
     off_policy = OffPolicyCorrection(cfg, learner)
     evaluator = _evaluator(cfg, services, eval_rows, tokenizer, collector.reward_calls_in_flight)
     start_step = _resume(cfg, run_dir, learner, critic, advantages, collector, sync, services)
@@ -157,7 +157,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
                **_mean_stats(train_stats), **_mean_stats(critic_stats, prefix="critic/"), **adv.metrics,
                **correction, **_rollout_metrics(fleet, sync, collector, rstats, samples),
                "time/reference": adv.reference_s, "time/train": train_s, "time/weight_sync": sync_s,
-               "time/step": time.perf_counter() - step_start, **startup,
+               "time/step": time.perf_counter() - step_start, **startup, **_teacher_share(adv.metrics, step_start),
                **recovery_metrics(collector, restarts)}
         run_log.step(step, row, samples, rstats)
         steps_done = step + 1
@@ -178,6 +178,13 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     run_dir.sync(force=True)
     print(f"fleetrl: final model (Hugging Face format) in {final}", flush=True)
     return run_dir.location
+
+
+def _teacher_share(metrics: dict[str, float], step_start: float) -> dict[str, float]:
+    """opd: the share of the step's time spent scoring with the teacher."""
+    if "time/teacher" not in metrics:
+        return {}
+    return {"time/teacher_share": metrics["time/teacher"] / max(time.perf_counter() - step_start, 1e-9)}
 
 
 def _train_deadline_s(learner: LearnerGroup, critic: CriticGroup | None) -> float:

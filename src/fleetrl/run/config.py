@@ -38,6 +38,7 @@ from fleetrl.learner.offline_config import (
     SFTConfig,
     SimPOConfig,
 )
+from fleetrl.learner.teacher_config import OPDConfig, TeacherConfig
 from fleetrl.reward.config import RewardConfig
 from fleetrl.rollout.config import RolloutConfig
 
@@ -241,6 +242,8 @@ class RunConfig(StrictModel):
     ppo: PPOConfig = PPOConfig()
     reinforce_pp: ReinforcePPConfig = ReinforcePPConfig()
     online_dpo: OnlineDPOConfig = OnlineDPOConfig()
+    opd: OPDConfig = OPDConfig()
+    teacher: TeacherConfig | None = None  # the frozen teacher of opd (learner/teacher.py)
     critic: CriticConfig = CriticConfig()
     # Offline trainers: what they share, then one section per algorithm.
     offline: OfflineConfig = OfflineConfig()
@@ -404,6 +407,15 @@ class RunConfig(StrictModel):
             self._check_token_algorithm()
         if algo.objective == "pairs":
             self._check_pair_algorithm()
+        if algo.teacher and self.teacher is None:
+            raise ValueError(f"{self.algorithm} distills a teacher: set teacher.model_path (a frozen model with the "
+                             "student's tokenizer; teacher.num_actors / num_gpus_per_actor place it)")
+        if not algo.teacher and self.teacher is not None:
+            raise ValueError(f"the teacher section is for opd; {self.algorithm} uses no teacher: remove it")
+        if algo.teacher and self.opd.reward_weight > 0 and self.rl.group_size < 2:
+            raise ValueError(f"opd.reward_weight={self.opd.reward_weight} mixes in the task reward's group "
+                             "advantage, which needs rl.group_size >= 2 (set opd.reward_weight: 0 for pure "
+                             "distillation)")
 
     def _check_pair_algorithm(self) -> None:
         loss = self.online_dpo.loss
