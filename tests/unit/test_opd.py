@@ -61,3 +61,24 @@ def test_opd_config_and_the_teacher_tokenizer_check(tmp_path, tiny_policy):
     with pytest.raises(CheckError, match=r"teacher: teacher.model_path=.*other has a different tokenizer from the "
                                          r"student's .*its vocabulary differs"):
         check_run(load_config(example, base + [f"teacher.model_path={other}"]), example, cluster=False)
+
+
+def test_teacher_gives_the_learners_token_logprobs(tiny_policy):
+    """The Teacher actor's class, in this process: the frozen model's log-probs of each token given the
+    ones before it, 0 on the first token and on padding, the same in one micro-batch or several."""
+    from transformers import AutoModelForCausalLM
+
+    from fleetrl.learner.teacher import Teacher
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0], [11, 12, 13, 0]])
+    attn = (ids != 0).long()
+    one, split = Teacher(str(tiny_policy), micro_batch_size=8), Teacher(str(tiny_policy), micro_batch_size=1)
+    logp = one.compute_logprobs({"input_ids": ids, "attention_mask": attn})
+    assert torch.allclose(logp, split.compute_logprobs({"input_ids": ids, "attention_mask": attn}), atol=1e-5)
+    assert logp[:, 0].eq(0).all() and logp[1, 2:].eq(0).all() and logp[2, 3] == 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy).float().eval()
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids[:1]).logits.float(), -1)
+    expected = full[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+    assert torch.allclose(logp[0, 1:], expected, atol=1e-5)
+    assert not any(p.requires_grad for p in one.model.parameters())
