@@ -73,7 +73,9 @@ class Registry(Generic[F]):
 # The registries. Each algorithm file registers itself into one of them.
 # Advantage estimators, meta per_token=False: fn(rewards [N], group_size, **options) -> [N]
 #   (fleetrl.algos.advantages); per_token=True: fn(scores [B], mask [B, T], *, kl, kl_coef, group_size,
-#   values, gamma, lam) -> (advantages [B, T], returns [B, T]) (fleetrl.algos.token_advantages).
+#   values, gamma, lam) -> (advantages [B, T], returns [B, T]) (fleetrl.algos.token_advantages);
+#   teacher=True: fn(student_logp, teacher_logp, mask, group_advantages, reward_weight) -> (advantages
+#   [B, T], reverse_kl [B, T]) (fleetrl.algos.opd).
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 # Policy losses: fn(logp, old_logp, advantages, mask, *, clip_low, clip_high, dual_clip, agg)
 #   -> (loss 0-d tensor, stats {clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_max}).
@@ -91,6 +93,8 @@ class OnlineAlgorithm:
     policy_loss: the POLICY_LOSSES name the learner optimizes (learner.loss.policy_loss's default).
     critic: a value model is trained next to the policy and gives values at sampling time.
     section: the run-config section with the algorithm's own settings (e.g. "ppo"), if any.
+    objective: what the learner trains on: "policy" (the policy loss on advantages) or "pairs" (a
+    pair loss of PREFERENCE_LOSSES on chosen/rejected pairs picked from each group, online DPO).
     defaults: {dotted run-config key: value} used when the config leaves the key unset, shown by
     ``fleetrl config show`` (e.g. GSPO's tiny clip range).
     """
@@ -100,12 +104,18 @@ class OnlineAlgorithm:
     policy_loss: str = "ppo"
     critic: bool = False
     section: str | None = None
+    objective: str = "policy"
     defaults: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
 
     @property
     def per_token(self) -> bool:
         return bool(ADVANTAGE_ESTIMATORS.meta(self.advantage).get("per_token", False))
+
+    @property
+    def teacher(self) -> bool:
+        """Its advantage needs a frozen teacher's token log-probs (the run's ``teacher:`` service)."""
+        return bool(ADVANTAGE_ESTIMATORS.meta(self.advantage).get("teacher", False))
 
     @property
     def min_group_size(self) -> int:

@@ -197,7 +197,7 @@ class LearnerGroup:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
     def _check_rows(self, batch: dict[str, torch.Tensor], multiple: int, what: str) -> int:
-        n = batch["input_ids"].shape[0]
+        n = next(iter(batch.values())).shape[0]  # input_ids, or chosen_input_ids of pair batches
         if n == 0 or n % multiple:
             raise ValueError(f"{what}: the batch has {n} sequences, not a positive multiple of {multiple}")
         return n

@@ -271,6 +271,11 @@ class PairObjective(OfflineObjective):
     def reference_inputs(cls, name: str) -> str | None:
         return "pair" if cls.needs_reference(name, LearnerConfig()) else None
 
+    def units(self, micro: dict[str, torch.Tensor]) -> float:
+        if "weight" in micro:  # online DPO pads its pairs to a fixed count with weight-0 rows
+            return float((micro["weight"] > 0).sum())
+        return super().units(micro)
+
     def loss(self, micro: dict[str, torch.Tensor], stats: Stats, **_: Any) -> torch.Tensor:
         rows = self.both_sides(micro)
         b = micro["chosen_input_ids"].shape[0]
@@ -286,6 +291,12 @@ class PairObjective(OfflineObjective):
                 ref_c, ref_r = ref[:b], ref[b:]
         losses, st = preference_losses(self.name, self.algo_cfg, logps[:b], logps[b:], ntok[:b], ntok[b:],
                                        ref_c, ref_r)
+        if "weight" in micro:  # rows of weight 0 are padding: no loss, no statistics
+            w = micro["weight"].to(self.device).to(losses.dtype)
+            keep = (micro["weight"] > 0).cpu()
+            stats.examples({"loss": losses.detach(), **st}, select=keep)
+            stats.sum("num_tokens", rows["attention_mask"].sum())
+            return (losses * w).sum() / keep.sum().clamp(min=1).to(losses.device)
         stats.examples({"loss": losses.detach(), **st})
         stats.sum("num_tokens", rows["attention_mask"].sum())
         return losses.mean()

@@ -144,8 +144,8 @@ class AdvantageStep:
     """Rollout batch + scores -> advantages for the run's algorithm. Holds the KL controller of
     per-token algorithms (its value is checkpointed as ``kl_coef``)."""
 
-    def __init__(self, cfg: RunConfig, learner, critic=None):
-        self.cfg, self.learner, self.critic = cfg, learner, critic
+    def __init__(self, cfg: RunConfig, learner, critic=None, teacher=None):
+        self.cfg, self.learner, self.critic, self.teacher = cfg, learner, critic, teacher
         self.algo = cfg.online_algorithm
         self.kl_ctl = make_kl_controller(cfg) if self.algo.per_token else None
         self.use_ref = cfg.learner.reference and cfg.learner.loss.kl_coef > 0
@@ -158,7 +158,9 @@ class AdvantageStep:
                 batch, which="reference", temperature=self.cfg.rollout.sampling.temperature)
         reference_s = time.perf_counter() - t
         kl = token_kl(batch, lc.kl_estimator) if "ref_logprobs" in batch else None
-        if self.algo.per_token:
+        if self.algo.teacher:
+            out = self._distill(batch, scores)
+        elif self.algo.per_token:
             out = self._per_token(batch, scores, kl)
         else:
             metrics = {}
@@ -175,6 +177,23 @@ class AdvantageStep:
             out = StepAdvantages(advantages, metrics)
         out.reference_s = reference_s
         return out
+
+    def _distill(self, batch, scores: torch.Tensor) -> StepAdvantages:
+        """opd: per-token advantage = -(student - teacher) log-prob of each sampled token (the
+        sampler's log-probs are the student's), plus opd.reward_weight * the GRPO group advantage."""
+        t = time.perf_counter()
+        teacher_logp = self.teacher.compute_logprobs(batch, temperature=self.cfg.rollout.sampling.temperature)
+        teacher_s = time.perf_counter() - t
+        mask = completion_mask(batch)
+        weight = self.cfg.opd.reward_weight
+        group = group_advantages("grpo", scores, self.cfg.rl.group_size) if weight > 0 else None
+        adv, rkl = ADVANTAGE_ESTIMATORS.get(self.algo.advantage)(batch["old_logprobs"], teacher_logp, mask,
+                                                                 group, weight)
+        metrics = {"distill/reverse_kl": float(masked_mean(rkl, mask)),
+                   "distill/reverse_kl_seq": float(masked_sum(rkl, mask, dim=-1).mean()),
+                   "time/teacher": teacher_s}
+        metrics["advantage/mean"], metrics["advantage/std"] = masked_mean_std(adv, mask)
+        return StepAdvantages(adv, metrics)
 
     def _per_token(self, batch, scores: torch.Tensor, kl: torch.Tensor | None) -> StepAdvantages:
         lc = self.cfg.learner.loss

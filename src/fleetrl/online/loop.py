@@ -24,13 +24,14 @@ from fleetrl.learner.critic import CriticGroup
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.metrics.local import Progress
 from fleetrl.metrics.ray_metrics import RayMetricsExporter
-from fleetrl.online.advantages import AdvantageStep
+from fleetrl.online.advantages import AdvantageStep, StepAdvantages
 from fleetrl.online.batch import completion_stats, episode_stats, pad_samples
 from fleetrl.online.collect import GroupCollector, RolloutStats
 from fleetrl.online.control import poll_control
 from fleetrl.online.draining import drain_leaving_workers, leaving, rank_nodes
 from fleetrl.online.evaluate import HeldOutEval
 from fleetrl.online.off_policy import OffPolicyCorrection
+from fleetrl.online.pairs import pair_batch
 from fleetrl.online.recovery import exact_resume_state, recovery_metrics, restore_exact_state
 from fleetrl.online.services import Services, check_critic_tokenizer, local_path, process_age_s, start_services
 from fleetrl.online.weights import WeightSync, resize_fleet
@@ -85,7 +86,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     collector.restore_fleet = lambda: resize_fleet(fleet, sync, collector, max(1, cfg.rollout.num_workers))
     collector.restart_reward_actor = lambda index, dead: restart_reward_actor(
         cfg.reward, index, run_dir.config_dir, run_dir.actor_prefix, dead=dead)
-    advantages = AdvantageStep(cfg, learner, critic)
+    advantages = AdvantageStep(cfg, learner, critic, services.teacher)
     off_policy = OffPolicyCorrection(cfg, learner)
     evaluator = _evaluator(cfg, services, eval_rows, tokenizer, collector.reward_calls_in_flight)
     start_step = _resume(cfg, run_dir, learner, critic, advantages, collector, sync, services)
@@ -116,11 +117,16 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         # The learner holds version `step`; no group older than rl.max_staleness versions is trained.
         groups, rstats = collector.collect(cfg.rl.prompts_per_step, learner_version=step)
         samples = [s for g in groups for s in g.samples]
-        batch = pad_samples(samples, pad_id=tokenizer.pad_token_id)
         scores = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-        adv = advantages(batch, scores)
-        batch["advantages"] = adv.advantages
-        correction = off_policy(batch, samples, learner_version=step)
+        if cfg.pairs_per_step:  # online DPO: each group's best vs worst sample (online/pairs.py)
+            batch, pair_metrics = pair_batch(samples, cfg.rl.group_size, tokenizer.pad_token_id,
+                                             cfg.mini_batch_size)
+            adv, correction = StepAdvantages(torch.zeros(0), pair_metrics), {}
+        else:
+            batch = pad_samples(samples, pad_id=tokenizer.pad_token_id)
+            adv = advantages(batch, scores)
+            batch["advantages"] = adv.advantages
+            correction = off_policy(batch, samples, learner_version=step)
 
         t = time.perf_counter()
         # The critic trains while the policy does (separate ranks); the policy waits out the
@@ -128,7 +134,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
         critic_refs = critic.start_train(adv.critic_batch, cfg.mini_batch_size, cfg.rl.epochs) \
             if adv.critic_batch is not None else []
         train_refs = []
-        if step >= cfg.critic_warmup_steps:
+        if step >= cfg.critic_warmup_steps and batch is not None:  # None: every group of the step tied
             train_refs = learner.start_train(batch, cfg.mini_batch_size, cfg.rl.epochs,
                                              cfg.rollout.sampling.temperature)
         collector.pump(train_refs + critic_refs, rstats, _train_deadline_s(learner, critic if critic_refs else None),
@@ -151,7 +157,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
                **_mean_stats(train_stats), **_mean_stats(critic_stats, prefix="critic/"), **adv.metrics,
                **correction, **_rollout_metrics(fleet, sync, collector, rstats, samples),
                "time/reference": adv.reference_s, "time/train": train_s, "time/weight_sync": sync_s,
-               "time/step": time.perf_counter() - step_start, **startup,
+               "time/step": time.perf_counter() - step_start, **startup, **_teacher_share(adv.metrics, step_start),
                **recovery_metrics(collector, restarts)}
         run_log.step(step, row, samples, rstats)
         steps_done = step + 1
@@ -172,6 +178,13 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
     run_dir.sync(force=True)
     print(f"fleetrl: final model (Hugging Face format) in {final}", flush=True)
     return run_dir.location
+
+
+def _teacher_share(metrics: dict[str, float], step_start: float) -> dict[str, float]:
+    """opd: the share of the step's time spent scoring with the teacher."""
+    if "time/teacher" not in metrics:
+        return {}
+    return {"time/teacher_share": metrics["time/teacher"] / max(time.perf_counter() - step_start, 1e-9)}
 
 
 def _train_deadline_s(learner: LearnerGroup, critic: CriticGroup | None) -> float:

@@ -22,7 +22,7 @@ from fleetrl.online.control import start_control_actor
 from fleetrl.reward.actor import make_reward_actors
 from fleetrl.rollout.fleet import RolloutFleet
 from fleetrl.run.config import ConfigError, RunConfig
-from fleetrl.run.runtime import RunDir, load_tokenizer
+from fleetrl.run.runtime import RunDir, load_tokenizer, resolve_model
 
 log = logging.getLogger("fleetrl")
 
@@ -36,6 +36,7 @@ class Services:
     learner: LearnerGroup
     control: Any = None  # the run's named RunControl actor (fleetrl scale talks to it)
     critic: CriticGroup | None = None  # algorithms with a critic (ppo)
+    teacher: Any = None  # opd's frozen teacher (learner/teacher.py TeacherGroup)
     # Seconds from start_services to each service being ready, and the engines' own start/warm-up.
     startup: dict[str, float] = field(default_factory=dict)
     # Actor name -> "IP [node id]" where it runs (core.nodes.placement), printed at start.
@@ -43,7 +44,8 @@ class Services:
 
     def shutdown(self) -> None:
         critic = self.critic.shutdown if self.critic is not None else (lambda: None)
-        for stop in (self.fleet.shutdown, critic, self.learner.shutdown,
+        teacher = self.teacher.shutdown if self.teacher is not None else (lambda: None)
+        for stop in (self.fleet.shutdown, critic, teacher, self.learner.shutdown,
                      lambda: [ray.kill(a) for a in self.reward_actors + [self.control] if a is not None]):
             try:
                 stop()
@@ -82,8 +84,12 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
                          lora_rank=cfg.learner.lora.r if cfg.learner.lora is not None else None)
     started.append(fleet)
     try:
+        # online_dpo's ranks train its pair loss (learner/offline.py PairObjective) on chosen/rejected pairs.
+        pair_loss = cfg.online_dpo.loss if cfg.pairs_per_step else None
         learner = LearnerGroup(cfg.learner, model_path, total_steps=total_steps,
                                mini_batch_size=cfg.mini_batch_size, name_prefix=prefix, wait=False,
+                               learner_kwargs={"objective": pair_loss, "objective_cfg": getattr(cfg, pair_loss)}
+                               if pair_loss else None,
                                reserve=CriticGroup.reserve(cfg.critic, cfg.learner) if colocate else None)
         started.append(learner)
         critic = None
@@ -92,6 +98,13 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
                                  mini_batch_size=cfg.mini_batch_size, name_prefix=prefix,
                                  colocate_with=learner if colocate else None, wait=False)
             started.append(critic)
+        teacher = None
+        if cfg.teacher is not None:
+            from fleetrl.learner.teacher import TeacherGroup
+
+            teacher = TeacherGroup(cfg.teacher, local_path(resolve_model(cfg.teacher.model_path)),
+                                   name_prefix=prefix, wait=False)
+            started.append(teacher)
         # With an environment and no reward functions, the environment's turn rewards are the reward.
         reward_actors = make_reward_actors(cfg.reward, base_dir=str(run_dir.config_dir), name_prefix=prefix) \
             if cfg.reward.functions else []
@@ -99,8 +112,10 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
         stop_started()
         raise
     services = Services(fleet, reward_actors, learner, start_control_actor(prefix, cfg.rollout.num_workers),
-                        critic=critic)
+                        critic=critic, teacher=teacher)
     waits: dict[str, Callable[[], Any]] = {"learner": learner.wait_ready, "fleet": fleet.wait_ready}
+    if teacher is not None:
+        waits["teacher"] = teacher.wait_ready
     if critic is not None:
         waits["critic"] = critic.wait_ready
     try:

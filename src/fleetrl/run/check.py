@@ -68,6 +68,8 @@ def check_run(cfg: RunConfig, config_path: str | Path | None = None, cluster: bo
     step("dependencies", lambda: _check_dependencies(cfg))
     step("model", lambda: _check_model_step(cfg, state))
     step("tokenizer", lambda: _check_tokenizer(cfg, state))
+    if cfg.teacher is not None:
+        step("teacher", lambda: check_teacher_tokenizer(cfg, state))
     if cfg.learner.lora is not None:
         step("learner.lora", lambda: _check_lora(cfg, state))
     step("data", lambda: _check_data(cfg, state))
@@ -183,6 +185,34 @@ def _check_tokenizer(cfg: RunConfig, state: dict) -> str:
 
     template = "with a chat template" if has_chat_template(tok) else "no chat template (prompts used as written)"
     return f"{type(tok).__name__}, {template}"
+
+
+TOKENIZER_PROBE = "The teacher scores every token: 12 + 30 = 42, ünïcödé, <tag> \n\tend."
+
+
+def check_teacher_tokenizer(cfg: RunConfig, state: dict) -> str:
+    """The teacher scores the student's token ids: its tokenizer must be the student's (same vocabulary,
+    same encoding of a probe text). A teacher may be larger or another architecture."""
+    if "tokenizer" not in state:
+        raise _Skipped
+    from fleetrl.run.runtime import load_tokenizer, resolve_model
+
+    check_model(cfg.teacher.model_path, "teacher.model_path")
+    path = resolve_model(cfg.teacher.model_path)
+    try:
+        theirs = load_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; one line each
+        raise ValueError(f"cannot load the tokenizer of teacher.model_path={cfg.teacher.model_path} "
+                         f"({type(e).__name__}: {_one_line(e)[:200]})") from None
+    ours = state["tokenizer"]
+    same_vocab = theirs.get_vocab() == ours.get_vocab()
+    if not same_vocab or theirs.encode(TOKENIZER_PROBE) != ours.encode(TOKENIZER_PROBE):
+        what = "vocabulary" if not same_vocab else "encoding of a probe text"
+        raise ValueError(
+            f"teacher.model_path={cfg.teacher.model_path} has a different tokenizer from the student's "
+            f"(model.path={cfg.model.path}): its {what} differs. The teacher scores the student's token ids, so "
+            "both must share one tokenizer (the teacher may be larger or another architecture)")
+    return f"{path}, same tokenizer as the student"
 
 
 def _check_lora(cfg: RunConfig, state: dict) -> str:
@@ -405,6 +435,10 @@ def service_demands(cfg: RunConfig, cluster_has_gpus: bool) -> dict[str, tuple[i
                                      "rollout.num_cpus_per_worker / num_gpus_per_worker / resources")
         demands["reward actor"] = (rw.num_workers, one(rw.num_cpus, rw.num_gpus, rw.resources),
                                    "reward.num_cpus / num_gpus / resources")
+        if cfg.teacher is not None:
+            tc = cfg.teacher
+            demands["teacher"] = (tc.num_actors, one(tc.num_cpus_per_actor, tc.num_gpus_per_actor, {}),
+                                  "teacher.num_cpus_per_actor / num_gpus_per_actor")
     return {k: v for k, v in demands.items() if v[0] > 0}
 
 

@@ -38,6 +38,7 @@ from fleetrl.learner.offline_config import (
     SFTConfig,
     SimPOConfig,
 )
+from fleetrl.learner.teacher_config import OPDConfig, TeacherConfig
 from fleetrl.reward.config import RewardConfig
 from fleetrl.rollout.config import RolloutConfig
 
@@ -200,6 +201,26 @@ class ReinforcePPConfig(TokenRewardConfig):
     discounted returns of the per-token rewards, whitened over the batch; no critic."""
 
 
+class OnlineDPOConfig(StrictModel):
+    """Online DPO (algorithm: online_dpo): each prompt's best vs worst sample is a preference pair."""
+
+    # The pair loss (a PREFERENCE_LOSSES name: dpo, ipo, simpo, orpo, ...); its hyperparameters come
+    # from that loss's own section (dpo.beta, ipo.beta, simpo.beta, ...).
+    loss: str = "dpo"
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from fleetrl.algos import PREFERENCE_LOSSES
+
+        if v not in PREFERENCE_LOSSES:
+            try:
+                PREFERENCE_LOSSES.entry(v)
+            except KeyError as e:  # names the known pair losses and the closest
+                raise ValueError(e.args[0]) from None
+        return v
+
+
 class RayConfig(StrictModel):
     address: str | None = None  # None: start a local Ray (or join RAY_ADDRESS when set)
     num_cpus: int | None = None  # logical CPUs of a local Ray
@@ -220,6 +241,9 @@ class RunConfig(StrictModel):
     # Per-token online algorithms (reinforce_pp and reinforce_pp_baseline share their section).
     ppo: PPOConfig = PPOConfig()
     reinforce_pp: ReinforcePPConfig = ReinforcePPConfig()
+    online_dpo: OnlineDPOConfig = OnlineDPOConfig()
+    opd: OPDConfig = OPDConfig()
+    teacher: TeacherConfig | None = None  # the frozen teacher of opd (learner/teacher.py)
     critic: CriticConfig = CriticConfig()
     # Offline trainers: what they share, then one section per algorithm.
     offline: OfflineConfig = OfflineConfig()
@@ -319,13 +343,15 @@ class RunConfig(StrictModel):
         if self.algorithm in ONLINE_ALGORITHMS:
             n = self.rl.samples_per_step
             mini = self.rl.mini_batch_size or n
-            if n % mini:
+            if self.pairs_per_step:
+                pass  # its learner trains pairs, not sequences: _check_pair_algorithm checks their shapes
+            elif n % mini:
                 raise ValueError(
                     f"rl.mini_batch_size={mini} must divide the samples per step "
                     f"(rl.group_size * rl.prompts_per_step = {n})"
                 )
             per_rank, rem = divmod(mini, self.learner.num_ranks)
-            if rem or per_rank % self.learner.micro_batch_size:
+            if not self.pairs_per_step and (rem or per_rank % self.learner.micro_batch_size):
                 raise ValueError(
                     f"each optimizer step's {mini} sequences split over learner.num_ranks="
                     f"{self.learner.num_ranks} must be a multiple of learner.micro_batch_size="
@@ -379,6 +405,37 @@ class RunConfig(StrictModel):
             )
         if algo.per_token:
             self._check_token_algorithm()
+        if algo.objective == "pairs":
+            self._check_pair_algorithm()
+        if algo.teacher and self.teacher is None:
+            raise ValueError(f"{self.algorithm} distills a teacher: set teacher.model_path (a frozen model with the "
+                             "student's tokenizer; teacher.num_actors / num_gpus_per_actor place it)")
+        if not algo.teacher and self.teacher is not None:
+            raise ValueError(f"the teacher section is for opd; {self.algorithm} uses no teacher: remove it")
+        if algo.teacher and self.opd.reward_weight > 0 and self.rl.group_size < 2:
+            raise ValueError(f"opd.reward_weight={self.opd.reward_weight} mixes in the task reward's group "
+                             "advantage, which needs rl.group_size >= 2 (set opd.reward_weight: 0 for pure "
+                             "distillation)")
+
+    def _check_pair_algorithm(self) -> None:
+        loss = self.online_dpo.loss
+        if self.rl.mini_batch_size is not None:
+            raise ValueError(
+                f"rl.mini_batch_size does not apply to {self.algorithm}: each step trains its preference pairs "
+                f"(one per prompt at most, rl.prompts_per_step={self.rl.prompts_per_step}) in one optimizer step "
+                "per epoch; remove rl.mini_batch_size")
+        per_step = self.learner.num_ranks * self.learner.micro_batch_size
+        if self.rl.prompts_per_step % per_step:
+            raise ValueError(
+                f"{self.algorithm} trains up to rl.prompts_per_step={self.rl.prompts_per_step} pairs per step, "
+                f"which must be a multiple of learner.num_ranks * learner.micro_batch_size = {per_step} "
+                "(every rank runs whole micro-batches of pairs)")
+        from fleetrl.algos import PREFERENCE_LOSSES
+
+        if PREFERENCE_LOSSES.meta(loss).get("needs_reference") and not self.learner.reference:
+            raise ValueError(
+                f"online_dpo.loss={loss} compares the policy with the frozen starting policy, but "
+                "learner.reference is false: set learner.reference: true (or a reference-free loss: simpo, orpo)")
 
     def _check_token_algorithm(self) -> None:
         loss = self.learner.loss
@@ -441,11 +498,20 @@ class RunConfig(StrictModel):
         return self.model.path
 
     @property
+    def pairs_per_step(self) -> bool:
+        """Whether the learner trains on preference pairs (online_dpo) rather than advantages."""
+        return self.algorithm in ONLINE_REGISTRY and self.online_algorithm.objective == "pairs"
+
+    @property
     def mini_batch_size(self) -> int:
+        if self.pairs_per_step:
+            return self.rl.prompts_per_step  # pairs: at most one per prompt, padded with weight 0
         return self.rl.mini_batch_size or self.rl.samples_per_step
 
     @property
     def optimizer_steps_per_step(self) -> int:
+        if self.pairs_per_step:
+            return self.rl.epochs
         return self.rl.epochs * (self.rl.samples_per_step // self.mini_batch_size)
 
 
