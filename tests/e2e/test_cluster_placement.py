@@ -6,7 +6,8 @@ One short GRPO run placed by node kind: the rollout worker on a rollout node, th
 on the two train nodes (a rendezvous across nodes), the run's outputs (metrics, both ranks'
 checkpoint manifests, final_model/) in S3-compatible storage every node reaches. After step 1 the
 rollout worker's node is drained through Ray (a preemption): the worker leaves between steps, its
-replacement starts on the other rollout node, and every prompt is trained exactly once. Before the run,
+replacement starts on the other rollout node. Then a rollout node joins and `fleetrl scale` grows the
+fleet onto it, and a graceful stop ends the run. Every prompt is trained exactly once. Before the run,
 `fleetrl check` against the same cluster: a local run.output_dir is refused while ranks may run on
 other nodes; per service, which nodes can hold one of its actors; a service no alive node can hold
 is refused, before and after a node is lost.
@@ -33,7 +34,9 @@ def node_kinds():
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    rollouts = [cluster.add_node(num_cpus=2, resources={"rollout": 2}),
+    # One rollout slot per rollout node: after the drain the node left is full, so the worker that
+    # `fleetrl scale` adds can only go to the node added during the run.
+    rollouts = [cluster.add_node(num_cpus=2, resources={"rollout": 1}),
                 cluster.add_node(num_cpus=1, resources={"rollout": 1})]
     trains = [cluster.add_node(num_cpus=1, resources={"train": 1}) for _ in range(2)]
     cluster.wait_for_nodes(timeout=60)
@@ -90,7 +93,7 @@ def test_check_places_each_service_by_node_and_refuses_what_no_node_can_hold(nod
     rollout_id = rollout.node_id[:8]
     line = next(ln for ln in done.stdout.splitlines() if "rollout worker(s)" in ln)
     assert line.strip().startswith("2 rollout worker(s) (each CPU 1, rollout 1) can go on: ") and \
-        f"{rollout.node_ip_address} [{rollout_id}] (CPU 2, rollout 2) x2" in line and \
+        f"{rollout.node_ip_address} [{rollout_id}] (CPU 2, rollout 1) x1" in line and \
         f"[{rollouts[1].node_id[:8]}] (CPU 1, rollout 1) x1" in line, line
     line = next(ln for ln in done.stdout.splitlines() if "learner rank(s)" in ln)
     assert all(f"[{t.node_id[:8]}] (CPU 1, train 1) x1" in line for t in trains) and rollout_id not in line, line
@@ -123,6 +126,7 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
     import s3fs
 
     from fleetrl.core.storage import Storage
+    from fleetrl.run.runtime import request_graceful_stop
 
     cluster, rollouts, trains = node_kinds
     s3fs.S3FileSystem(**s3_server).mkdir("fleetrl-nodes")
@@ -130,13 +134,22 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
     options.append("run.storage_options.client_kwargs.region_name=eu-west-1")
     small = ["rollout.num_workers=1", "learner.num_ranks=2", "rl.prompts_per_step=4", "rl.group_size=4",
              "learner.micro_batch_size=8", "rollout.sampling.max_tokens=8", "rl.max_staleness=0",
-             "run.checkpoint_every=2", "rl.eval_every=0"]
-    # Run as a process whose console is read live: once step 1 is done, the node holding the rollout
-    # worker is drained (as a preemption or a scale-down would): the worker leaves it between steps and
-    # its replacement starts on the other rollout node.
+             "run.checkpoint_every=10", "rl.eval_every=0"]
+    # Run as a process whose console is read live. Each event is applied between steps, a step or more
+    # after it is asked for (tiny steps take well under a second), so the run is open-ended and told
+    # to stop once everything happened:
+    # 1. once step 1 is done, the node holding the rollout worker is drained (as a preemption or a
+    #    scale-down would): the worker leaves between steps, its replacement starts on the other
+    #    rollout node;
+    # 2. then a rollout node joins the cluster and `fleetrl scale` asks for 2 workers: the second
+    #    starts on the node that joined;
+    # 3. then a graceful stop (the STOP file in the run's storage): the run ends after a step, with a
+    #    checkpoint and the final model.
+    uri = "s3://fleetrl-nodes/runs/nodes"
     cmd = [sys.executable, "-m", "fleetrl", "train", str(EXAMPLE), f"ray.address={cluster.address}",
-           "run.output_dir=s3://fleetrl-nodes/runs", "run.name=nodes", "run.steps=3", "run.log_samples=true",
+           "run.output_dir=s3://fleetrl-nodes/runs", "run.name=nodes", "run.steps=400", "run.log_samples=true",
            *options, *KINDS, *small]
+    added = replaced = grown = stopped = None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     lines, drained = [], None
     try:
@@ -147,8 +160,18 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
             if ln.startswith("fleetrl: placement: ") and drained is None:
                 worker_node = _placement(ln)["rollout-0"].split("[")[1].rstrip("]")
                 drained = next(n for n in rollouts if n.node_id.startswith(worker_node))
-            if ln.startswith("fleetrl: step 1/3") and drained is not None:
+            if ln.startswith("fleetrl: step 1/") and drained is not None:
                 _drain(cluster.address, drained.node_id, deadline_s=120)
+            replaced = replaced or "started rollout-1 on" in ln
+            grown = grown or "rollout fleet 1 -> 2 worker(s)" in ln
+            if replaced and added is None and ln.startswith("fleetrl: step "):
+                added = cluster.add_node(num_cpus=1, resources={"rollout": 1})  # returns once it is up
+                scale = subprocess.run([sys.executable, "-m", "fleetrl", "scale", "nodes", "--rollout-workers", "2",
+                                        "--address", cluster.address, "--wait", "0"], env=_env(),
+                                       capture_output=True, text=True, timeout=120)
+                assert "rollout worker(s) (asked 2" in scale.stdout, scale.stdout + scale.stderr
+            if grown and stopped is None and ln.startswith("fleetrl: step "):
+                stopped = request_graceful_stop(uri, s3_server)
         proc.wait(timeout=60)
     finally:
         watchdog.cancel()
@@ -167,19 +190,23 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
     assert f"fleetrl: node {drained.node_id[:8]} is draining: rollout worker 0 left after finishing" in console, \
         console[-6000:]
     other = next(n for n in rollouts if n is not drained)
-    assert f"on {other.node_ip_address} [{other.node_id[:8]}]" in console, console[-6000:]
+    assert f"started rollout-1 on {other.node_ip_address} [{other.node_id[:8]}]" in console, console[-6000:]
+    # `fleetrl scale` grew the fleet onto the node added during the run.
+    assert f"started rollout-2 on {added.node_ip_address} [{added.node_id[:8]}]" in console, console[-6000:]
+    assert stopped and "stop requested; ending after step" in console, console[-6000:]
 
     # It trained, and what ranks on other nodes wrote is in the run's storage.
-    store, uri = Storage(s3_server), "s3://fleetrl-nodes/runs/nodes"
+    store = Storage(s3_server)
     rows = [json.loads(r) for r in store.read_text(f"{uri}/metrics.jsonl").splitlines()]
-    assert [r["weight_version"] for r in rows] == [1, 2, 3]
+    steps = len(rows)
+    assert [r["weight_version"] for r in rows] == list(range(1, steps + 1)) and steps < 400
     assert rows[-1]["rollout/workers_drained"] == 1 and rows[0]["rollout/workers_drained"] == 0
     per_prompt: dict[int, set] = {}
     for sample in store.read_text(f"{uri}/samples.jsonl").splitlines():
         sample = json.loads(sample)
         per_prompt.setdefault(sample["prompt_index"], set()).add(sample["step"])
-    assert len(per_prompt) == 3 * 4 and all(len(v) == 1 for v in per_prompt.values())  # each once, across it
+    assert len(per_prompt) == steps * 4 and all(len(v) == 1 for v in per_prompt.values())  # each once, across it
     assert all(r["train/grad_norm"] > 0 for r in rows if r["reward/std"] > 0)
-    ckpt = store.file_sizes(f"{uri}/checkpoints/step-000002")
+    ckpt = store.file_sizes(f"{uri}/checkpoints/step-{steps:06d}")  # the stop's checkpoint
     assert {"COMPLETE", ".manifest-rank-0.json", ".manifest-rank-1.json"} <= set(ckpt), sorted(ckpt)
     assert {"COMPLETE", "config.json", "model.safetensors"} <= set(store.file_sizes(f"{uri}/final_model"))
