@@ -58,16 +58,28 @@ def check(sent: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], sent_d
 
 def test_a_clean_load_matches_through_fusing_and_padding_and_every_tensor_is_checked():
     new = hf_weights(1)
-    bad, missing = check(new, load_like_vllm(new))
-    assert bad == [] and missing == []
+    bad, unreadable, missing = check(new, load_like_vllm(new))
+    assert bad == [] and unreadable == [] and missing == []
 
 
 def test_a_cast_on_the_way_is_within_the_dtype_tolerance_but_a_training_step_is_not():
     new = hf_weights(1)
-    assert check(new, load_like_vllm(new, torch.bfloat16)) == ([], [])
+    assert check(new, load_like_vllm(new, torch.bfloat16)) == ([], [], [])
     moved = {n: t + 1e-4 * torch.sign(t) for n, t in new.items()}  # one small Adam-like step
-    bad, _ = check(moved, load_like_vllm(new))
+    bad, _, _ = check(moved, load_like_vllm(new))
     assert bad
+
+
+def test_a_parameter_the_engine_cannot_read_back_is_named_not_passed_and_an_unsent_one_is_missing():
+    new = hf_weights(1)
+    report = loaded_report(load_like_vllm(new))
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    report[qkv] = (None, "float32", report[qkv][2])  # packed away (vLLM CPU, oneDNN)
+    del report["model.norm.weight"]
+    bad, unreadable, missing = compare_checksums(checksums(new.items()), {n: "float32" for n in new}, report)
+    assert bad == []
+    assert unreadable == [qkv.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
+    assert missing == ["model.norm.weight"]
 
 
 def test_unfuse_names_the_hugging_face_tensors_a_fused_parameter_holds():
@@ -82,18 +94,18 @@ def test_every_injected_fault_is_caught_by_the_checksums(fault):
     old, new = hf_weights(0), hf_weights(1)
     held = dict(old)  # the worker's weights before the sync; a reload updates the tensors it gets
     held.update(dict(apply_fault(fault, list(new.items()))))
-    bad, missing = check(new, load_like_vllm(held))
+    bad, _, missing = check(new, load_like_vllm(held))
     assert bad, f"{fault} was not caught"
     assert missing == []
     held_clean = dict(old) | new
-    assert check(new, load_like_vllm(held_clean)) == ([], [])
+    assert check(new, load_like_vllm(held_clean)) == ([], [], [])
 
 
 def test_a_nan_in_the_loaded_weights_is_a_mismatch():
     new = hf_weights(1)
     loaded = load_like_vllm(new)
     loaded["model.norm.weight"] = torch.tensor([1.0, float("nan"), 1.0, 1.0])
-    bad, _ = check(new, loaded)
+    bad, _, _ = check(new, loaded)
     assert len(bad) == 1 and bad[0].startswith("model.norm.weight")
 
 

@@ -61,20 +61,27 @@ def unfuse_name(name: str, packed: Mapping[str, Sequence[str]]) -> list[str]:
 
 
 def compare_checksums(expected: Mapping[str, Checksum], sent_dtype: Mapping[str, str],
-                      loaded: Mapping[str, tuple[Checksum, str, Sequence[str]]]) -> tuple[list[str], list[str]]:
+                      loaded: Mapping[str, tuple[Checksum | None, str, Sequence[str]]],
+                      ) -> tuple[list[str], list[str], list[str]]:
     """Compare the learner's per-tensor checksums with a worker's loaded parameters.
 
     ``loaded`` maps a loaded parameter's name to (its checksum, its dtype, the Hugging Face names it
-    holds). A group is checked when every one of its names was sent. Returns (mismatched parameter
-    names with the reason, sent names no loaded parameter holds).
+    holds); checksum None: the parameter cannot be read back (vLLM's CPU backend repacks linear
+    weights into oneDNN handles and leaves an empty tensor). A group is checked when every one of its
+    names was sent. Returns (mismatched parameters with the reason, sent names held by unreadable
+    parameters, sent names no loaded parameter holds).
     """
     bad: list[str] = []
     covered: set[str] = set()
+    unreadable: list[str] = []
     for pname, (got, dtype, names) in loaded.items():
         names = list(names)
         if not names or any(n not in expected for n in names):
             continue
         covered.update(names)
+        if got is None:
+            unreadable.extend(names)
+            continue
         want = [sum(expected[n][k] for n in names) for k in range(3)]
         rtol = max(checksum_rtol(sent_dtype[n], dtype) for n in names)
         scale_abs = max(want[1], got[1], 1e-30)
@@ -84,7 +91,7 @@ def compare_checksums(expected: Mapping[str, Checksum], sent_dtype: Mapping[str,
                 bad.append(f"{pname}: {what} {got[k]:.9g} != learner's {want[k]:.9g} (rtol {rtol:g})")
                 break
     missing = [n for n in expected if n not in covered]
-    return bad, missing
+    return bad, unreadable, missing
 
 
 def parse_fault(spec: str | None) -> list[tuple[str, int | None]]:

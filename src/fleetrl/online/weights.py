@@ -34,6 +34,9 @@ class WeightSync:
         self.verify_failed = 0  # syncs (counted per worker) whose check after the reload failed
         self.verify_s = 0.0  # the last sync's check: learner checksums + worker read-back + comparison
         self.verify_unchecked = 0  # sent tensors no loaded parameter holds (last check, per worker)
+        # ... of which: held by no loaded parameter / by one the engine cannot read back (CPU oneDNN).
+        self.unchecked_names: list[str] = []
+        self.unreadable_names: list[str] = []
         self._plan = None
         self.connect()
 
@@ -142,9 +145,12 @@ class WeightSync:
             ranks = report.get("ranks") or []
             if len(ranks) != 1 or "loaded" not in ranks[0]:
                 continue  # tensor-parallel shards (or an adapter load): not checked here
-            loaded = {name: (tuple(cs), dtype, names) for name, (cs, dtype, names) in ranks[0]["loaded"].items()}
-            mismatched, missing = compare_checksums(sent["checksums"], sent["dtypes"], loaded)
-            self.verify_unchecked = max(self.verify_unchecked, len(missing))
+            loaded = {name: (None if cs is None else tuple(cs), dtype, names)
+                      for name, (cs, dtype, names) in ranks[0]["loaded"].items()}
+            mismatched, unreadable, missing = compare_checksums(sent["checksums"], sent["dtypes"], loaded)
+            if len(missing) + len(unreadable) >= self.verify_unchecked:
+                self.verify_unchecked = len(missing) + len(unreadable)
+                self.unchecked_names, self.unreadable_names = missing, unreadable
             if mismatched:
                 more = f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
                 bad[index] = f"{len(mismatched)} parameter(s) differ: {'; '.join(mismatched[:3])}{more}"

@@ -195,9 +195,10 @@ class WeightReceiver:
         packed = getattr(model, "packed_modules_mapping", None) or {}
         out = {}
         for name, p in model.named_parameters():
-            if p.numel() == 0 or p.is_meta:
-                continue
-            out[name] = [list(tensor_checksum(p)), str(p.dtype).removeprefix("torch."), unfuse_name(name, packed)]
+            # Empty: the CPU backend packed this linear weight for oneDNN and dropped the tensor.
+            readable = p.numel() > 0 and not p.is_meta
+            out[name] = [list(tensor_checksum(p)) if readable else None, str(p.dtype).removeprefix("torch."),
+                         unfuse_name(name, packed)]
         return out
 
     def _fault(self, version: int) -> str | None:
