@@ -135,13 +135,15 @@ class WeightSync:
 
     def _check(self, version: int, learner_refs: list, fleet_refs: list) -> dict[int, str]:
         """Compare each worker's loaded parameters with the learner's checksums: {worker: why} per mismatch."""
-        sent = ray.get(learner_refs[0])
+        timeout = self.fleet.cfg.weight_sync_timeout_s  # finished already (_wait): this returns at once
+        sent = ray.get(learner_refs[0], timeout=timeout)
         if "checksums" not in sent:  # an adapter plan: what loads is not what was sent
             return {}
         t0 = time.perf_counter()
         bad: dict[int, str] = {}
         self.verify_unchecked = 0
-        for index, report in zip(self.fleet.indices(), ray.get(fleet_refs)):
+        reports = ray.get(fleet_refs, timeout=timeout)
+        for index, report in zip(self.fleet.indices(), reports):
             ranks = report.get("ranks") or []
             if len(ranks) != 1 or "loaded" not in ranks[0]:
                 continue  # tensor-parallel shards (or an adapter load): not checked here
@@ -154,7 +156,7 @@ class WeightSync:
             if mismatched:
                 more = f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
                 bad[index] = f"{len(mismatched)} parameter(s) differ: {'; '.join(mismatched[:3])}{more}"
-        worker_s = max((r.get("verify_s", 0.0) for rep in ray.get(fleet_refs) for r in (rep.get("ranks") or [])),
+        worker_s = max((r.get("verify_s", 0.0) for rep in reports for r in (rep.get("ranks") or [])),
                        default=0.0)
         self.verify_s = sent.get("checksum_s", 0.0) + worker_s + (time.perf_counter() - t0)
         return bad
