@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="experiment: bind vLLM worker i's compute threads to core i "
                         "(VLLM_CPU_OMP_THREADS_BIND, with VLLM_ENABLE_V1_MULTIPROCESSING=1, which vLLM's "
                         "binding needs); by default a worker's model runs in its engine core, unbound")
+    p.add_argument("--no-verify", action="store_true",
+                   help="sync without the check after the reload (rollout.verify_weights: false); by default "
+                        "the spine verifies, as fleetrl does, and the verify columns give its cost")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -100,18 +103,30 @@ def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
     import ray
 
     from _util import Samples
+    from fleetrl.core.weight_check import compare_checksums
     from fleetrl.core.weight_wire import WeightPlan
+
+    verify = fleet.cfg.verify_weights
 
     def spine() -> dict[str, float]:
         nonlocal version
         version += 1
         p = WeightPlan(version=version, buckets=plan.buckets)
         start = time.perf_counter()
-        got = ray.get(learner.send_weights(p) + fleet.receive_weights(p))
-        wall = time.perf_counter() - start
+        got = ray.get(learner.send_weights(p, verify) + fleet.receive_weights(p))
         ranks = [r for w in got[learner.num_ranks:] for r in w["ranks"]]
+        check = 0.0
+        if verify:  # as WeightSync._check: learner checksums + worker read-back + the driver's comparison
+            t0 = time.perf_counter()
+            for r in ranks:
+                loaded = {n: (None if cs is None else tuple(cs), dt, hf) for n, (cs, dt, hf) in r["loaded"].items()}
+                bad, _, _ = compare_checksums(got[0]["checksums"], got[0]["dtypes"], loaded)
+                if bad:
+                    raise RuntimeError(f"the bench's sync did not verify: {bad[:3]}")
+            check = got[0]["checksum_s"] + max(r["verify_s"] for r in ranks) + time.perf_counter() - t0
+        wall = time.perf_counter() - start
         return {"wall": wall, "send": got[0]["seconds"], "recv": max(r["receive_s"] for r in ranks),
-                "reload": max(r["reload_s"] for r in ranks)}
+                "reload": max(r["reload_s"] for r in ranks), "verify": check}
 
     def raw(fresh: bool) -> dict[str, float]:
         start = time.perf_counter()
@@ -197,7 +212,8 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     rcfg = RolloutConfig(num_workers=1, device="cpu", max_model_len=256, dtype="float32", enforce_eager=True,
-                         cpu_kvcache_space_gb=args.kv_cache_gb, env_vars={"VLLM_LOGGING_LEVEL": "WARNING"})
+                         cpu_kvcache_space_gb=args.kv_cache_gb, env_vars={"VLLM_LOGGING_LEVEL": "WARNING"},
+                         verify_weights=not args.no_verify)
     fleet = RolloutFleet(pinned(rcfg, 0) if args.pin_workers else rcfg, model, name_prefix="bench-wsync/")
     learner = None
     raw_actors: list = []
@@ -251,7 +267,8 @@ def main(argv=None) -> None:
                                 _bw(fr["recv"], mib).fmt(0), _ratio(sp["recv"], fr["recv"])])
                 ms_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(sp["send"]), _ms(sp["recv"]),
                                 _ms(sp["reload"]), f"{sp['reload'].median / sp['wall'].median:.0%}",
-                                _ms(rw["wall"]), _ms(fr["wall"])])
+                                _ms(rw["wall"]), _ms(fr["wall"]), _ms(sp["verify"]),
+                                f"{sp['verify'].median / sp['wall'].median:.1%}"])
                 print(f"  {workers} worker(s), {mb} MiB buckets done", flush=True)
     finally:
         for a in raw_actors:
@@ -272,7 +289,7 @@ def main(argv=None) -> None:
         bw_rows, title=f"Weight sync bandwidth: {setup}")
     print_table(
         ["workers", "bucket MiB", "spine e2e ms", "learner send ms", "vLLM receive ms", "vLLM reload ms",
-         "reload share", "raw e2e ms", "raw fresh-buffer e2e ms"],
+         "reload share", "raw e2e ms", "raw fresh-buffer e2e ms", "verify ms", "verify share"],
         ms_rows, title="Weight sync time per sync (same run)")
     print_table(["bucket MiB", "fresh buffers + copy ms", "reused buffer copy ms", "ratio"], probe_rows,
                 title=f"Allocation probe in the driver: copying {mib:.1f} MiB into fresh buffers of each "

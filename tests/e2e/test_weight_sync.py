@@ -1,7 +1,10 @@
 """Learner -> vLLM weight sync through the real services: DeepSpeed rank and vLLM worker as Ray actors.
 
 After a training step and a sync, vLLM's logprobs of a fixed completion match the learner's within a
-tolerance, and differ from what vLLM gave before the sync. While these services are up, no process of
+tolerance, and differ from what vLLM gave before the sync. The check after every sync (issue 24) runs
+on the real worker: a reload that leaves a layer stale (injected with FLEETRL_WEIGHT_FAULT) is caught,
+sent again and then verifies; the prefix cache is reset after each load; a fault that outlasts
+rollout.verify_weights_retries stops the sync with WeightVerifyError. While these services are up, no process of
 the run (Ray, the learner rank and its gloo groups, the vLLM engine and its engine-core process) listens
 on a non-loopback address (issue 11, "closed by default").
 """
@@ -17,7 +20,7 @@ import torch
 from fleetrl.learner.config import LearnerConfig
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.online.batch import Sample, pad_samples
-from fleetrl.online.weights import WeightSync
+from fleetrl.online.weights import WeightSync, WeightVerifyError
 from fleetrl.rollout.config import RolloutConfig
 from fleetrl.rollout.fleet import RolloutFleet
 
@@ -49,7 +52,8 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
     model = str(tiny_policy)
     fleet = RolloutFleet(
         RolloutConfig(num_workers=1, max_model_len=256, enforce_eager=True, cpu_kvcache_space_gb=1,
-                      dtype="float32", env_vars={"VLLM_LOGGING_LEVEL": "WARNING"}),
+                      dtype="float32", env_vars={"VLLM_LOGGING_LEVEL": "WARNING",
+                                                  "FLEETRL_WEIGHT_FAULT": "stale_layer@1,miss_update@2"}),
         model, name_prefix="wsync/",
     )
     learner = LearnerGroup(LearnerConfig(zero_stage=3, lr=5e-2, micro_batch_size=2, reference=False,
@@ -72,7 +76,15 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
 
         batch["advantages"] = torch.tensor([1.0, -1.0])  # push the first completion up
         learner.train(batch, mini_batch_size=2)
-        sync.push(version=1)
+        sync.push(version=1)  # the first load of version 1 leaves layer 0 stale: caught, sent again
+        assert sync.verify_failed == 1
+        assert sync.unchecked_names == []  # every sent tensor is held by a loaded parameter
+        # vLLM's CPU backend packs linear weights for oneDNN and keeps no tensor to read back: only
+        # those go unchecked by the checksums (the logprob comparison below covers them).
+        assert sync.unreadable_names and all(n.endswith("_proj.weight") for n in sync.unreadable_names)
+        assert sync.verify_unchecked == len(sync.unreadable_names)
+        assert sync.verify_s > 0
+        assert ray.get(worker.ping.remote())["prefix_cache_resets"] == {1: 2}  # after each of the two loads
 
         after_vllm = torch.tensor(ray.get(worker.score.remote(prompt, completion)))
         after_learner = learner.compute_logprobs(batch)[0, p:p + len(completion)]
@@ -80,6 +92,13 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
         assert (after_vllm - before_vllm).abs().max() > 0.05  # the sync changed vLLM's model
         assert after_vllm.sum() > before_vllm.sum()  # in the direction of the update
         assert torch.allclose(after_vllm, after_learner, atol=1e-3), (after_vllm, after_learner)
+
+        # A fault that outlasts the retries (none here) stops the run loudly instead of serving it.
+        fleet.cfg.verify_weights_retries = 0
+        learner.train(batch, mini_batch_size=2)  # new weights, which this worker then misses
+        with pytest.raises(WeightVerifyError, match="weight version 2: after 1 send.*rollout worker 0"):
+            sync.push(version=2)
+        assert sync.verify_failed == 2
 
         # The session's Ray was started by this process: everything of the run is below it.
         sockets = listening_sockets(os.getpid())

@@ -27,6 +27,7 @@ class LaggingEngine:
         self.paused = False
         self.loaded: list[int] = []
         self.errored = False
+        self.resets: list[int] = []
 
     @staticmethod
     def _out(n: int):
@@ -57,6 +58,11 @@ class LaggingEngine:
     async def collective_rpc(self, name, args):
         self.loaded.append(int(args[0]["version"]))
         return [{}]
+
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        assert self.paused, "the prefix cache is reset before generation resumes"
+        self.resets.append(self.loaded[-1])  # the version loaded when the cache was dropped
+        return True
 
     async def resume_generation(self) -> None:
         self.paused = False
@@ -106,3 +112,17 @@ def test_a_request_that_never_ends_fails_the_drain_by_its_deadline_and_names_it(
     msg = asyncio.run(scenario())
     assert "1 request(s) in flight did not finish within rollout.weight_sync_timeout_s=0.3s" in msg
     assert "weight version 1 (rollout.weight_update: drain) was not loaded" in msg
+
+
+def test_the_prefix_cache_is_reset_after_every_weight_version_is_loaded():
+    async def scenario():
+        engine = LaggingEngine()
+        worker = _worker(engine, weight_update="in_flight")
+        for version in (1, 2, 2):  # a version sent again (a failed check) is reset again
+            await worker.receive_weights({"version": version})
+        return engine, worker
+
+    engine, worker = asyncio.run(scenario())
+    assert engine.loaded == [1, 2, 2]
+    assert engine.resets == [1, 2, 2]  # after each load, while the engine was still paused
+    assert worker.prefix_cache_resets == {1: 1, 2: 2}

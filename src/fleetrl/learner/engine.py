@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from fleetrl.core.nodes import this_node
-from fleetrl.core.weight_wire import WeightPlan, broadcast, init_side_group, pack_bucket, plan_buckets
+from fleetrl.core.weight_check import tensor_checksum
+from fleetrl.core.weight_wire import WeightPlan, broadcast, init_side_group, pack_bucket, plan_buckets, unpack_bucket
 from fleetrl.learner.config import (
     LearnerConfig,
     micro_steps_per_mini_batch,
@@ -399,12 +400,18 @@ class Engine:
         self._side_group = init_side_group(host, port, 0, world_size, backend)
         self._side_device = self.device if backend == "nccl" else torch.device("cpu")
 
-    def send_weights(self, plan: WeightPlan) -> dict[str, float]:
-        """Broadcast the weights bucket by bucket from rank 0. EVERY rank must call it (ZeRO-3 gathers)."""
+    def send_weights(self, plan: WeightPlan, checksums: bool = False) -> dict[str, Any]:
+        """Broadcast the weights bucket by bucket from rank 0. EVERY rank must call it (ZeRO-3 gathers).
+
+        ``checksums``: rank 0 also returns each sent tensor's checksum and dtype (as sent), for the
+        receivers' check after the reload (``fleetrl.core.weight_check``)."""
         if self.rank == 0 and self._side_group is None:
             raise RuntimeError("send_weights before init_weight_sync: join the side group first")
         t0 = time.perf_counter()
         params = self._sync_params()
+        sums: dict[str, tuple[float, float, float]] = {}
+        dtypes: dict[str, str] = {}
+        check_s = 0.0
         for bucket in plan.buckets:
             missing = [s.name for s in bucket.specs if s.name not in params]
             if missing:
@@ -416,7 +423,16 @@ class Engine:
                     flat = pack_bucket(bucket, {s.name: params[s.name].data for s in bucket.specs},
                                        device=self._side_device)
                     broadcast(self._side_group, flat)
-        return {"num_bytes": float(plan.num_bytes), "seconds": time.perf_counter() - t0}
+                    if checksums:
+                        t1 = time.perf_counter()
+                        for name, t in unpack_bucket(bucket, flat):
+                            sums[name] = tensor_checksum(t)
+                            dtypes[name] = bucket.dtype
+                        check_s += time.perf_counter() - t1
+        out: dict[str, Any] = {"num_bytes": float(plan.num_bytes), "seconds": time.perf_counter() - t0}
+        if checksums and self.rank == 0:
+            out.update(checksums=sums, dtypes=dtypes, checksum_s=check_s)
+        return out
 
     @torch.no_grad()
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:

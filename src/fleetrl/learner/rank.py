@@ -226,8 +226,8 @@ class Learner:
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
         self.engine.init_weight_sync(host, port, world_size, backend)
 
-    def send_weights(self, plan: WeightPlan) -> dict[str, float]:
-        return self.engine.send_weights(plan)
+    def send_weights(self, plan: WeightPlan, checksums: bool = False) -> dict[str, Any]:
+        return self.engine.send_weights(plan, checksums)
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.gathered_state_dict()

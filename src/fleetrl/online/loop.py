@@ -251,6 +251,8 @@ def _rollout_metrics(fleet, sync: WeightSync, collector: GroupCollector, rstats:
     return {
         "tokens_per_s": rstats.generated_tokens / max(rstats.generate_s, 1e-9),
         "weight_version": sync.version,
+        "weight_sync/verify_failed": sync.verify_failed,
+        "weight_sync/verify_s": sync.verify_s,
         "rollout/num_workers": fleet.num_workers,
         "prompts_in_flight": rstats.max_prompts_in_flight,
         "queue_depth/reward": rstats.max_reward_queue,

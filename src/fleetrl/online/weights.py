@@ -10,11 +10,16 @@ import time
 import ray
 
 from fleetrl.core.nodes import placement
+from fleetrl.core.weight_check import compare_checksums
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.online.collect import GroupCollector
 from fleetrl.rollout.fleet import EngineDead, RolloutFleet
 
 log = logging.getLogger("fleetrl")
+
+
+class WeightVerifyError(RuntimeError):
+    """A worker still did not hold the learner's weights after rollout.verify_weights_retries resends."""
 
 
 class WeightSync:
@@ -26,6 +31,12 @@ class WeightSync:
         self.backend = backend
         self.version = 0
         self.workers_dropped = 0  # workers lost during a broadcast (dropped; the others got the weights)
+        self.verify_failed = 0  # syncs (counted per worker) whose check after the reload failed
+        self.verify_s = 0.0  # the last sync's check: learner checksums + worker read-back + comparison
+        self.verify_unchecked = 0  # sent tensors no loaded parameter holds (last check, per worker)
+        # ... of which: held by no loaded parameter / by one the engine cannot read back (CPU oneDNN).
+        self.unchecked_names: list[str] = []
+        self.unreadable_names: list[str] = []
         self._plan = None
         self.connect()
 
@@ -74,24 +85,81 @@ class WeightSync:
     def push(self, version: int) -> float:
         """Send the learner's weights as ``version`` to every worker. A worker lost during the
         broadcast is dropped (replaced at the next step, like any dead worker): the group is built
-        again without it and the weights sent again to the others."""
+        again without it and the weights sent again to the others.
+
+        rollout.verify_weights: then each worker's parameters as loaded are checked against the
+        learner's checksums; on a mismatch the version is sent again, and after
+        rollout.verify_weights_retries resends a WeightVerifyError ends the run."""
         start = time.perf_counter()
+        verify = self.fleet.cfg.verify_weights
+        retries = self.fleet.cfg.verify_weights_retries
+        attempt = 0
+        while True:
+            learner_refs, fleet_refs = self._send(version, verify)
+            if not verify:
+                break
+            bad = self._check(version, learner_refs, fleet_refs)
+            if not bad:
+                break
+            self.verify_failed += len(bad)
+            detail = "; ".join(f"rollout worker {i}: {why}" for i, why in bad.items())
+            if attempt >= retries:
+                raise WeightVerifyError(
+                    f"weight version {version}: after {attempt + 1} send(s) the fleet still does not hold the "
+                    f"learner's weights ({detail}). A silently wrong fleet is worse than a stopped run: check "
+                    "the vLLM version's reload_weights for this model (rollout.verify_weights_retries="
+                    f"{retries})")
+            attempt += 1
+            log.warning("weight version %d: the check after the reload failed (%s); sending it again "
+                        "(%d of rollout.verify_weights_retries=%d)", version, detail, attempt, retries)
+        self.version = version
+        return time.perf_counter() - start
+
+    def _send(self, version: int, checksums: bool) -> tuple[list, list]:
+        """One sync of ``version`` (again without any worker lost on the way); the refs of the last try."""
         while True:
             if tuple(self.fleet.indices()) != self._members:  # a worker died during the step
                 self.connect()
             if self._plan is None:
                 self._plan = self.learner.weight_plan(version)
             plan = dataclasses.replace(self._plan, version=version)  # keeps every field of the plan
-            dropped = self._wait(f"version {version}", self.learner.send_weights(plan),
-                                 self.fleet.receive_weights(plan), drop_lost=True)
+            learner_refs = self.learner.send_weights(plan, checksums)
+            fleet_refs = self.fleet.receive_weights(plan)
+            dropped = self._wait(f"version {version}", learner_refs, fleet_refs, drop_lost=True)
             if not dropped:
-                break
+                return learner_refs, fleet_refs
             self.workers_dropped += len(dropped)
             log.warning("rollout worker(s) %s lost during the broadcast of version %d: dropped, the weights "
                         "go again to the %d other(s); replaced at the next step", dropped, version,
                         self.fleet.num_workers)
-        self.version = version
-        return time.perf_counter() - start
+
+    def _check(self, version: int, learner_refs: list, fleet_refs: list) -> dict[int, str]:
+        """Compare each worker's loaded parameters with the learner's checksums: {worker: why} per mismatch."""
+        timeout = self.fleet.cfg.weight_sync_timeout_s  # finished already (_wait): this returns at once
+        sent = ray.get(learner_refs[0], timeout=timeout)
+        if "checksums" not in sent:  # an adapter plan: what loads is not what was sent
+            return {}
+        t0 = time.perf_counter()
+        bad: dict[int, str] = {}
+        self.verify_unchecked = 0
+        reports = ray.get(fleet_refs, timeout=timeout)
+        for index, report in zip(self.fleet.indices(), reports):
+            ranks = report.get("ranks") or []
+            if len(ranks) != 1 or "loaded" not in ranks[0]:
+                continue  # tensor-parallel shards (or an adapter load): not checked here
+            loaded = {name: (None if cs is None else tuple(cs), dtype, names)
+                      for name, (cs, dtype, names) in ranks[0]["loaded"].items()}
+            mismatched, unreadable, missing = compare_checksums(sent["checksums"], sent["dtypes"], loaded)
+            if len(missing) + len(unreadable) >= self.verify_unchecked:
+                self.verify_unchecked = len(missing) + len(unreadable)
+                self.unchecked_names, self.unreadable_names = missing, unreadable
+            if mismatched:
+                more = f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+                bad[index] = f"{len(mismatched)} parameter(s) differ: {'; '.join(mismatched[:3])}{more}"
+        worker_s = max((r.get("verify_s", 0.0) for rep in reports for r in (rep.get("ranks") or [])),
+                       default=0.0)
+        self.verify_s = sent.get("checksum_s", 0.0) + worker_s + (time.perf_counter() - t0)
+        return bad
 
 
 def _died(ref) -> bool:

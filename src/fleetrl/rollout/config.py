@@ -71,6 +71,11 @@ class RolloutConfig(StrictModel):
     ready_timeout_s: float = Field(900.0, gt=0)
     generate_timeout_s: float = Field(1800.0, gt=0)
     weight_sync_timeout_s: float = Field(600.0, gt=0)
+    # After every weight sync each worker reads its model's parameters back and their checksums are
+    # compared with the learner's (fleetrl.core.weight_check). A mismatch sends the version again, up
+    # to verify_weights_retries times (each counted in weight_sync/verify_failed); then the run fails.
+    verify_weights: bool = True
+    verify_weights_retries: int = Field(1, ge=0)
     # Worker i's engine uses seed + i, so workers given the same prompt sample differently.
     seed: int = 0
     # Exact resume: each request samples from its own seed (derived from seed and the prompt's

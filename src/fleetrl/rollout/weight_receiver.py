@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fleetrl.core.weight_check import FAULT_ENV, apply_fault, parse_fault, tensor_checksum
 from fleetrl.core.weight_wire import (
     Bucket,
     TensorSpec,
@@ -185,7 +186,31 @@ class WeightReceiver:
             write_peft_adapter(out_dir, weights, plan.lora_scale)
         return {"receive_s": t1 - t0, "write_s": time.perf_counter() - t1, "bytes": float(plan.num_bytes)}
 
-    def receive_weights(self, plan_data: dict[str, Any]) -> dict[str, float]:
+    def loaded_checksums(self) -> dict[str, list]:
+        """Checksums of the model's parameters as loaded (read back after the reload), each with its
+        dtype and the Hugging Face names it holds (``fleetrl.core.weight_check``)."""
+        from fleetrl.core.weight_check import unfuse_name
+
+        model = self.model_runner.get_model()
+        packed = getattr(model, "packed_modules_mapping", None) or {}
+        out = {}
+        for name, p in model.named_parameters():
+            # Empty: the CPU backend packed this linear weight for oneDNN and dropped the tensor.
+            readable = p.numel() > 0 and not p.is_meta
+            out[name] = [list(tensor_checksum(p)) if readable else None, str(p.dtype).removeprefix("torch."),
+                         unfuse_name(name, packed)]
+        return out
+
+    def _fault(self, version: int) -> str | None:
+        """Tests only: the fault FLEETRL_WEIGHT_FAULT asks for on this sync (each kind@version once)."""
+        done = self.__dict__.setdefault("_fleetrl_faults_done", set())
+        for kind, at in parse_fault(os.environ.get(FAULT_ENV)):
+            if (at is None or at == version) and (kind, version) not in done:
+                done.add((kind, version))
+                return kind
+        return None
+
+    def receive_weights(self, plan_data: dict[str, Any], verify: bool = False) -> dict[str, Any]:
         """Receive every bucket of one version, then load them in ONE reload.
 
         One reload for the whole model because the vLLM CPU backend mis-generates when one
@@ -205,6 +230,9 @@ class WeightReceiver:
                 base = self._fleetrl_base_weights = load_base_weights(self.vllm_config.model_config.model)
             merged = merge_lora(base, weights, plan.lora_scale)
             weights = [(name, merged.get(name, t)) for name, t in base.items()]
+        fault = self._fault(plan.version)
+        if fault is not None:
+            weights = apply_fault(fault, weights)
         # The worker's reload_weights wraps model_runner.reload_weights in the engine's
         # config context (vLLM's in-place reload: checkpoint-format names, i.e. Hugging Face
         # names, re-run through the model's load_weights and post-load processing such as
@@ -214,4 +242,10 @@ class WeightReceiver:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
-        return {"receive_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(plan.num_bytes)}
+        out: dict[str, Any] = {"receive_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(plan.num_bytes)}
+        if fault is not None:
+            out["fault"] = fault
+        if verify:
+            out["loaded"] = self.loaded_checksums()
+            out["verify_s"] = time.perf_counter() - t2
+        return out

@@ -184,6 +184,7 @@ class RolloutWorker:
         self.model_path = model_path
         self.worker_index = worker_index
         self.weight_version = 0
+        self.prefix_cache_resets: dict[int, int] = {}  # weight version -> resets after its loads
         # rollout.lora_sync: adapter (with learner.lora): each version is a LoRA adapter the engine
         # serves; the base weights never change. _lora: the current version's LoRARequest (None: the
         # base model, version 0); _lora_users: requests in flight per adapter id (an old adapter is
@@ -425,8 +426,17 @@ class RolloutWorker:
                     await self._drained(int(plain["version"]))
                 await self.engine.pause_generation(mode=mode, clear_cache=True)
                 try:
-                    stats = await self.engine.collective_rpc("receive_weights", args=(plain,))
+                    # Checked only for full weights: a merged LoRA plan carries the adapter, not what loads.
+                    verify = self.cfg.verify_weights and plain.get("lora_scale") is None
+                    stats = await self.engine.collective_rpc("receive_weights", args=(plain, verify))
                     self.weight_version = int(plain["version"])
+                    # The pause dropped the KV and prefix caches before the load; drop them again
+                    # now, so that no prefix computed with older weights can be served after it.
+                    if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+                        raise RuntimeError(f"rollout worker {self.worker_index}: vLLM could not reset its prefix "
+                                           f"cache after loading weight version {self.weight_version}")
+                    self.prefix_cache_resets[self.weight_version] = (
+                        self.prefix_cache_resets.get(self.weight_version, 0) + 1)
                 finally:
                     await self.engine.resume_generation()
             finally:
@@ -540,6 +550,7 @@ class RolloutWorker:
             "warmup_s": self.warmup_s,
             "requests_in_flight": self._inflight,
             "weight_updates_in_flight": self.weight_updates_in_flight,
+            "prefix_cache_resets": dict(self.prefix_cache_resets),
             **this_node(),
         }
 

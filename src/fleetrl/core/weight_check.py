@@ -1,0 +1,134 @@
+"""Checking after a weight sync that a worker holds exactly the learner's weights (issue 24).
+
+Each side reduces every tensor to a *checksum*: ``(sum, sum of |x|, sum of x**2)`` in float64.
+All three are sums over elements, so the checksum of a concatenation is the sum of its parts'
+checksums: vLLM fuses Hugging Face tensors (``q_proj``/``k_proj``/``v_proj`` into ``qkv_proj``,
+``gate_proj``/``up_proj`` into ``gate_up_proj``) and pads embedding rows with zeros, and its
+loaded parameter's checksum still equals the sum of the sent tensors' checksums. The receiver
+reads its model's parameters back AFTER the reload (what the model will compute with), names
+the Hugging Face tensors each one holds (``loaded_groups``), and ``compare_checksums`` checks
+every group against the learner's checksums within a tolerance set by the two dtypes.
+
+A reduction over elements cannot see two elements swapped inside one tensor; it catches a
+corrupted value, a tensor or layer left out of the reload and a missed update (the faults the
+tests inject, ``apply_fault``).
+
+Only torch here: no Ray, no vLLM, no fleetrl imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+Checksum = tuple[float, float, float]  # (sum, sum |x|, sum x**2), float64
+
+FAULTS = ("corrupt_bucket", "skip_tensor", "stale_layer", "miss_update")
+FAULT_ENV = "FLEETRL_WEIGHT_FAULT"
+
+# Relative tolerance per dtype: bit-identical values differ only by float64 summation order;
+# a cast on the way (fp32 sent, bf16 loaded) rounds every element by up to its dtype's epsilon.
+_CAST_RTOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+_SAME_RTOL = 1e-9
+
+
+@torch.no_grad()
+def tensor_checksum(t: torch.Tensor) -> Checksum:
+    """``(sum, sum |x|, sum x**2)`` of a tensor, accumulated in float64 (deterministic)."""
+    x = t.detach().reshape(-1).to(torch.float64)
+    return (float(x.sum()), float(x.abs().sum()), float(torch.dot(x, x)))
+
+
+def checksums(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Checksum]:
+    return {name: tensor_checksum(t) for name, t in named}
+
+
+def checksum_rtol(sent_dtype: str, loaded_dtype: str) -> float:
+    """How far two checksums of the same weights may differ, relative to their size."""
+    if sent_dtype == loaded_dtype:
+        return _SAME_RTOL
+    return max(_CAST_RTOL.get(sent_dtype, 1e-2), _CAST_RTOL.get(loaded_dtype, 1e-2))
+
+
+def unfuse_name(name: str, packed: Mapping[str, Sequence[str]]) -> list[str]:
+    """The Hugging Face names a vLLM parameter holds: ``a.qkv_proj.weight`` -> its q/k/v names."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in packed:
+            return [".".join(parts[:i] + [sub] + parts[i + 1:]) for sub in packed[part]]
+    return [name]
+
+
+def compare_checksums(expected: Mapping[str, Checksum], sent_dtype: Mapping[str, str],
+                      loaded: Mapping[str, tuple[Checksum | None, str, Sequence[str]]],
+                      ) -> tuple[list[str], list[str], list[str]]:
+    """Compare the learner's per-tensor checksums with a worker's loaded parameters.
+
+    ``loaded`` maps a loaded parameter's name to (its checksum, its dtype, the Hugging Face names it
+    holds); checksum None: the parameter cannot be read back (vLLM's CPU backend repacks linear
+    weights into oneDNN handles and leaves an empty tensor). A group is checked when every one of its
+    names was sent. Returns (mismatched parameters with the reason, sent names held by unreadable
+    parameters, sent names no loaded parameter holds).
+    """
+    bad: list[str] = []
+    covered: set[str] = set()
+    unreadable: list[str] = []
+    for pname, (got, dtype, names) in loaded.items():
+        names = list(names)
+        if not names or any(n not in expected for n in names):
+            continue
+        covered.update(names)
+        if got is None:
+            unreadable.extend(names)
+            continue
+        want = [sum(expected[n][k] for n in names) for k in range(3)]
+        rtol = max(checksum_rtol(sent_dtype[n], dtype) for n in names)
+        scale_abs = max(want[1], got[1], 1e-30)
+        for k, what, scale in ((0, "sum", scale_abs), (1, "sum|x|", scale_abs),
+                               (2, "sum x^2", max(want[2], got[2], 1e-30))):
+            if not abs(want[k] - got[k]) <= rtol * scale:  # `not <=`: NaN fails too
+                bad.append(f"{pname}: {what} {got[k]:.9g} != learner's {want[k]:.9g} (rtol {rtol:g})")
+                break
+    missing = [n for n in expected if n not in covered]
+    return bad, unreadable, missing
+
+
+def parse_fault(spec: str | None) -> list[tuple[str, int | None]]:
+    """FLEETRL_WEIGHT_FAULT: comma-separated ``kind`` or ``kind@version`` (e.g. ``stale_layer@1,miss_update@2``)."""
+    out = []
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        kind, _, version = item.strip().partition("@")
+        if kind not in FAULTS or (version and not version.isdigit()):
+            raise ValueError(f"{FAULT_ENV}={spec!r}: each fault must be one of {', '.join(FAULTS)}, optionally "
+                             "@<version> (e.g. corrupt_bucket@1), several separated by commas")
+        out.append((kind, int(version) if version else None))
+    return out
+
+
+def apply_fault(kind: str, weights: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Tests only: what a faulty sync would hand vLLM's reload instead of ``weights``.
+
+    corrupt_bucket: a received value is damaged (the first tensor's first element shifted by 1);
+    skip_tensor: one tensor (the middle one) is left out of the reload; stale_layer: every tensor of
+    the first transformer layer is left out (the reload leaves that layer on its old weights);
+    miss_update: nothing is reloaded. Tensors left out keep the worker's previous values.
+    """
+    if kind == "corrupt_bucket":
+        name, t = weights[0]
+        bad = t.clone()
+        flat = bad.view(-1)
+        flat[0] = flat[0] + 1.0
+        return [(name, bad)] + weights[1:]
+    if kind == "skip_tensor":
+        mid = len(weights) // 2
+        return weights[:mid] + weights[mid + 1:]
+    if kind == "stale_layer":
+        layer = next((n.split(".layers.")[1].split(".")[0] for n, _ in weights if ".layers." in n), None)
+        prefix = f".layers.{layer}."
+        return [(n, t) for n, t in weights if layer is None or prefix not in n]
+    if kind == "miss_update":
+        return []
+    raise ValueError(f"unknown weight fault {kind!r}: one of {', '.join(FAULTS)}")
