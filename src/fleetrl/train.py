@@ -27,11 +27,14 @@ def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = T
             f"algorithm '{cfg.algorithm}' is not built yet in this version of fleetrl; "
             f"available now: {', '.join(ONLINE_ALGORITHMS + OFFLINE_ALGORITHMS)}"
         )
-    from fleetrl.run.runtime import RunDir
+    from fleetrl.run.runtime import RunDir, connect_ray, watch_urls
 
     run_dir = RunDir(cfg, config_path)
     try:
         with _log_to(run_dir.path / "train.log"), _graceful_sigterm(run_dir):
+            connect_ray(cfg.ray)  # (already connected after the checks)
+            for what, url in watch_urls():  # where to watch: the Ray dashboard, the Prometheus endpoint
+                sys.stdout.write(f"fleetrl: {what}: {url}\n")
             if cfg.algorithm in OFFLINE_ALGORITHMS:
                 from fleetrl.offline.loop import run_offline
 
