@@ -100,9 +100,9 @@ def test_the_pythonwarnings_value_parses():
 
 
 def test_the_tee_writes_everything_to_train_log_and_filters_the_console(tmp_path):
-    from fleetrl.train import _log_to
-
     import sys
+
+    from fleetrl.train import _log_to
 
     shown = io.StringIO()
     real = sys.stdout
