@@ -25,6 +25,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("train needs a CONFIG file, or --resume RUN_DIR")
     else:
         cfg, config_path = load_config(args.config, args.overrides), args.config
+    if args.verbose:
+        from fleetrl.run.console import VERBOSE_ENV_VAR
+
+        os.environ[VERBOSE_ENV_VAR] = "1"
     run_dir = train(cfg, config_path=config_path)
     print(f"fleetrl: run finished; outputs in {run_dir}")
     return 0
@@ -108,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in RUN_DIR (a local path or s3:// URI) from its last complete "
                    "checkpoint, with its saved config.yaml plus any overrides (secrets it shows as "
                    "<redacted> must be given again; ${env:NAME} references need nothing back)")
+    t.add_argument("--verbose", action="store_true",
+                   help="show the libraries' own output on the console too (progress bars, start-up warnings); "
+                   "same as run.verbose=true. train.log always has everything the console had")
     t.set_defaults(func=_cmd_train)
 
     ck = sub.add_parser(

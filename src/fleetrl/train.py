@@ -20,6 +20,13 @@ from fleetrl.run.config import (
 
 def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = True) -> Path | str:
     """Run it; returns the run directory (a Path, or the URI of a remote run.output_dir)."""
+    import os
+
+    from fleetrl.run import console
+
+    if cfg.run.verbose:  # the services' environments keep the libraries' own output (run/console.py)
+        os.environ[console.VERBOSE_ENV_VAR] = "1"
+    verbose = console.verbose()  # run.verbose, `fleetrl train --verbose` or FLEETRL_VERBOSE=1
     if check:  # the checks of `fleetrl check`, before a run directory exists
         sys.stdout.write(f"fleetrl: inputs checked\n{_check_while_ray_starts(cfg, config_path).summary()}\n")
     if cfg.algorithm in PLANNED_ALGORITHMS:
@@ -27,11 +34,14 @@ def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = T
             f"algorithm '{cfg.algorithm}' is not built yet in this version of fleetrl; "
             f"available now: {', '.join(ONLINE_ALGORITHMS + OFFLINE_ALGORITHMS)}"
         )
-    from fleetrl.run.runtime import RunDir
+    from fleetrl.run.runtime import RunDir, connect_ray, watch_urls
 
     run_dir = RunDir(cfg, config_path)
     try:
-        with _log_to(run_dir.path / "train.log"), _graceful_sigterm(run_dir):
+        with _log_to(run_dir.path / "train.log", verbose=verbose), _graceful_sigterm(run_dir):
+            connect_ray(cfg.ray)  # (already connected after the checks)
+            for what, url in watch_urls():  # where to watch: the Ray dashboard, the Prometheus endpoint
+                sys.stdout.write(f"fleetrl: {what}: {url}\n")
             if cfg.algorithm in OFFLINE_ALGORITHMS:
                 from fleetrl.offline.loop import run_offline
 
@@ -103,28 +113,46 @@ def _graceful_sigterm(run_dir):
 
 
 class _Tee:
-    """Console output that also lands in the run directory's train.log."""
+    """Console output that also lands in the run directory's train.log. With a ``console`` filter
+    (run/console.py), all of it goes to the file and the console gets the lines the filter shows."""
 
-    def __init__(self, stream, file):
-        self.stream, self.file = stream, file
+    def __init__(self, stream, file, console=None):
+        self.stream, self.file, self.console = stream, file, console
+        self._partial = ""
 
     def write(self, text: str) -> int:
         self.file.write(text)
-        return self.stream.write(text)
+        if self.console is None:
+            return self.stream.write(text)
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        shown = "".join(line + "\n" for line in lines if self.console.show(line))
+        if shown:
+            self.stream.write(shown)
+        return len(text)
 
     def flush(self) -> None:
         self.file.flush()
         self.stream.flush()
+
+    def close_line(self) -> None:
+        """The last unfinished line, if any, through the filter."""
+        if self._partial and self.console is not None and self.console.show(self._partial):
+            self.stream.write(self._partial)
+        self._partial = ""
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
 
 
 @contextlib.contextmanager
-def _log_to(path: Path):
+def _log_to(path: Path, verbose: bool = True):
+    from fleetrl.run.console import ConsoleFilter
+
     with open(path, "a", buffering=1) as f:
         out, err = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Tee(out, f), _Tee(err, f)
+        console = None if verbose else ConsoleFilter()  # one filter: a traceback may span both streams
+        sys.stdout, sys.stderr = _Tee(out, f, console), _Tee(err, f, console)
         handler = logging.StreamHandler(sys.stderr)  # log records: console and train.log
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger = logging.getLogger("fleetrl")
@@ -132,5 +160,8 @@ def _log_to(path: Path):
         try:
             yield
         finally:
+            for tee in (sys.stdout, sys.stderr):
+                if isinstance(tee, _Tee):
+                    tee.close_line()
             sys.stdout, sys.stderr = out, err
             logger.removeHandler(handler)

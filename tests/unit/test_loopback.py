@@ -3,7 +3,8 @@
 Each case starts Ray in a fresh interpreter through fleetrl's own ``connect_ray`` (the pytest process
 already has ray imported and the loopback variable set by conftest, so it could not tell), runs one
 task so a worker process exists too, and lists the listening sockets of that interpreter and every
-process below it (gcs_server, raylet, dashboard agent, runtime-env agent, workers) with psutil.
+process below it (gcs_server, raylet, the dashboard and its agent, the metrics export port, runtime-env
+agent, workers) with psutil. The dashboard is on, as by default where ray[default] is installed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ first = sys.argv[1]
 if first == "ray":
     import ray  # a user's script that imports ray before fleetrl
 from fleetrl.run.config import RayConfig
-from fleetrl.run.runtime import connect_ray
+from fleetrl.run.runtime import connect_ray, dashboard_available, watch_urls
 import psutil
 import ray
 
@@ -46,7 +47,9 @@ try:
         ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
         ip = getattr(ip, "ipv4_mapped", None) or ip
         seen.append({"proc": name, "ip": c.laddr.ip, "port": c.laddr.port, "loopback": ip.is_loopback})
-    print("RESULT " + json.dumps({"node_ip": ray.util.get_node_ip_address(), "sockets": seen}), flush=True)
+    urls = dict(watch_urls())
+    print("RESULT " + json.dumps({"node_ip": ray.util.get_node_ip_address(), "sockets": seen, "urls": urls,
+                                  "dashboard_deps": dashboard_available()}), flush=True)
 finally:
     ray.shutdown()
 """
@@ -70,6 +73,13 @@ def test_local_ray_listens_on_loopback_only(first, tmp_path):
     assert result["node_ip"] == "127.0.0.1"
     procs = {s["proc"] for s in result["sockets"]}
     assert {"gcs_server", "raylet"} <= procs, result  # the check saw Ray's own listeners
+    if result["dashboard_deps"]:  # on by default: its web server and the metrics agent were checked too
+        from urllib.parse import urlparse
+
+        ports = {s["port"] for s in result["sockets"]}
+        for what in ("dashboard", "metrics"):
+            url = urlparse(result["urls"][what])
+            assert url.hostname == "127.0.0.1" and url.port in ports, (what, result)
     exposed = [s for s in result["sockets"] if not s["loopback"]]
     assert not exposed, f"Ray processes listen on non-loopback addresses: {exposed}"
 

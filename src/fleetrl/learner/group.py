@@ -18,6 +18,7 @@ from fleetrl.core.waits import wait_all
 from fleetrl.core.weight_wire import WeightPlan
 from fleetrl.learner.config import LearnerConfig, micro_steps_per_mini_batch
 from fleetrl.learner.deepspeed_utils import free_port
+from fleetrl.run.console import quiet_env
 
 
 def learner_env(cfg: LearnerConfig, num_gpus: float) -> dict[str, str]:
@@ -139,7 +140,7 @@ class LearnerGroup:
         master_addr, master_port = self._address_of_rank0()
 
         remote_cls = ray.remote(learner_cls or Learner)
-        env = learner_env(cfg, gpus)
+        env = {**quiet_env(), **learner_env(cfg, gpus)}  # library noise off unless --verbose
         self.actors = [
             remote_cls.options(
                 name=f"{name_prefix}{role}-rank-{i}",

@@ -22,6 +22,7 @@ from typing import Any
 
 from fleetrl.core.weight_wire import WeightPlan
 from fleetrl.rollout.config import RolloutConfig, gpus_per_worker, resolve_device, worker_env
+from fleetrl.run.console import quiet_env
 
 # call(handle, method_name, *args) -> a future (a Ray ObjectRef); futures must be hashable.
 CallFn = Callable[..., Hashable]
@@ -311,7 +312,7 @@ class RolloutFleet:
                 num_gpus=gpus_per_worker(self.cfg, self.device),
                 resources=dict(self.cfg.resources) or None,
                 max_restarts=0,
-                runtime_env={"env_vars": worker_env(self.cfg, self.device)},
+                runtime_env={"env_vars": {**quiet_env(), **worker_env(self.cfg, self.device)}},
             )
             .remote(worker_cfg, self.model_path, index, self.lora_rank)
         )

@@ -99,6 +99,9 @@ class RunSection(StrictModel):
     tensorboard: bool = True  # event files in <run dir>/tensorboard
     # Weights & Biases: keyword arguments of wandb.init (project, entity, ...); needs fleetrl[wandb].
     wandb: dict | None = None
+    # The console shows fleetrl's lines and real warnings/errors; library noise (progress bars, known
+    # harmless warnings) goes to train.log only. true (or `fleetrl train --verbose`): all of it.
+    verbose: bool = False
 
     @field_validator("name")
     @classmethod
@@ -225,6 +228,11 @@ class RayConfig(StrictModel):
     address: str | None = None  # None: start a local Ray (or join RAY_ADDRESS when set)
     num_cpus: int | None = None  # logical CPUs of a local Ray
     namespace: str = "fleetrl"
+    # A local Ray's dashboard, on 127.0.0.1 only (`fleetrl train` prints its URL). None: on where Ray's
+    # dashboard dependencies are installed (ray[default]). Joining a cluster, the head's own is used.
+    dashboard: bool | None = None
+    # None: 8265, or the next free port when another Ray holds it; a port named here must be free.
+    dashboard_port: int | None = Field(None, ge=1, le=65535, description="local dashboard port")
 
 
 class RunConfig(StrictModel):

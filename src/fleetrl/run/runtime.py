@@ -212,7 +212,41 @@ def connect_ray(cfg: RayConfig) -> None:
         ray.init(address=address, namespace=cfg.namespace)
         return
     keep_ray_on_loopback()
-    ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False)
+    dashboard = dashboard_available() if cfg.dashboard is None else cfg.dashboard
+    extra = {"dashboard_host": "127.0.0.1", "dashboard_port": cfg.dashboard_port} if dashboard else {}
+    from fleetrl.run.console import verbose
+
+    if not verbose():  # Ray's INFO start-up lines (fleetrl prints the dashboard URL itself)
+        import logging
+
+        extra["logging_level"] = logging.WARNING
+    ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=dashboard, **extra)
+
+
+def dashboard_available() -> bool:
+    """Ray's dashboard dependencies (ray[default]: aiohttp and friends) import here."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def watch_urls() -> list[tuple[str, str]]:
+    """Where to watch the connected Ray: [("dashboard", url), ("metrics", url)] as far as they exist.
+    The Prometheus endpoint is this node's metrics export port (a local Ray: 127.0.0.1)."""
+    import ray
+
+    out: list[tuple[str, str]] = []
+    node = getattr(ray._private.worker, "_global_node", None) if ray.is_initialized() else None
+    if node is None:
+        return out
+    url = node.webui_url
+    if url:
+        out.append(("dashboard", url if "://" in url else f"http://{url}"))
+    if node.metrics_export_port:
+        out.append(("metrics", f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"))
+    return out
 
 
 def keep_ray_on_loopback() -> None:
