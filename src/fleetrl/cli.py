@@ -26,7 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg, config_path = load_config(args.config, args.overrides), args.config
     if args.verbose:
-        from fleetrl.run.console import VERBOSE_ENV_VAR
+        from fleetrl.core.console import VERBOSE_ENV_VAR
 
         os.environ[VERBOSE_ENV_VAR] = "1"
     run_dir = train(cfg, config_path=config_path)

@@ -22,9 +22,9 @@ def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = T
     """Run it; returns the run directory (a Path, or the URI of a remote run.output_dir)."""
     import os
 
-    from fleetrl.run import console
+    from fleetrl.core import console
 
-    if cfg.run.verbose:  # the services' environments keep the libraries' own output (run/console.py)
+    if cfg.run.verbose:  # the services' environments keep the libraries' own output (core/console.py)
         os.environ[console.VERBOSE_ENV_VAR] = "1"
     verbose = console.verbose()  # run.verbose, `fleetrl train --verbose` or FLEETRL_VERBOSE=1
     if check:  # the checks of `fleetrl check`, before a run directory exists
@@ -114,7 +114,7 @@ def _graceful_sigterm(run_dir):
 
 class _Tee:
     """Console output that also lands in the run directory's train.log. With a ``console`` filter
-    (run/console.py), all of it goes to the file and the console gets the lines the filter shows."""
+    (core/console.py), all of it goes to the file and the console gets the lines the filter shows."""
 
     def __init__(self, stream, file, console=None):
         self.stream, self.file, self.console = stream, file, console
@@ -147,7 +147,7 @@ class _Tee:
 
 @contextlib.contextmanager
 def _log_to(path: Path, verbose: bool = True):
-    from fleetrl.run.console import ConsoleFilter
+    from fleetrl.core.console import ConsoleFilter
 
     with open(path, "a", buffering=1) as f:
         out, err = sys.stdout, sys.stderr

@@ -1,12 +1,12 @@
-"""The console filter (run/console.py): lines as a `fleetrl train` of examples/grpo_tiny.yaml printed
+"""The console filter (core/console.py): lines as a `fleetrl train` of examples/grpo_tiny.yaml printed
 them (Ray 2.60, vLLM CPU, DeepSpeed), the libraries' switches, and the tee into train.log."""
 
 import io
 
 import pytest
 
-from fleetrl.run import console
-from fleetrl.run.console import ConsoleFilter, quiet_env, show_on_console, split_line
+from fleetrl.core import console
+from fleetrl.core.console import ConsoleFilter, quiet_env, show_on_console, split_line
 
 W = "\x1b[36m(RolloutWorker pid=13443)\x1b[0m "
 L = "\x1b[36m(Learner pid=13512)\x1b[0m "

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from fleetrl.core.console import quiet_env
 from fleetrl.core.waits import wait_all
 from fleetrl.core.weight_wire import WeightPlan
 from fleetrl.learner.config import LearnerConfig, micro_steps_per_mini_batch
 from fleetrl.learner.deepspeed_utils import free_port
-from fleetrl.run.console import quiet_env
 
 
 def learner_env(cfg: LearnerConfig, num_gpus: float) -> dict[str, str]:

@@ -20,9 +20,9 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fleetrl.core.console import quiet_env
 from fleetrl.core.weight_wire import WeightPlan
 from fleetrl.rollout.config import RolloutConfig, gpus_per_worker, resolve_device, worker_env
-from fleetrl.run.console import quiet_env
 
 # call(handle, method_name, *args) -> a future (a Ray ObjectRef); futures must be hashable.
 CallFn = Callable[..., Hashable]

@@ -214,7 +214,7 @@ def connect_ray(cfg: RayConfig) -> None:
     keep_ray_on_loopback()
     dashboard = dashboard_available() if cfg.dashboard is None else cfg.dashboard
     extra = {"dashboard_host": "127.0.0.1", "dashboard_port": cfg.dashboard_port} if dashboard else {}
-    from fleetrl.run.console import verbose
+    from fleetrl.core.console import verbose
 
     if not verbose():  # Ray's INFO start-up lines (fleetrl prints the dashboard URL itself)
         import logging
