@@ -206,7 +206,9 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
         sample = json.loads(sample)
         per_prompt.setdefault(sample["prompt_index"], set()).add(sample["step"])
     assert len(per_prompt) == steps * 4 and all(len(v) == 1 for v in per_prompt.values())  # each once, across it
-    assert all(r["train/grad_norm"] > 0 for r in rows if r["reward/std"] > 0)
+    # Where the step's advantages were not all zero it moved the policy (reward/std is across groups:
+    # every group can tie while it is above 0, so it is not the condition).
+    assert all(r["train/grad_norm"] > 0 for r in rows if r["advantage/std"] > 0)
     ckpt = store.file_sizes(f"{uri}/checkpoints/step-{steps:06d}")  # the stop's checkpoint
     assert {"COMPLETE", ".manifest-rank-0.json", ".manifest-rank-1.json"} <= set(ckpt), sorted(ckpt)
     assert {"COMPLETE", "config.json", "model.safetensors"} <= set(store.file_sizes(f"{uri}/final_model"))
