@@ -85,11 +85,14 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
     started.append(fleet)
     try:
         # online_dpo's ranks train its pair loss (learner/offline.py PairObjective) on chosen/rejected pairs.
+        # Its reference: online_dpo.reference_model_path, else (null) the starting policy.
         pair_loss = cfg.online_dpo.loss if cfg.pairs_per_step else None
+        ref_path = cfg.online_dpo.reference_model_path
+        pair_kwargs = {"objective": pair_loss, "objective_cfg": getattr(cfg, pair_loss),
+                       "reference_path": local_path(resolve_model(ref_path)) if ref_path else None}
         learner = LearnerGroup(cfg.learner, model_path, total_steps=total_steps,
                                mini_batch_size=cfg.mini_batch_size, name_prefix=prefix, wait=False,
-                               learner_kwargs={"objective": pair_loss, "objective_cfg": getattr(cfg, pair_loss)}
-                               if pair_loss else None,
+                               learner_kwargs=pair_kwargs if pair_loss else None,
                                reserve=CriticGroup.reserve(cfg.critic, cfg.learner) if colocate else None)
         started.append(learner)
         critic = None
