@@ -15,10 +15,13 @@ From each run's ``metrics.jsonl`` (``reward/mean``: the mean task reward of the 
 the sampling temperature of the run):
 
 - teacher reward = the mean of GRPO's last ``--window`` steps' ``reward/mean``;
-- target = ``--target-fraction`` x teacher reward;
+- target = f x teacher reward, for each f of ``--target-fractions`` (0.9 is the headline);
 - steps to target = the first step s >= window whose trailing mean of ``reward/mean`` over steps
   s-window+1 .. s is >= target ("not reached" if none);
 - ratio = GRPO steps to target / OPD steps to target (> 1: OPD needs fewer steps).
+
+Each seed of ``--seeds`` repeats all three runs (``run.seed``: data order and sampling; the tiny
+model's initial weights are the same), since one tiny run's reward curve is noisy.
 
 Also per run: the median ``time/step`` over steps 2.. (step 1 pays one-off costs), and for OPD the
 median ``time/teacher`` and ``time/teacher_share`` (the teacher's share of the step time).
@@ -43,23 +46,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--grpo-steps", type=int, default=80, help="steps of the GRPO run that makes the teacher")
-    p.add_argument("--opd-steps", type=int, default=40, help="steps of the OPD run")
+    p.add_argument("--opd-steps", type=int, default=80, help="steps of the OPD run")
     p.add_argument("--online-dpo-steps", type=int, default=40, help="steps of the online DPO run (0: skip it)")
     p.add_argument("--window", type=int, default=5, help="steps in the trailing mean of reward/mean")
-    p.add_argument("--target-fraction", type=float, default=0.9,
-                   help="target = this fraction of the teacher's final mean reward")
-    p.add_argument("--seed", type=int, default=0, help="run.seed of every run")
+    p.add_argument("--target-fractions", type=float, nargs="+", default=[0.6, 0.75, 0.9],
+                   help="targets = these fractions of the teacher's final mean reward")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="run.seed of the runs: GRPO, OPD and online DPO once per seed")
     p.add_argument("--output-dir", default=None, help="run.output_dir (default: a temporary directory, removed)")
     p.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR",
-                   help="analyze these run directories (GRPO, OPD[, online DPO]) instead of running")
+                   help="analyze these run directories instead of running: GRPO, OPD and (with "
+                        "--online-dpo-steps > 0) online DPO, per seed of --seeds in turn")
     args = p.parse_args(argv)
     if args.grpo_steps < args.window or args.opd_steps < args.window:
         p.error(f"--grpo-steps and --opd-steps must be >= --window ({args.window})")
     if args.online_dpo_steps and args.online_dpo_steps < 2 * args.window:
         p.error(f"--online-dpo-steps must be 0 or >= 2 x --window ({2 * args.window}): its first and last "
                 "window steps are compared")
-    if not 0 < args.target_fraction <= 1:
-        p.error(f"--target-fraction must be in (0, 1], got {args.target_fraction}")
+    if not all(0 < f <= 1 for f in args.target_fractions):
+        p.error(f"--target-fractions must be in (0, 1], got {args.target_fractions}")
+    per_seed = 3 if args.online_dpo_steps else 2
+    if args.runs and len(args.runs) != per_seed * len(args.seeds):
+        p.error(f"--runs takes {per_seed} run directories per seed of --seeds ({len(args.seeds)}), "
+                f"got {len(args.runs)}")
     return args
 
 
@@ -111,69 +120,72 @@ def run_one(example: str, name: str, steps: int, out: str, seed: int, extra=()) 
     return run_dir, wall
 
 
+def first_last(rows: list[dict], w: int) -> str:
+    return (f"{sum(r['reward/mean'] for r in rows[:w]) / w:.3f} -> "
+            f"{sum(r['reward/mean'] for r in rows[-w:]) / w:.3f}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from _util import init_local_ray, print_machine_state, print_table
 
     before = print_machine_state("start")
     out = args.output_dir or tempfile.mkdtemp(prefix="fleetrl-bench-opd-")
+    nan = float("nan")
+    runs: dict[int, dict[str, tuple[Path, float]]] = {}
     if args.runs:
-        if len(args.runs) not in (2, 3):
-            raise SystemExit(f"--runs takes 2 or 3 run directories (GRPO, OPD[, online DPO]), got {len(args.runs)}")
-        nan = float("nan")
-        (grpo_dir, grpo_wall), (opd_dir, opd_wall) = (Path(args.runs[0]), nan), (Path(args.runs[1]), nan)
-        odpo = (Path(args.runs[2]), nan) if len(args.runs) == 3 else None
+        given = iter(Path(d) for d in args.runs)
+        for seed in args.seeds:
+            kinds = ("grpo", "opd", "online_dpo") if args.online_dpo_steps else ("grpo", "opd")
+            runs[seed] = {k: (next(given), nan) for k in kinds}
     else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         init_local_ray()
-        grpo_dir, grpo_wall = run_one("grpo_tiny.yaml", f"grpo-{stamp}", args.grpo_steps, out, args.seed)
-        teacher = grpo_dir / "final_model"
-        opd_dir, opd_wall = run_one("opd_tiny.yaml", f"opd-{stamp}", args.opd_steps, out, args.seed,
-                                    [f"teacher.model_path={teacher}"])
-        odpo = None
-        if args.online_dpo_steps:
-            odpo = run_one("online_dpo_tiny.yaml", f"online-dpo-{stamp}", args.online_dpo_steps, out, args.seed)
-
-    grpo, opd = read_metrics(grpo_dir), read_metrics(opd_dir)
-    w = args.window
-    teacher_reward = sum(r["reward/mean"] for r in grpo[-w:]) / w
-    target = args.target_fraction * teacher_reward
-    n_grpo = steps_to_target([r["reward/mean"] for r in grpo], target, w)
-    n_opd = steps_to_target([r["reward/mean"] for r in opd], target, w)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for seed in args.seeds:
+            r = runs[seed] = {}
+            r["grpo"] = run_one("grpo_tiny.yaml", f"grpo-s{seed}-{stamp}", args.grpo_steps, out, seed)
+            r["opd"] = run_one("opd_tiny.yaml", f"opd-s{seed}-{stamp}", args.opd_steps, out, seed,
+                               [f"teacher.model_path={r['grpo'][0] / 'final_model'}"])
+            if args.online_dpo_steps:
+                r["online_dpo"] = run_one("online_dpo_tiny.yaml", f"online-dpo-s{seed}-{stamp}",
+                                          args.online_dpo_steps, out, seed)
     after = print_machine_state("end")
 
-    def fmt_steps(n, total):
-        return str(n) if n is not None else f"not reached in {total}"
-
-    def first_last(rows):
-        return (f"{sum(r['reward/mean'] for r in rows[:w]) / w:.3f} -> "
-                f"{sum(r['reward/mean'] for r in rows[-w:]) / w:.3f}")
-
-    table = [
-        ["GRPO from scratch (teacher)", str(len(grpo)), first_last(grpo), fmt_steps(n_grpo, len(grpo)),
-         f"{median(r['time/step'] for r in grpo[1:]):.2f}", "-", f"{grpo_wall:.0f}"],
-        ["OPD from the fresh tiny model", str(len(opd)), first_last(opd), fmt_steps(n_opd, len(opd)),
-         f"{median(r['time/step'] for r in opd[1:]):.2f}",
-         f"{median(r['time/teacher'] for r in opd[1:]):.3f} / {median(r['time/teacher_share'] for r in opd[1:]):.0%}",
-         f"{opd_wall:.0f}"],
-    ]
-    if odpo is not None:
-        rows = read_metrics(odpo[0])
-        table.append(["online DPO from the fresh tiny model", str(len(rows)), first_last(rows),
-                      fmt_steps(steps_to_target([r["reward/mean"] for r in rows], target, w), len(rows)),
-                      f"{median(r['time/step'] for r in rows[1:]):.2f}", "-", f"{odpo[1]:.0f}"])
-    print_table(["run", "steps", f"reward/mean first {w} -> last {w}", "steps to target", "median s/step",
-                 "median time/teacher s / share", "run wall s"], table,
-                title=(f"OPD vs GRPO on the letters task (teacher reward {teacher_reward:.3f} = mean of GRPO's "
-                       f"last {w} steps; target {target:.3f} = {args.target_fraction:g} x teacher; trailing "
-                       f"mean over {w} steps; seed {args.seed}; load avg start {before['loadavg_1_5_15']}, "
-                       f"end {after['loadavg_1_5_15']})"))
-    ratio = f"{n_grpo / n_opd:.2f}" if n_grpo is not None and n_opd is not None else "n/a (a run missed the target)"
-    print(f"GRPO steps / OPD steps to the target: {ratio}")
-    for name, rows in [("GRPO", grpo), ("OPD", opd)] + ([("online DPO", read_metrics(odpo[0]))] if odpo else []):
-        print(f"{name} reward/mean per step: " + " ".join(f"{r['reward/mean']:.2f}" for r in rows))
-    print("OPD distill/reverse_kl first -> last: "
-          f"{opd[0]['distill/reverse_kl']:.3f} -> {opd[-1]['distill/reverse_kl']:.3f}")
+    w = args.window
+    names = {"grpo": "GRPO from scratch (the teacher)", "opd": "OPD from the fresh tiny model",
+             "online_dpo": "online DPO from the fresh tiny model"}
+    per_run, targets, curves = [], [], []
+    for seed, r in runs.items():
+        metrics = {k: read_metrics(d) for k, (d, _) in r.items()}
+        teacher = sum(m["reward/mean"] for m in metrics["grpo"][-w:]) / w
+        for k, rows in metrics.items():
+            share = "-"
+            if k == "opd":
+                share = (f"{median(m['time/teacher'] for m in rows[1:]):.3f} / "
+                         f"{median(m['time/teacher_share'] for m in rows[1:]):.0%}")
+            per_run.append([str(seed), names[k], str(len(rows)), first_last(rows, w),
+                            f"{median(m['time/step'] for m in rows[1:]):.2f}", share, f"{r[k][1]:.0f}"])
+            curves.append(f"seed {seed} {k} reward/mean per step: "
+                          + " ".join(f"{m['reward/mean']:.2f}" for m in rows))
+        kl = [m["distill/reverse_kl"] for m in metrics["opd"]]
+        curves.append(f"seed {seed} opd distill/reverse_kl first -> last: {kl[0]:.3f} -> {kl[-1]:.3f}")
+        for f in args.target_fractions:
+            target = f * teacher
+            n = {k: steps_to_target([m["reward/mean"] for m in rows], target, w) for k, rows in metrics.items()}
+            cells = [str(seed), f"{teacher:.3f}", f"{f:g} -> {target:.3f}"]
+            cells += [str(n[k]) if n[k] is not None else f"not in {len(metrics[k])}" for k in metrics]
+            cells.append(f"{n['grpo'] / n['opd']:.2f}" if n["grpo"] and n["opd"] else "n/a")
+            targets.append(cells)
+    load = f"load avg start {before['loadavg_1_5_15']}, end {after['loadavg_1_5_15']}"
+    print_table(["seed", "run", "steps", f"reward/mean first {w} -> last {w}", "median s/step",
+                 "median time/teacher s / share", "run wall s"], per_run,
+                title=f"Runs on the letters task (tiny model, 2 cores; {load})")
+    print_table(["seed", "teacher reward", "fraction -> target"]
+                + [f"{k} steps to target" for k in next(iter(runs.values()))] + ["GRPO / OPD steps"], targets,
+                title=(f"Steps to a target reward (teacher reward = mean reward/mean of GRPO's last {w} steps; "
+                       f"steps to target = first step whose trailing mean over {w} steps >= target)"))
+    for line in curves:
+        print(line)
     if not args.output_dir and not args.runs:
         shutil.rmtree(out, ignore_errors=True)
 
