@@ -3,6 +3,7 @@ vLLM CPU workers, a DeepSpeed learner, a rule reward).
 
 Online DPO: every step's pairs are counted (pairs + ties = prompts), the learner's pair loss reports
 DPO's metrics and learns the preferences (mean margin > 0 over the second half), the reward is not broken.
+The reference is given by name (online_dpo.reference_model_path=tiny, the starting model again).
 OPD: the teacher is the online DPO run's final model (same tokenizer; `fleetrl train` checks it),
 the student the fresh tiny model; the reverse KL to the teacher is finite on every step and falls.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fleetrl.run.config import load_config
+from fleetrl.run.runtime import resolve_model
 from fleetrl.train import train
 
 pytestmark = pytest.mark.e2e
@@ -32,11 +34,16 @@ def mean(xs) -> float:
 def test_online_dpo_then_opd_from_its_model(tmp_path, ray_local):
     steps, prompts = 16, 16
     example = EXAMPLES / "online_dpo_tiny.yaml"
+    # The reference given by name (online_dpo.reference_model_path): the starting model again, resolved like
+    # model.path, so step 1's implicit rewards (policy - reference, before any update) are 0.
     run_dir = train(load_config(example, [f"run.output_dir={tmp_path}", "run.name=odpo", f"run.steps={steps}",
-                                          f"rl.prompts_per_step={prompts}", "rl.group_size=4"]),
+                                          f"rl.prompts_per_step={prompts}", "rl.group_size=4",
+                                          "online_dpo.reference_model_path=tiny"]),
                     config_path=example)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert f"reference {resolve_model('tiny')}" in (run_dir / "train.log").read_text()
+    assert abs(rows[0]["train/rewards/chosen"]) < 1e-3 and abs(rows[0]["train/rewards/rejected"]) < 1e-3, rows[0]
     for key in ("reward/mean", "online_dpo/pairs", "online_dpo/skipped_ties", "online_dpo/chosen_reward",
                 "online_dpo/rejected_reward", "online_dpo/reward_gap", "train/loss", "train/rewards/margins",
                 "train/rewards/accuracies", "train/rewards/chosen", "train/logps/chosen", "train/grad_norm",

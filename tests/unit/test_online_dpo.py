@@ -100,3 +100,76 @@ def test_pair_objective_ignores_weight_zero_rows():
     for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert outs[0][key] == pytest.approx(outs[1][key], rel=1e-5), key
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_a_given_reference_model_is_checked_and_refused_when_unused(tmp_path, tiny_policy, tiny_policy_seed1):
+    """online_dpo.reference_model_path: refused for a reference-free loss and for other algorithms;
+    at check time a path that is no model, or a model with another tokenizer, is refused by name."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from fleetrl.run.check import CheckError, check_run
+
+    with pytest.raises(ConfigError, match="online_dpo.reference_model_path is set, but online_dpo.loss=simpo uses "
+                                          "no reference model"):
+        load_config(EXAMPLE, ["online_dpo.loss=simpo", "online_dpo.reference_model_path=tiny"])
+    with pytest.raises(ConfigError, match="online_dpo.reference_model_path is for online_dpo; grpo does not read it"):
+        load_config("examples/grpo_tiny.yaml", ["online_dpo.reference_model_path=tiny"])
+
+    base = [f"model.path={tiny_policy}", f"run.output_dir={tmp_path / 'runs'}"]
+    report = check_run(load_config(EXAMPLE, base + [f"online_dpo.reference_model_path={tiny_policy_seed1}"]),
+                       EXAMPLE, cluster=False)
+    assert any(n.startswith("online_dpo.reference_model_path: ") and "same tokenizer as the policy" in n
+               for n in report.notes), report.notes
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(CheckError, match=r"online_dpo.reference_model_path: online_dpo.reference_model_path="
+                                         r"'.*no-such-model': no such directory"):
+        check_run(load_config(EXAMPLE, base + [f"online_dpo.reference_model_path={missing}"]), EXAMPLE,
+                  cluster=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckError, match=r"reference_model_path='.*empty' is not a model directory"):
+        check_run(load_config(EXAMPLE, base + [f"online_dpo.reference_model_path={tmp_path / 'empty'}"]), EXAMPLE,
+                  cluster=False)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_policy, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<not-the-policys>"])
+    tok.save_pretrained(other)
+    with pytest.raises(CheckError, match=r"online_dpo.reference_model_path=.*other has a different tokenizer from "
+                                         r"the policy's .*its vocabulary differs"):
+        check_run(load_config(EXAMPLE, base + [f"online_dpo.reference_model_path={other}"]), EXAMPLE, cluster=False)
+
+
+def test_the_learner_scores_pairs_with_the_given_reference_model(tiny_policy, tiny_policy_seed1):
+    """Engine(reference_path=...) loads that model as the frozen reference: the reference log-probs are the
+    given model's (a plain forward of it), not the policy's; without it the reference is the policy's copy."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from transformers import AutoModelForCausalLM
+from fleetrl.algos.logprobs import token_logprobs
+from fleetrl.learner.deepspeed_utils import free_port
+from fleetrl.learner.offline_config import DPOConfig
+from fleetrl.learner.rank import Learner
+cfg = {{"num_ranks": 1, "num_cpus_per_rank": 1, "zero_stage": 2, "micro_batch_size": 2}}
+learner = Learner(cfg, {str(tiny_policy)!r}, 0, 1, "127.0.0.1", free_port(), None, 2, objective="dpo",
+                  objective_cfg=DPOConfig(), reference_path={str(tiny_policy_seed1)!r})
+assert learner.info()["reference"] == {str(tiny_policy_seed1)!r}, learner.info()
+ids = torch.tensor([[5, 9, 17, 30, 41, 8], [7, 7, 12, 3, 0, 0]])
+batch = {{"input_ids": ids, "attention_mask": (torch.arange(6) < torch.tensor([[6], [4]])).long()}}
+ref = learner.compute_logprobs(batch, "reference")
+pol = learner.compute_logprobs(batch, "policy")
+given = AutoModelForCausalLM.from_pretrained({str(tiny_policy_seed1)!r}, torch_dtype=torch.float32).eval()
+with torch.no_grad():
+    want = token_logprobs(given(input_ids=ids, attention_mask=batch["attention_mask"]).logits, ids)
+mask = batch["attention_mask"].bool()
+mask[:, 0] = False  # the first token has no context: 0 in both
+assert torch.allclose(ref[mask], want[mask], atol=1e-4), (ref, want)
+assert not torch.allclose(pol[mask], want[mask], atol=1e-2), "the policy is not the given reference"
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -119,13 +119,15 @@ class Engine:
         *,
         model_kind: str = "causal_lm",
         reference: bool = False,
+        reference_path: str | os.PathLike | None = None,
         pad_token_id: int = 0,
     ):
         """`total_steps`: optimizer steps of the run (needed by the cosine schedule).
 
         `mini_batch_size`: sequences (or examples) per optimizer step over ALL ranks; it fixes
         DeepSpeed's gradient-accumulation steps. None = one micro-batch per rank per step.
-        `model_kind`: a key of MODEL_LOADERS. `reference`: also load a frozen copy of the model.
+        `model_kind`: a key of MODEL_LOADERS. `reference`: also load a frozen copy of the model,
+        or with `reference_path` (a local model directory with the policy's tokenizer) that model instead.
         """
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -224,11 +226,15 @@ class Engine:
 
         self.ref_engine = None
         self.ref_module = None
-        if reference and self.lora is not None:
+        if reference_path is not None and not reference:
+            raise ValueError("reference_path is given but no reference is loaded (reference=False): the "
+                             "objective compares with no reference model")
+        self.reference_path = str(reference_path or self.model_path) if reference else None
+        if reference and self.lora is not None and reference_path is None:
             # The reference is the policy with its adapter switched off: no second model.
             self.ref_module = AdapterDisabled(self.engine, self.engine.module)
         elif reference:
-            ref = self._load(self.model_path)
+            ref = self._load(self.reference_path)
             ref.config.use_cache = False
             ref.requires_grad_(False)
             ref.eval()
@@ -281,7 +287,7 @@ class Engine:
         """Drop the frozen reference (e.g. once its log-probs are precomputed) to free its memory."""
         import gc
 
-        if self.lora is not None:
+        if isinstance(self.ref_module, AdapterDisabled):
             return  # the adapter-disabled reference costs no memory; keep it
         self.ref_engine = None
         self.ref_module = None
@@ -296,6 +302,7 @@ class Engine:
             "dtype": self.dtype_name,
             "backend": self.backend,
             "zero_stage": self.cfg.zero_stage,
+            "reference": self.reference_path,
             "grad_accum_steps": self.grad_accum,
             "torch_threads": torch.get_num_threads(),
             "dropout": active_dropout(self.engine.module),  # 0: a train forward equals an eval one

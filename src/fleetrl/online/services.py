@@ -60,9 +60,13 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
     with_critic = cfg.online_algorithm.critic
     critic_note = f", {cfg.critic.learner_config(cfg.learner).num_ranks} critic rank(s) " \
                   f"({cfg.critic.placement}) from {critic_path}" if with_critic else ""
+    # online_dpo's pair-loss reference: online_dpo.reference_model_path, else (null) the starting policy.
+    given = cfg.online_dpo.reference_model_path if cfg.pairs_per_step else None
+    reference_path = local_path(resolve_model(given)) if given else None
+    reference_note = f", reference {reference_path}" if reference_path else ""
     print(f"fleetrl: starting {cfg.rollout.num_workers} rollout worker(s), {cfg.reward.num_workers} reward "  # noqa: T201
-          f"worker(s), {cfg.learner.num_ranks} learner rank(s) [{backend}] on {model_path}{critic_note}",
-          flush=True)
+          f"worker(s), {cfg.learner.num_ranks} learner rank(s) [{backend}] on {model_path}{critic_note}"
+          f"{reference_note}", flush=True)
     t0 = time.perf_counter()
     age = process_age_s()
     prefix = run_dir.actor_prefix
@@ -86,10 +90,11 @@ def start_services(cfg: RunConfig, run_dir: RunDir, model_path: str, backend: st
     try:
         # online_dpo's ranks train its pair loss (learner/offline.py PairObjective) on chosen/rejected pairs.
         pair_loss = cfg.online_dpo.loss if cfg.pairs_per_step else None
+        pair_kwargs = {"objective": pair_loss, "objective_cfg": getattr(cfg, pair_loss),
+                       "reference_path": reference_path} if pair_loss else None
         learner = LearnerGroup(cfg.learner, model_path, total_steps=total_steps,
                                mini_batch_size=cfg.mini_batch_size, name_prefix=prefix, wait=False,
-                               learner_kwargs={"objective": pair_loss, "objective_cfg": getattr(cfg, pair_loss)}
-                               if pair_loss else None,
+                               learner_kwargs=pair_kwargs,
                                reserve=CriticGroup.reserve(cfg.critic, cfg.learner) if colocate else None)
         started.append(learner)
         critic = None

@@ -4,7 +4,8 @@ The same checks open ``fleetrl train`` (``train.train`` calls :func:`check_run`)
 in seconds with one message instead of minutes later inside an actor. Checked, in order: the config
 (by ``load_config``), the model (a local directory with config.json, the built-in tiny models, or a
 hub id found in the local cache; no network wait when HF_HUB_OFFLINE is set), the tokenizer and the
-chat template (every prompt is rendered), every data row (the first CHECK_SAMPLE_ROWS of streamed
+chat template (every prompt is rendered), a teacher's or a given reference model's tokenizer (the
+policy's), every data row (the first CHECK_SAMPLE_ROWS of streamed
 data, and the report says so), the reward functions (rule files imported, the columns they name
 present in the data; reward models reachable), the output location (writable, not an earlier run
 unless run.resume) and, when joining an existing cluster (ray.address / RAY_ADDRESS), the resources
@@ -70,6 +71,8 @@ def check_run(cfg: RunConfig, config_path: str | Path | None = None, cluster: bo
     step("tokenizer", lambda: _check_tokenizer(cfg, state))
     if cfg.teacher is not None:
         step("teacher", lambda: check_teacher_tokenizer(cfg, state))
+    if cfg.online_dpo.reference_model_path is not None:
+        step("online_dpo.reference_model_path", lambda: check_reference_model(cfg, state))
     if cfg.learner.lora is not None:
         step("learner.lora", lambda: _check_lora(cfg, state))
     step("data", lambda: _check_data(cfg, state))
@@ -190,29 +193,46 @@ def _check_tokenizer(cfg: RunConfig, state: dict) -> str:
 TOKENIZER_PROBE = "The teacher scores every token: 12 + 30 = 42, ünïcödé, <tag> \n\tend."
 
 
-def check_teacher_tokenizer(cfg: RunConfig, state: dict) -> str:
-    """The teacher scores the student's token ids: its tokenizer must be the student's (same vocabulary,
-    same encoding of a probe text). A teacher may be larger or another architecture."""
+def _check_same_tokenizer(cfg: RunConfig, state: dict, setting: str, value: str, who: str, why: str) -> str:
+    """The model at `value` (the value of `setting`) scores the policy's token ids: it must exist and its
+    tokenizer must be the policy's (same vocabulary, same encoding of a probe text)."""
     if "tokenizer" not in state:
         raise _Skipped
     from fleetrl.run.runtime import load_tokenizer, resolve_model
 
-    check_model(cfg.teacher.model_path, "teacher.model_path")
-    path = resolve_model(cfg.teacher.model_path)
+    check_model(value, setting)
+    path = resolve_model(value)
     try:
         theirs = load_tokenizer(path)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; one line each
-        raise ValueError(f"cannot load the tokenizer of teacher.model_path={cfg.teacher.model_path} "
+        raise ValueError(f"cannot load the tokenizer of {setting}={value} "
                          f"({type(e).__name__}: {_one_line(e)[:200]})") from None
     ours = state["tokenizer"]
     same_vocab = theirs.get_vocab() == ours.get_vocab()
     if not same_vocab or theirs.encode(TOKENIZER_PROBE) != ours.encode(TOKENIZER_PROBE):
         what = "vocabulary" if not same_vocab else "encoding of a probe text"
         raise ValueError(
-            f"teacher.model_path={cfg.teacher.model_path} has a different tokenizer from the student's "
-            f"(model.path={cfg.model.path}): its {what} differs. The teacher scores the student's token ids, so "
-            "both must share one tokenizer (the teacher may be larger or another architecture)")
-    return f"{path}, same tokenizer as the student"
+            f"{setting}={value} has a different tokenizer from the {who}'s (model.path={cfg.model.path}): its "
+            f"{what} differs. {why}")
+    return f"{path}, same tokenizer as the {who}"
+
+
+def check_teacher_tokenizer(cfg: RunConfig, state: dict) -> str:
+    """The teacher scores the student's token ids: its tokenizer must be the student's (same vocabulary,
+    same encoding of a probe text). A teacher may be larger or another architecture."""
+    return _check_same_tokenizer(
+        cfg, state, "teacher.model_path", cfg.teacher.model_path, "student",
+        "The teacher scores the student's token ids, so both must share one tokenizer (the teacher may be "
+        "larger or another architecture)")
+
+
+def check_reference_model(cfg: RunConfig, state: dict) -> str:
+    """online_dpo.reference_model_path: the frozen reference scores the policy's pairs, so it needs the
+    policy's tokenizer (it may be another size or architecture)."""
+    return _check_same_tokenizer(
+        cfg, state, "online_dpo.reference_model_path", cfg.online_dpo.reference_model_path, "policy",
+        "The reference scores the policy's token ids, so both must share one tokenizer (the reference may be "
+        "another size or architecture)")
 
 
 def _check_lora(cfg: RunConfig, state: dict) -> str:

@@ -210,6 +210,10 @@ class OnlineDPOConfig(StrictModel):
     # The pair loss (a PREFERENCE_LOSSES name: dpo, ipo, simpo, orpo, ...); its hyperparameters come
     # from that loss's own section (dpo.beta, ipo.beta, simpo.beta, ...).
     loss: str = "dpo"
+    # The frozen reference of the pair loss: null = the starting policy (model.path); else a model
+    # given by path (a local directory, a hub id, or `tiny`) with the policy's tokenizer, loaded on
+    # every learner rank in place of the copy of the starting policy (with LoRA too).
+    reference_model_path: str | None = None
 
     @field_validator("loss")
     @classmethod
@@ -415,6 +419,9 @@ class RunConfig(StrictModel):
             self._check_token_algorithm()
         if algo.objective == "pairs":
             self._check_pair_algorithm()
+        elif self.online_dpo.reference_model_path is not None:
+            raise ValueError(f"online_dpo.reference_model_path is for online_dpo; {self.algorithm} does not read it: "
+                             "remove it")
         if algo.teacher and self.teacher is None:
             raise ValueError(f"{self.algorithm} distills a teacher: set teacher.model_path (a frozen model with the "
                              "student's tokenizer; teacher.num_actors / num_gpus_per_actor place it)")
@@ -440,10 +447,15 @@ class RunConfig(StrictModel):
                 "(every rank runs whole micro-batches of pairs)")
         from fleetrl.algos import PREFERENCE_LOSSES
 
-        if PREFERENCE_LOSSES.meta(loss).get("needs_reference") and not self.learner.reference:
+        needs_reference = PREFERENCE_LOSSES.meta(loss).get("needs_reference")
+        if needs_reference and not self.learner.reference:
             raise ValueError(
-                f"online_dpo.loss={loss} compares the policy with the frozen starting policy, but "
+                f"online_dpo.loss={loss} compares the policy with a frozen reference, but "
                 "learner.reference is false: set learner.reference: true (or a reference-free loss: simpo, orpo)")
+        if self.online_dpo.reference_model_path is not None and not needs_reference:
+            raise ValueError(
+                f"online_dpo.reference_model_path is set, but online_dpo.loss={loss} uses no reference model: "
+                "remove online_dpo.reference_model_path, or pick a loss with a reference (dpo, ipo, ...)")
 
     def _check_token_algorithm(self) -> None:
         loss = self.learner.loss
