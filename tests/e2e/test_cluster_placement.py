@@ -7,7 +7,11 @@ on the two train nodes (a rendezvous across nodes), the run's outputs (metrics, 
 checkpoint manifests, final_model/) in S3-compatible storage every node reaches. After step 1 the
 rollout worker's node is drained through Ray (a preemption): the worker leaves between steps, its
 replacement starts on the other rollout node. Then a rollout node joins and `fleetrl scale` grows the
-fleet onto it, and a graceful stop ends the run. Every prompt is trained exactly once. Before the run,
+fleet onto it. Then nodes die without notice: the node of the worker `fleetrl scale` added is removed
+mid-generate (its prompts go to the other worker, its replacement starts on a spare rollout node), and
+the node of learner rank 1 is removed (the run restarts once from its last complete checkpoint, its
+ranks on the train node left and a spare). A graceful stop ends the run. Across all of it the steps and
+weight versions run 1..N and every prompt is trained exactly once. Before the run,
 `fleetrl check` against the same cluster: a local run.output_dir is refused while ranks may run on
 other nodes; per service, which nodes can hold one of its actors; a service no alive node can hold
 is refused, before and after a node is lost.
@@ -205,7 +209,7 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
         for ln in proc.stdout:
             lines.append(ln.rstrip("\n"))
             if ln.startswith("fleetrl: placement: ") and drained is None:
-                placement = _placement(ln)
+                placement = _placement(ln.rstrip("\n"))
                 worker_node = placement["rollout-0"].split("[")[1].rstrip("]")
                 drained = next(n for n in rollouts if n.node_id.startswith(worker_node))
             step_line = ln.startswith("fleetrl: step ")
@@ -268,7 +272,9 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
         console[-6000:]
     left = next(t for t in trains if t is not lost_train)
     assert {again["learner-rank-0"], again["learner-rank-1"]} == {at[left.node_id], at[spare_train.node_id]}, again
-    assert set(again[w] for w in again if w.startswith("rollout-")) == {at[other.node_id], at[spare.node_id]}, again
+    # The fleet starts again with rollout.num_workers (then grows to the checkpoint's `fleetrl scale` size),
+    # on the rollout nodes still there.
+    assert {again[w] for w in again if w.startswith("rollout-")} <= {at[other.node_id], at[spare.node_id]}, again
     assert stopped and "stop requested; ending after step" in console, console[-6000:]
 
     # It trained, and what ranks on other nodes wrote is in the run's storage.
