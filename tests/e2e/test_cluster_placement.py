@@ -179,7 +179,7 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
     options.append("run.storage_options.client_kwargs.region_name=eu-west-1")
     small = ["rollout.num_workers=1", "learner.num_ranks=2", "rl.prompts_per_step=4", "rl.group_size=4",
              "learner.micro_batch_size=8", "rollout.sampling.max_tokens=8", "rl.max_staleness=0",
-             "run.checkpoint_every=4", "rl.eval_every=0", "run.max_restarts=1"]
+             "run.checkpoint_every=4", "run.keep_last=0", "rl.eval_every=0", "run.max_restarts=1"]
     # Run as a process whose console is read live. Each event is applied between steps, a step or more
     # after it is asked for (tiny steps take well under a second), so the run is open-ended and told
     # to stop once everything happened:
@@ -300,7 +300,7 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
     # Where the step's advantages were not all zero it moved the policy (reward/std is across groups:
     # every group can tie while it is above 0, so it is not the condition).
     assert all(r["train/grad_norm"] > 0 for r in rows if r["advantage/std"] > 0)
-    for step in (ckpt_step, steps):  # the checkpoint the run restarted from, the stop's
+    for step in (ckpt_step, steps):  # the checkpoint the run restarted from (run.keep_last=0), the stop's
         ckpt = store.file_sizes(f"{uri}/checkpoints/step-{step:06d}")
         assert {"COMPLETE", ".manifest-rank-0.json", ".manifest-rank-1.json"} <= set(ckpt), (step, sorted(ckpt))
     assert {"COMPLETE", "config.json", "model.safetensors"} <= set(store.file_sizes(f"{uri}/final_model"))
