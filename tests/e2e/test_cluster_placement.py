@@ -228,7 +228,9 @@ def test_a_run_placed_by_node_kind_trains_across_nodes_into_shared_storage(node_
                 # (2 of its 4 prompts to each worker) reach a worker that cannot answer.
                 below = _freeze_rollout_worker(added)
                 spare = cluster.add_node(num_cpus=1, resources={"rollout": 1})
-                time.sleep(1)  # meanwhile the driver starts the next step and its calls (steps take < 1 s)
+                # Meanwhile the driver starts the next step and its calls (steps take < 1 s; 3 s leaves room
+                # for a step that also checkpoints to S3 on a loaded machine).
+                time.sleep(3)
                 cluster.remove_node(added)
                 _kill(below)
                 killed = True
