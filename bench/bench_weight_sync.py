@@ -120,7 +120,9 @@ def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
         p = WeightPlan(version=version, buckets=plan.buckets)
         start = time.perf_counter()
         got = ray.get(learner.send_weights(p, verify) + fleet.receive_weights(p))
-        ranks = [r for w in got[learner.num_ranks:] for r in w["ranks"]]
+        reports = got[learner.num_ranks:]
+        ranks = [r for w in reports for r in w["ranks"]]
+        slowest = max(reports, key=lambda w: w["seconds"])
         check = 0.0
         if verify:  # as WeightSync._check: learner checksums + worker read-back + the driver's comparison
             t0 = time.perf_counter()
@@ -135,7 +137,10 @@ def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
         wall = time.perf_counter() - start
         return {"wall": wall, "send": got[0]["seconds"], "recv": max(r["receive_s"] for r in ranks),
                 "reload": max(r["reload_s"] for r in ranks), "verify": check,
-                "checksum": got[0].get("checksum_s", 0.0)}
+                "checksum": got[0].get("checksum_s", 0.0), "worker": slowest["seconds"],
+                **{f"phase_{k}": v for k, v in slowest["phases_s"].items()},
+                "rpc_rest": slowest["phases_s"]["load"] - max(r["receive_s"] + r["reload_s"] + r.get("verify_s", 0.0)
+                                                              for r in ranks)}
 
     def raw(fresh: bool) -> dict[str, float]:
         start = time.perf_counter()
@@ -242,7 +247,7 @@ def main(argv=None) -> None:
             raise RuntimeError("the policy mixes dtypes; this bench's raw baseline assumes one dtype")
 
         probe_rows = alloc_probe(sum(b.numel for b in base.buckets), args.bucket_mb, args.rounds)
-        bw_rows, ms_rows, floor_rows = [], [], []
+        bw_rows, ms_rows, floor_rows, phase_rows = [], [], [], []
         version = 0
         raw_cls = ray.remote(num_cpus=1)(RawPeer)
         for workers in range(1, args.max_workers + 1):
@@ -274,6 +279,10 @@ def main(argv=None) -> None:
                 floor_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(rw["wall"]), _ms(sp["reload"]),
                                    f"{1e3 * floor:.0f}", f"{floor / sp['wall'].median:.2f}",
                                    f"{sp['verify'].median / sp['wall'].median:.1%}"])
+                phase_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]),
+                                   f"{1e3 * (sp['wall'].median - sp['worker'].median):.0f}", _ms(sp["worker"]),
+                                   _ms(sp["phase_pause"]), _ms(sp["recv"]), _ms(sp["reload"]), _ms(sp["rpc_rest"]),
+                                   _ms(sp["phase_reset"]), _ms(sp["phase_resume"])])
                 bw_rows.append([f"{workers}", f"{mb}", f"{nb}",
                                 _bw(sp["wall"], mib).fmt(0), _bw(rw["wall"], mib).fmt(0),
                                 _ratio(sp["wall"], rw["wall"]),
@@ -301,6 +310,12 @@ def main(argv=None) -> None:
         ["workers", "bucket MiB", "spine e2e ms", "raw broadcast ms", "vLLM reload ms", "raw + reload ms",
          "ratio (raw + reload) / spine", "verify share"],
         floor_rows, title=f"Weight sync vs the least it must do (raw broadcast + one reload, same run): {setup}")
+    print_table(
+        ["workers", "bucket MiB", "spine e2e ms", "outside the worker ms (Ray calls, driver)", "worker actor ms",
+         "pause ms", "receive ms", "reload ms", "rest of the rpc ms (dispatch, plan)",
+         "prefix-cache reset ms",
+         "resume ms"],
+        phase_rows, title="Where a sync's time goes (slowest worker, medians; e2e - worker = outside the worker)")
     print_table(
         ["workers", "bucket MiB", "buckets", "spine e2e MiB/s", "raw e2e MiB/s", "e2e ratio",
          "spine transfer MiB/s", "raw transfer MiB/s", "transfer ratio", "raw fresh-buffer transfer MiB/s",

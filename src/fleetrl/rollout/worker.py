@@ -424,11 +424,14 @@ class RolloutWorker:
             try:
                 if mode == "wait":
                     await self._drained(int(plain["version"]))
+                marks = [time.perf_counter()]  # phases of the sync, for the bench: pause, load, reset, resume
                 await self.engine.pause_generation(mode=mode, clear_cache=True)
+                marks.append(time.perf_counter())
                 try:
                     # Checked only for full weights: a merged LoRA plan carries the adapter, not what loads.
                     verify = self.cfg.verify_weights and plain.get("lora_scale") is None
                     stats = await self.engine.collective_rpc("receive_weights", args=(plain, verify))
+                    marks.append(time.perf_counter())
                     self.weight_version = int(plain["version"])
                     # The pause dropped the KV and prefix caches before the load; drop them again
                     # now, so that no prefix computed with older weights can be served after it.
@@ -437,12 +440,16 @@ class RolloutWorker:
                                            f"cache after loading weight version {self.weight_version}")
                     self.prefix_cache_resets[self.weight_version] = (
                         self.prefix_cache_resets.get(self.weight_version, 0) + 1)
+                    marks.append(time.perf_counter())
                 finally:
                     await self.engine.resume_generation()
+                marks.append(time.perf_counter())
             finally:
                 self._admit.set()
         self.weight_updates_in_flight += int(inflight > 0 and mode == "keep")
-        return self._sync_report(t0, inflight, stats)
+        report = self._sync_report(t0, inflight, stats)
+        report["phases_s"] = {name: b - a for name, a, b in zip(("pause", "load", "reset", "resume"), marks, marks[1:])}
+        return report
 
     async def _drained(self, version: int) -> None:
         """rollout.weight_update: drain: wait (within rollout.weight_sync_timeout_s) until the requests
