@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=768, help="tiny Qwen2 hidden size (head_dim 64)")
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--model", default=None, help="use this model directory instead of building a tiny one")
-    p.add_argument("--bucket-mb", type=int, nargs="+", default=[1, 16, 256], help="bucket sizes to try (MiB)")
+    p.add_argument("--bucket-mb", type=int, nargs="+", default=[16, 64, 256],
+                   help="bucket sizes to try (MiB); 64 is learner.weight_sync_bucket_mb's default")
     p.add_argument("--max-workers", type=int, default=2, help="measure fleets of 1..this many workers")
     p.add_argument("--rounds", type=int, default=5, help="timed syncs per row (after one warm-up sync)")
     p.add_argument("--zero-stage", type=int, default=2)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
+DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024  # learner.weight_sync_bucket_mb's default
 
 
 @dataclass(frozen=True)
