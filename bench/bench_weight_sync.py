@@ -12,7 +12,13 @@ preallocated flat tensors with exactly the spine's bucket sizes: the wire alone.
 variant ("fresh buffer") allocates every bucket anew on both ends and has the sender copy its
 data in first, as the spine does: it tells allocation and copying apart from the rest.
 
-Reported per layout and bucket size (median of the rounds, spread in brackets):
+First table: the spine against the least a sync must do, raw broadcast + one vLLM reload of the
+same bytes (the raw baseline's wall time plus the spine's own reload, both from this run), as a
+ratio (1.0: the spine adds nothing), and the verification's share of a sync: what it puts on the
+critical path (the learner's wait for its checksums after its last broadcast, the workers'
+read-back after the reload, the driver's comparison), not the checksums computed meanwhile.
+
+Then, per layout and bucket size (median of the rounds, spread in brackets):
   - end-to-end: the driver's wall time of one sync (``ray.get`` on all sends and receives),
   - transfer:   receive time inside each vLLM worker (all broadcasts of the version, slowest
                 worker; it includes waiting for the learner to pack each bucket), against the
@@ -37,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=768, help="tiny Qwen2 hidden size (head_dim 64)")
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--model", default=None, help="use this model directory instead of building a tiny one")
-    p.add_argument("--bucket-mb", type=int, nargs="+", default=[1, 16, 256], help="bucket sizes to try (MiB)")
+    p.add_argument("--bucket-mb", type=int, nargs="+", default=[16, 64, 256],
+                   help="bucket sizes to try (MiB); 64 is learner.weight_sync_bucket_mb's default")
     p.add_argument("--max-workers", type=int, default=2, help="measure fleets of 1..this many workers")
     p.add_argument("--rounds", type=int, default=5, help="timed syncs per row (after one warm-up sync)")
     p.add_argument("--zero-stage", type=int, default=2)
@@ -114,7 +121,9 @@ def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
         p = WeightPlan(version=version, buckets=plan.buckets)
         start = time.perf_counter()
         got = ray.get(learner.send_weights(p, verify) + fleet.receive_weights(p))
-        ranks = [r for w in got[learner.num_ranks:] for r in w["ranks"]]
+        reports = got[learner.num_ranks:]
+        ranks = [r for w in reports for r in w["ranks"]]
+        slowest = max(reports, key=lambda w: w["seconds"])
         check = 0.0
         if verify:  # as WeightSync._check: learner checksums + worker read-back + the driver's comparison
             t0 = time.perf_counter()
@@ -123,10 +132,16 @@ def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
                 bad, _, _ = compare_checksums(got[0]["checksums"], got[0]["dtypes"], loaded)
                 if bad:
                     raise RuntimeError(f"the bench's sync did not verify: {bad[:3]}")
-            check = got[0]["checksum_s"] + max(r["verify_s"] for r in ranks) + time.perf_counter() - t0
+            # On the critical path, as WeightSync.verify_s: the learner's wait for its checksums after
+            # its last broadcast (they are computed during it), the read-back, the comparison.
+            check = got[0]["checksum_wait_s"] + max(r["verify_s"] for r in ranks) + time.perf_counter() - t0
         wall = time.perf_counter() - start
         return {"wall": wall, "send": got[0]["seconds"], "recv": max(r["receive_s"] for r in ranks),
-                "reload": max(r["reload_s"] for r in ranks), "verify": check}
+                "reload": max(r["reload_s"] for r in ranks), "verify": check,
+                "checksum": got[0].get("checksum_s", 0.0), "worker": slowest["seconds"],
+                **{f"phase_{k}": v for k, v in slowest["phases_s"].items()},
+                "rpc_rest": slowest["phases_s"]["load"] - max(r["receive_s"] + r["reload_s"] + r.get("verify_s", 0.0)
+                                                              for r in ranks)}
 
     def raw(fresh: bool) -> dict[str, float]:
         start = time.perf_counter()
@@ -233,7 +248,7 @@ def main(argv=None) -> None:
             raise RuntimeError("the policy mixes dtypes; this bench's raw baseline assumes one dtype")
 
         probe_rows = alloc_probe(sum(b.numel for b in base.buckets), args.bucket_mb, args.rounds)
-        bw_rows, ms_rows = [], []
+        bw_rows, ms_rows, floor_rows, phase_rows = [], [], [], []
         version = 0
         raw_cls = ray.remote(num_cpus=1)(RawPeer)
         for workers in range(1, args.max_workers + 1):
@@ -259,6 +274,16 @@ def main(argv=None) -> None:
 
                 got, version = measure(learner, fleet, raw_actors, plan, args.rounds, version)
                 sp, rw, fr = got["spine"], got["raw"], got["fresh"]
+                # The least a sync must do, measured in this run: the raw broadcast of the same buckets
+                # plus one vLLM reload of them (the spine's own reload, the slowest worker's).
+                floor = rw["wall"].median + sp["reload"].median
+                floor_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(rw["wall"]), _ms(sp["reload"]),
+                                   f"{1e3 * floor:.0f}", f"{floor / sp['wall'].median:.2f}",
+                                   f"{sp['verify'].median / sp['wall'].median:.1%}"])
+                phase_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]),
+                                   f"{1e3 * (sp['wall'].median - sp['worker'].median):.0f}", _ms(sp["worker"]),
+                                   _ms(sp["phase_pause"]), _ms(sp["recv"]), _ms(sp["reload"]), _ms(sp["rpc_rest"]),
+                                   _ms(sp["phase_reset"]), _ms(sp["phase_resume"])])
                 bw_rows.append([f"{workers}", f"{mb}", f"{nb}",
                                 _bw(sp["wall"], mib).fmt(0), _bw(rw["wall"], mib).fmt(0),
                                 _ratio(sp["wall"], rw["wall"]),
@@ -268,7 +293,7 @@ def main(argv=None) -> None:
                 ms_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(sp["send"]), _ms(sp["recv"]),
                                 _ms(sp["reload"]), f"{sp['reload'].median / sp['wall'].median:.0%}",
                                 _ms(rw["wall"]), _ms(fr["wall"]), _ms(sp["verify"]),
-                                f"{sp['verify'].median / sp['wall'].median:.1%}"])
+                                f"{sp['verify'].median / sp['wall'].median:.1%}", _ms(sp["checksum"])])
                 print(f"  {workers} worker(s), {mb} MiB buckets done", flush=True)
     finally:
         for a in raw_actors:
@@ -283,13 +308,24 @@ def main(argv=None) -> None:
              f"{args.rounds} rounds per row, median (min-max); load avg start {before['loadavg_1_5_15']}, "
              f"end {after['loadavg_1_5_15']}")
     print_table(
+        ["workers", "bucket MiB", "spine e2e ms", "raw broadcast ms", "vLLM reload ms", "raw + reload ms",
+         "ratio (raw + reload) / spine", "verify share"],
+        floor_rows, title=f"Weight sync vs the least it must do (raw broadcast + one reload, same run): {setup}")
+    print_table(
+        ["workers", "bucket MiB", "spine e2e ms", "outside the worker ms (Ray calls, driver)", "worker actor ms",
+         "pause ms", "receive ms", "reload ms", "rest of the rpc ms (dispatch, plan)",
+         "prefix-cache reset ms",
+         "resume ms"],
+        phase_rows, title="Where a sync's time goes (slowest worker, medians; e2e - worker = outside the worker)")
+    print_table(
         ["workers", "bucket MiB", "buckets", "spine e2e MiB/s", "raw e2e MiB/s", "e2e ratio",
          "spine transfer MiB/s", "raw transfer MiB/s", "transfer ratio", "raw fresh-buffer transfer MiB/s",
          "transfer ratio vs fresh"],
         bw_rows, title=f"Weight sync bandwidth: {setup}")
     print_table(
         ["workers", "bucket MiB", "spine e2e ms", "learner send ms", "vLLM receive ms", "vLLM reload ms",
-         "reload share", "raw e2e ms", "raw fresh-buffer e2e ms", "verify ms", "verify share"],
+         "reload share", "raw e2e ms", "raw fresh-buffer e2e ms", "verify ms", "verify share",
+         "learner checksums ms (in a thread, during the broadcast)"],
         ms_rows, title="Weight sync time per sync (same run)")
     print_table(["bucket MiB", "fresh buffers + copy ms", "reused buffer copy ms", "ratio"], probe_rows,
                 title=f"Allocation probe in the driver: copying {mib:.1f} MiB into fresh buffers of each "

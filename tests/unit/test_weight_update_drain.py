@@ -55,6 +55,19 @@ class LaggingEngine:
         while mode == "wait" and self.running:
             await asyncio.sleep(0.001)
 
+    # AsyncLLM.pause_generation is renderer.clear_mm_cache_async + engine_core.pause_scheduler_async + a
+    # 20 ms sleep for outputs in flight; an idle worker calls the first two itself.
+    engine_core = renderer = property(lambda self: self)
+    quick_pauses = 0
+
+    async def clear_mm_cache_async(self) -> None:
+        pass
+
+    async def pause_scheduler_async(self, mode: str, clear_cache: bool) -> None:
+        assert not self.running and mode == "keep" or mode == "wait", "paused without the wait while running"
+        self.quick_pauses += 1
+        await self.pause_generation(mode, clear_cache)
+
     async def collective_rpc(self, name, args):
         self.loaded.append(int(args[0]["version"]))
         return [{}]
@@ -125,4 +138,5 @@ def test_the_prefix_cache_is_reset_after_every_weight_version_is_loaded():
     engine, worker = asyncio.run(scenario())
     assert engine.loaded == [1, 2, 2]
     assert engine.resets == [1, 2, 2]  # after each load, while the engine was still paused
+    assert engine.quick_pauses == 3  # an idle worker pauses without vLLM's wait for outputs in flight
     assert worker.prefix_cache_resets == {1: 1, 2: 2}

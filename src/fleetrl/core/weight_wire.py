@@ -8,17 +8,24 @@ bucket from rank 0 (the learner) of a side process group. Receivers must only ap
 weights once every bucket of a version has arrived (a vLLM CPU engine mis-generates when
 one layer's weights arrive over two reloads; see ENVIRONMENT.md).
 
+Both ends keep their flat buffers from one sync to the next (``FlatBuffers``: a fresh 256 MiB
+buffer costs several times a reused one) and post their broadcasts asynchronously: the sender
+(``BucketSender``) packs bucket k+1 while bucket k is on the wire, the receivers
+(``receive_buckets``) post every bucket's receive at once. The same code runs over gloo (CPU)
+and NCCL (GPU): only the group's backend and the buffers' device differ.
+
 Only torch here: no Ray, no vLLM at import time, no fleetrl imports.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
+DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024  # learner.weight_sync_bucket_mb's default
 
 
 @dataclass(frozen=True)
@@ -97,9 +104,16 @@ def plan_buckets(
     return WeightPlan(version=version, buckets=tuple(buckets), lora_scale=lora_scale)
 
 
-def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Copy the bucket's parameters (looked up by name) into one flat tensor."""
-    flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=device)
+def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Copy the bucket's parameters (looked up by name) into one flat tensor (``out`` when given)."""
+    if out is None:
+        flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=device)
+    elif out.dtype != bucket.torch_dtype or out.shape != (bucket.numel,):
+        raise ValueError(f"pack_bucket: out is {out.dtype} {tuple(out.shape)}, the bucket needs "
+                         f"{bucket.torch_dtype} ({bucket.numel},): take it from FlatBuffers.get(key, bucket)")
+    else:
+        flat = out
     for spec in bucket.specs:
         t = tensors[spec.name]
         if tuple(t.shape) != spec.shape:
@@ -112,6 +126,104 @@ def unpack_bucket(bucket: Bucket, flat: torch.Tensor) -> Iterator[tuple[str, tor
     """Views of ``flat`` as the bucket's named parameters (no copy)."""
     for spec in bucket.specs:
         yield spec.name, flat[spec.offset : spec.offset + spec.numel].view(spec.shape)
+
+
+class FlatBuffers:
+    """Flat buffers kept from one sync to the next, one per key (a bucket index or a ring slot).
+
+    ``get(key, bucket)`` hands out the key's buffer again when it has the bucket's dtype and room for
+    it (a view of its first ``bucket.numel`` elements), else allocates a new one for the key.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._bufs: dict[object, torch.Tensor] = {}
+
+    def get(self, key: object, bucket: Bucket) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.dtype != bucket.torch_dtype or buf.numel() < bucket.numel:
+            self._bufs.pop(key, None)  # the old one goes before the new one is allocated
+            buf = self._bufs[key] = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=self.device)
+        return buf[: bucket.numel]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+def _wait(handle) -> None:
+    """A collective's Work (``.wait()``) or a concurrent.futures.Future (``.result()``)."""
+    if hasattr(handle, "wait"):
+        handle.wait()
+    else:
+        handle.result()
+
+
+class BucketSender:
+    """Rank 0's end of a sync: bucket k+1 is packed while bucket k is on the wire.
+
+    A ring of ``depth`` reused flat buffers; ``send`` waits until its slot's previous broadcast (and
+    whatever ``reader`` started on it) is done, packs the bucket into the slot, then starts the
+    broadcast without waiting for it. ``finish`` waits for everything still in flight.
+    """
+
+    def __init__(self, group, device: torch.device | str, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"BucketSender depth={depth}: at least 1 buffer")
+        self.group = group
+        self.depth = depth
+        self.buffers = FlatBuffers(device)
+        self._pending: dict[int, list] = {}
+        self._count = 0
+
+    def _drain(self, slot: int) -> None:
+        for h in self._pending.pop(slot, ()):
+            _wait(h)
+
+    def send(self, bucket: Bucket, tensors: dict[str, torch.Tensor], reader=None) -> torch.Tensor:
+        """Pack and start broadcasting one bucket; ``reader(flat)`` may return a Future that reads the
+        packed bucket alongside the broadcast (e.g. checksums): the slot is reused only after it."""
+        slot = self._count % self.depth
+        self._count += 1
+        self._drain(slot)
+        flat = pack_bucket(bucket, tensors, out=self.buffers.get(slot, bucket))
+        handles = [self.group.broadcast(flat, 0)]
+        if reader is not None:
+            job = reader(flat)
+            if job is not None:
+                handles.append(job)
+        self._pending[slot] = handles
+        return flat
+
+    def finish(self) -> float:
+        """Wait for every broadcast still in flight, then for the readers; the next sync starts at slot
+        0. Returns the seconds spent waiting for readers after the last broadcast was done."""
+        try:
+            for handles in self._pending.values():
+                _wait(handles[0])
+            t0 = time.perf_counter()
+            for handles in self._pending.values():
+                for h in handles[1:]:
+                    _wait(h)
+            return time.perf_counter() - t0
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Forget what is in flight (after a failed broadcast: the group is rebuilt before the next sync)."""
+        self._pending.clear()
+        self._count = 0
+
+
+def receive_buckets(group, plan: WeightPlan, buffers: FlatBuffers) -> list[tuple[str, torch.Tensor]]:
+    """A receiver's end of a sync: every bucket's receive posted at once into ``buffers`` (bucket i
+    into key i, reused from the last sync), then waited for. Returns the named views, in plan order;
+    they stay valid until the next call with the same ``buffers``."""
+    flats = [buffers.get(i, b) for i, b in enumerate(plan.buckets)]
+    works = [group.broadcast(flat, 0) for flat in flats]
+    for w in works:
+        w.wait()
+    return [named for b, flat in zip(plan.buckets, flats) for named in unpack_bucket(b, flat)]
 
 
 def merge_lora(base: dict[str, torch.Tensor], adapter: Iterable[tuple[str, torch.Tensor]],

@@ -119,7 +119,8 @@ class LearnerConfig(StrictModel):
     seed: int = 0
     # Merged last into the generated DeepSpeed config (nested dicts merge key by key).
     deepspeed_config: dict[str, Any] = Field(default_factory=dict)
-    weight_sync_bucket_mb: int = Field(256, ge=1)
+    # 64 MiB: chosen with bench/bench_weight_sync.py (docs/benchmarks.md §2); rank 0 keeps two of them.
+    weight_sync_bucket_mb: int = Field(64, ge=1)
     # Deadline of one call on the ranks (a train step over the whole rollout batch, a log-prob pass,
     # a checkpoint): past it the run ends with the ranks that did not answer named, instead of
     # waiting forever on a rank stuck in a collective.

@@ -24,7 +24,7 @@ import torch
 
 from fleetrl.core.nodes import this_node
 from fleetrl.core.weight_check import tensor_checksum
-from fleetrl.core.weight_wire import WeightPlan, broadcast, init_side_group, pack_bucket, plan_buckets, unpack_bucket
+from fleetrl.core.weight_wire import BucketSender, WeightPlan, init_side_group, plan_buckets, unpack_bucket
 from fleetrl.learner.config import (
     LearnerConfig,
     micro_steps_per_mini_batch,
@@ -249,7 +249,8 @@ class Engine:
                 self.ref_module = ref.to(self.device)
 
         self._side_group = None
-        self._side_device = torch.device("cpu")
+        self._sender: BucketSender | None = None  # rank 0: the side group's reused buffers, pipelined sends
+        self._checksum_pool = None  # rank 0: one thread computing the sent buckets' checksums meanwhile
 
     # ------------------------------------------------------------------ models
 
@@ -405,40 +406,51 @@ class Engine:
         if self.rank != 0:
             return
         self._side_group = init_side_group(host, port, 0, world_size, backend)
-        self._side_device = self.device if backend == "nccl" else torch.device("cpu")
+        # Two slots: bucket k+1 is packed while bucket k is on the wire (the same on gloo and NCCL).
+        self._sender = BucketSender(self._side_group, self.device if backend == "nccl" else torch.device("cpu"))
 
     def send_weights(self, plan: WeightPlan, checksums: bool = False) -> dict[str, Any]:
         """Broadcast the weights bucket by bucket from rank 0. EVERY rank must call it (ZeRO-3 gathers).
 
+        Rank 0 packs each bucket into a reused buffer and starts its broadcast without waiting, so the
+        next bucket is gathered and packed while this one is on the wire (``BucketSender``).
         ``checksums``: rank 0 also returns each sent tensor's checksum and dtype (as sent), for the
-        receivers' check after the reload (``fleetrl.core.weight_check``)."""
-        if self.rank == 0 and self._side_group is None:
+        receivers' check after the reload (``fleetrl.core.weight_check``). They are computed from the
+        packed bucket in a thread of their own while it is broadcast; ``checksum_s`` is their compute
+        time, ``checksum_wait_s`` how long the send waited for them after its last broadcast."""
+        if self.rank == 0 and self._sender is None:
             raise RuntimeError("send_weights before init_weight_sync: join the side group first")
         t0 = time.perf_counter()
         params = self._sync_params()
         sums: dict[str, tuple[float, float, float]] = {}
         dtypes: dict[str, str] = {}
-        check_s = 0.0
-        for bucket in plan.buckets:
-            missing = [s.name for s in bucket.specs if s.name not in params]
-            if missing:
-                raise KeyError(f"weight plan names {missing} that the policy does not have: "
-                               "make the plan with this learner's weight_plan()")
-            chosen = [params[s.name] for s in bucket.specs]
-            with self._gathered(chosen):
-                if self.rank == 0:
-                    flat = pack_bucket(bucket, {s.name: params[s.name].data for s in bucket.specs},
-                                       device=self._side_device)
-                    broadcast(self._side_group, flat)
-                    if checksums:
-                        t1 = time.perf_counter()
-                        for name, t in unpack_bucket(bucket, flat):
-                            sums[name] = tensor_checksum(t)
-                            dtypes[name] = bucket.dtype
-                        check_s += time.perf_counter() - t1
+        compute_s: list[float] = []
+        check = checksums and self.rank == 0
+        if check and self._checksum_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._checksum_pool = ThreadPoolExecutor(1, thread_name_prefix="fleetrl-checksums")
+        try:
+            for bucket in plan.buckets:
+                missing = [s.name for s in bucket.specs if s.name not in params]
+                if missing:
+                    raise KeyError(f"weight plan names {missing} that the policy does not have: "
+                                   "make the plan with this learner's weight_plan()")
+                chosen = [params[s.name] for s in bucket.specs]
+                with self._gathered(chosen):
+                    if self.rank == 0:
+                        read = None if not check else (lambda flat, b=bucket: self._checksum_pool.submit(
+                            _bucket_checksums, b, flat, sums, dtypes, compute_s))
+                        self._sender.send(bucket, {s.name: params[s.name].data for s in bucket.specs}, read)
+            waited = self._sender.finish() if self.rank == 0 else 0.0
+        except BaseException:
+            if self.rank == 0 and self._sender is not None:
+                self._sender.abandon()
+            raise
         out: dict[str, Any] = {"num_bytes": float(plan.num_bytes), "seconds": time.perf_counter() - t0}
         if checksums and self.rank == 0:
-            out.update(checksums=sums, dtypes=dtypes, checksum_s=check_s)
+            out.update(checksums=sums, dtypes=dtypes, checksum_s=sum(compute_s),
+                       checksum_wait_s=waited)
         return out
 
     @torch.no_grad()
@@ -562,3 +574,12 @@ def _tensors_only_load(path: str, map_location=None):
             f"{why[:300]}. Resume only from checkpoints fleetrl wrote; if this one is "
             "yours and a new DeepSpeed version stores a new class, add it to "
             "fleetrl.learner.engine._safe_checkpoint_globals") from None
+
+
+def _bucket_checksums(bucket, flat: torch.Tensor, sums: dict, dtypes: dict, compute_s: list) -> None:
+    """Checksums of one packed bucket's tensors, into ``sums`` / ``dtypes`` (run in the checksum thread)."""
+    t0 = time.perf_counter()
+    for name, t in unpack_bucket(bucket, flat):
+        sums[name] = tensor_checksum(t)
+        dtypes[name] = bucket.dtype
+    compute_s.append(time.perf_counter() - t0)

@@ -32,7 +32,7 @@ class WeightSync:
         self.version = 0
         self.workers_dropped = 0  # workers lost during a broadcast (dropped; the others got the weights)
         self.verify_failed = 0  # syncs (counted per worker) whose check after the reload failed
-        self.verify_s = 0.0  # the last sync's check: learner checksums + worker read-back + comparison
+        self.verify_s = 0.0  # the last sync's check on its critical path: checksum wait + read-back + comparison
         self.verify_unchecked = 0  # sent tensors no loaded parameter holds (last check, per worker)
         # ... of which: held by no loaded parameter / by one the engine cannot read back (CPU oneDNN).
         self.unchecked_names: list[str] = []
@@ -158,7 +158,9 @@ class WeightSync:
                 bad[index] = f"{len(mismatched)} parameter(s) differ: {'; '.join(mismatched[:3])}{more}"
         worker_s = max((r.get("verify_s", 0.0) for rep in reports for r in (rep.get("ranks") or [])),
                        default=0.0)
-        self.verify_s = sent.get("checksum_s", 0.0) + worker_s + (time.perf_counter() - t0)
+        # What the check adds to a sync: the learner's wait for its checksums after the last broadcast
+        # (they are computed meanwhile), the worker's read-back after its reload, and this comparison.
+        self.verify_s = sent.get("checksum_wait_s", 0.0) + worker_s + (time.perf_counter() - t0)
         return bad
 
 

@@ -23,12 +23,12 @@ import torch
 from fleetrl.core.weight_check import FAULT_ENV, apply_fault, parse_fault, tensor_checksum
 from fleetrl.core.weight_wire import (
     Bucket,
+    FlatBuffers,
     TensorSpec,
     WeightPlan,
-    broadcast,
     init_side_group,
     merge_lora,
-    unpack_bucket,
+    receive_buckets,
 )
 
 
@@ -165,12 +165,12 @@ class WeightReceiver:
                 "receive_weights called before init_weight_group on this vLLM worker: "
                 "call RolloutWorker.init_weight_group (or RolloutFleet.init_weight_group) first"
             )
-        weights: list[tuple[str, torch.Tensor]] = []
-        for bucket in plan.buckets:
-            flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=self.model_runner.device)
-            broadcast(group, flat, src=0)
-            weights.extend(unpack_bucket(bucket, flat))
-        return weights
+        # Kept from one sync to the next (one buffer per bucket: a version is reloaded only once all of
+        # it has arrived); the reload copies out of them, so the next sync may overwrite them.
+        buffers = self.__dict__.get("_fleetrl_weight_buffers")
+        if buffers is None or buffers.device != torch.device(self.model_runner.device):
+            buffers = self._fleetrl_weight_buffers = FlatBuffers(self.model_runner.device)
+        return receive_buckets(group, plan, buffers)
 
     def receive_adapter(self, plan_data: dict[str, Any], out_dir: str) -> dict[str, float]:
         """rollout.lora_sync: adapter. Receive one adapter version and write it as a PEFT adapter

@@ -419,16 +419,21 @@ class RolloutWorker:
         inflight = self._inflight
         mode = "keep" if self.cfg.weight_update == "in_flight" else "wait"
         async with self._engine_alive():
-            if mode == "wait":
+            # Idle: nothing may enter while the engine pauses (so the pause may skip vLLM's wait for
+            # outputs in flight, _pause); no await between the check and the clear.
+            if mode == "wait" or self._inflight == 0:
                 self._admit.clear()
             try:
                 if mode == "wait":
                     await self._drained(int(plain["version"]))
-                await self.engine.pause_generation(mode=mode, clear_cache=True)
+                marks = [time.perf_counter()]  # phases of the sync, for the bench: pause, load, reset, resume
+                await self._pause(mode)
+                marks.append(time.perf_counter())
                 try:
                     # Checked only for full weights: a merged LoRA plan carries the adapter, not what loads.
                     verify = self.cfg.verify_weights and plain.get("lora_scale") is None
                     stats = await self.engine.collective_rpc("receive_weights", args=(plain, verify))
+                    marks.append(time.perf_counter())
                     self.weight_version = int(plain["version"])
                     # The pause dropped the KV and prefix caches before the load; drop them again
                     # now, so that no prefix computed with older weights can be served after it.
@@ -437,12 +442,26 @@ class RolloutWorker:
                                            f"cache after loading weight version {self.weight_version}")
                     self.prefix_cache_resets[self.weight_version] = (
                         self.prefix_cache_resets.get(self.weight_version, 0) + 1)
+                    marks.append(time.perf_counter())
                 finally:
                     await self.engine.resume_generation()
+                marks.append(time.perf_counter())
             finally:
                 self._admit.set()
         self.weight_updates_in_flight += int(inflight > 0 and mode == "keep")
-        return self._sync_report(t0, inflight, stats)
+        report = self._sync_report(t0, inflight, stats)
+        report["phases_s"] = {name: b - a for name, a, b in zip(("pause", "load", "reset", "resume"), marks, marks[1:])}
+        return report
+
+    async def _pause(self, mode: str) -> None:
+        """vLLM's ``pause_generation`` ends with a fixed 20 ms sleep, so that the outputs of requests in
+        flight are processed before it returns. With none in flight and none admitted (``_admit``
+        cleared) there is nothing to wait for: the same pause of the scheduler, without the sleep."""
+        if self._inflight or self._admit.is_set():
+            await self.engine.pause_generation(mode=mode, clear_cache=True)
+            return
+        await self.engine.renderer.clear_mm_cache_async()
+        await self.engine.engine_core.pause_scheduler_async(mode=mode, clear_cache=True)
 
     async def _drained(self, version: int) -> None:
         """rollout.weight_update: drain: wait (within rollout.weight_sync_timeout_s) until the requests
