@@ -37,6 +37,17 @@ if ! command -v bwrap >/dev/null 2>&1; then
   fi
 fi
 
+# The dashboard test (tests/e2e/test_watching.py) opens the Ray dashboard in Debian's headless chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (the dashboard test's headless browser)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+  else
+    echo "setup: chromium is missing; tests/e2e/test_watching.py needs it: sudo apt-get install -y chromium" >&2
+  fi
+fi
+
 stamp="$venv/.fleetrl-setup"
 # What the install depends on: pyproject.toml less its ruff and pytest sections (editing lint rules
 # does not reinstall), this script and the constraints file.
