@@ -8,7 +8,7 @@ the run's ray_fleetrl_* metrics; the console is fleetrl's lines plus real warnin
 library noise issue 26 lists), while train.log keeps what the console hid. The run is stopped
 gracefully (`fleetrl stop --graceful`'s STOP file) once the checks are done.
 
-FLEETRL_DASHBOARD_SCREENSHOT=path keeps the screenshot there (docs/img/dashboard-actors.png is one).
+FLEETRL_DASHBOARD_SCREENSHOT=path keeps the screenshot there (docs/img/dashboard_actors.png is one).
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def test_a_local_run_shows_its_dashboard_and_a_quiet_console(tmp_path):
     # The console: from the check summary to the end, fleetrl's own lines and real warnings only.
     noisy = [s for s in console if any(n in s for n in LIBRARY_NOISE)]
     assert not noisy, noisy
-    run_lines = console[console.index(f"fleetrl: dashboard: {url}"):]
+    assert console[0] == "fleetrl: inputs checked", console[:5]  # nothing of Ray's start-up before it
+    run_lines = console[console.index(f"fleetrl: dashboard: {url}"):]  # after the checks' summary
     others = [s for s in run_lines if not FLEETRL_LINE.search(s)]
     assert all(REAL_WARNING.search(s) for s in others), others
     assert all(show_on_console(s) for s in others), others
