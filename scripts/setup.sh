@@ -24,18 +24,23 @@ if [ -n "$constraints" ] && [ ! -f "$constraints" ]; then
   exit 1
 fi
 
-# The python tool's sandbox (fleetrl.env.sandbox, docs/sandbox.md) and its tests need bubblewrap, a
-# system package: installed here when missing and this runs as root with apt-get, else named.
-if ! command -v bwrap >/dev/null 2>&1; then
+# System packages the tests need: installed here when missing and this runs as root with apt-get
+# (non-interactive; `apt-get update` first only when the package lists do not have it), else named.
+#   system_package COMMAND PACKAGE WHAT-NEEDS-IT
+system_package() {
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing bubblewrap (the python tool's sandbox)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null \
-      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }
+    echo "setup: installing $2 ($3)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }
   else
-    echo "setup: bubblewrap (bwrap) is missing; the python tool's sandbox and its tests need it:" \
-         "sudo apt-get install -y bubblewrap" >&2
+    echo "setup: $2 ($1) is missing; $3 needs it: sudo apt-get install -y $2" >&2
   fi
-fi
+}
+# The python tool's sandbox (fleetrl.env.sandbox, docs/sandbox.md) and its tests.
+system_package bwrap bubblewrap "the python tool's sandbox and its tests"
+# tests/e2e/test_watching.py opens the Ray dashboard in Debian's headless chromium.
+system_package chromium chromium "the dashboard test (tests/e2e/test_watching.py)"
 
 stamp="$venv/.fleetrl-setup"
 # What the install depends on: pyproject.toml less its ruff and pytest sections (editing lint rules

@@ -27,6 +27,9 @@ def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = T
     if cfg.run.verbose:  # the services' environments keep the libraries' own output (core/console.py)
         os.environ[console.VERBOSE_ENV_VAR] = "1"
     verbose = console.verbose()  # run.verbose, `fleetrl train --verbose` or FLEETRL_VERBOSE=1
+    import ray
+
+    owns_ray = not ray.is_initialized()  # this call connects (a local Ray: starts it), so it disconnects
     if check:  # the checks of `fleetrl check`, before a run directory exists
         sys.stdout.write(f"fleetrl: inputs checked\n{_check_while_ray_starts(cfg, config_path).summary()}\n")
     if cfg.algorithm in PLANNED_ALGORITHMS:
@@ -39,16 +42,22 @@ def train(cfg: RunConfig, config_path: str | Path | None = None, check: bool = T
     run_dir = RunDir(cfg, config_path)
     try:
         with _log_to(run_dir.path / "train.log", verbose=verbose), _graceful_sigterm(run_dir):
-            connect_ray(cfg.ray)  # (already connected after the checks)
-            for what, url in watch_urls():  # where to watch: the Ray dashboard, the Prometheus endpoint
-                sys.stdout.write(f"fleetrl: {what}: {url}\n")
-            if cfg.algorithm in OFFLINE_ALGORITHMS:
-                from fleetrl.offline.loop import run_offline
+            try:
+                connect_ray(cfg.ray)  # (already connected after the checks)
+                for what, url in watch_urls():  # where to watch: the Ray dashboard, the Prometheus endpoint
+                    sys.stdout.write(f"fleetrl: {what}: {url}\n")
+                if cfg.algorithm in OFFLINE_ALGORITHMS:
+                    from fleetrl.offline.loop import run_offline
 
-                return run_offline(cfg, run_dir)
-            from fleetrl.online.supervisor import run_supervised
+                    return run_offline(cfg, run_dir)
+                from fleetrl.online.supervisor import run_supervised
 
-            return run_supervised(cfg, run_dir)
+                return run_supervised(cfg, run_dir)
+            finally:
+                if owns_ray:  # Ray's last worker lines (flushed at shutdown) pass the console filter too
+                    import ray
+
+                    ray.shutdown()
     finally:
         _upload_logs(run_dir)
 

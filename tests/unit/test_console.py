@@ -117,3 +117,19 @@ def test_the_tee_writes_everything_to_train_log_and_filters_the_console(tmp_path
     log = (tmp_path / "train.log").read_text()
     assert all(line in log for line in NOISE + SHOWN[:2])
     assert shown.getvalue() == SHOWN[0] + "\n" + SHOWN[1] + "\nfleetrl: partial"
+
+
+def test_a_local_rays_token_notice_is_dropped_and_the_disabled_warning_kept():
+    """connect_ray filters Ray's "enabled" notice (the run's own Ray made the token); "disabled" is a real warning."""
+    import logging
+
+    from fleetrl.run.runtime import _token_auth_enabled_notice
+
+    def record(msg):
+        return logging.LogRecord("ray._private.authentication.authentication_token_setup", logging.WARNING,
+                                 __file__, 1, msg, None, None)
+
+    assert not _token_auth_enabled_notice(record("Token authentication is enabled for this Ray cluster. Set "
+                                                 "RAY_AUTH_MODE=disabled to opt out."))
+    assert _token_auth_enabled_notice(record("Token authentication is disabled for this Ray cluster. Anyone with "
+                                             "network access to the cluster can run arbitrary code"))

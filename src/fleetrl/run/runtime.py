@@ -220,7 +220,16 @@ def connect_ray(cfg: RayConfig) -> None:
         import logging
 
         extra["logging_level"] = logging.WARNING
+        # "Token authentication is enabled for this Ray cluster": this Ray is the run's own (its
+        # "disabled" warning stays). Before any console filter exists: the checks start this Ray.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            _token_auth_enabled_notice)
     ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=dashboard, **extra)
+
+
+def _token_auth_enabled_notice(record) -> bool:
+    """A logging filter: False (drop) for Ray's notice that a local Ray turned token auth on."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def dashboard_available() -> bool:
