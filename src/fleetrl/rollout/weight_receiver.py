@@ -165,12 +165,19 @@ class WeightReceiver:
                 "receive_weights called before init_weight_group on this vLLM worker: "
                 "call RolloutWorker.init_weight_group (or RolloutFleet.init_weight_group) first"
             )
-        # Kept from one sync to the next (one buffer per bucket: a version is reloaded only once all of
-        # it has arrived); the reload copies out of them, so the next sync may overwrite them.
+        # One buffer per bucket (a version is reloaded only once all of it has arrived), kept from one
+        # sync to the next in host memory (_release_buffers_off_cpu); the reload copies out of them.
         buffers = self.__dict__.get("_fleetrl_weight_buffers")
         if buffers is None or buffers.device != torch.device(self.model_runner.device):
             buffers = self._fleetrl_weight_buffers = FlatBuffers(self.model_runner.device)
         return receive_buckets(group, plan, buffers)
+
+    def _release_buffers_off_cpu(self) -> None:
+        # Kept between syncs only in host memory: on an accelerator a whole extra copy of the weights
+        # would sit in the memory vLLM sized its KV cache for, so it is freed once the reload copied it.
+        buffers = self.__dict__.get("_fleetrl_weight_buffers")
+        if buffers is not None and buffers.device.type != "cpu":
+            del self._fleetrl_weight_buffers
 
     def receive_adapter(self, plan_data: dict[str, Any], out_dir: str) -> dict[str, float]:
         """rollout.lora_sync: adapter. Receive one adapter version and write it as a PEFT adapter
@@ -184,6 +191,7 @@ class WeightReceiver:
         t1 = time.perf_counter()
         if int(self.rank) == 0:
             write_peft_adapter(out_dir, weights, plan.lora_scale)
+        self._release_buffers_off_cpu()
         return {"receive_s": t1 - t0, "write_s": time.perf_counter() - t1, "bytes": float(plan.num_bytes)}
 
     def loaded_checksums(self) -> dict[str, list]:
@@ -241,6 +249,7 @@ class WeightReceiver:
         refresh_tied_layers(self.model_runner.get_model(), self.vllm_config)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        self._release_buffers_off_cpu()
         t2 = time.perf_counter()
         out: dict[str, Any] = {"receive_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(plan.num_bytes)}
         if fault is not None:
