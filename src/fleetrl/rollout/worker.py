@@ -457,11 +457,14 @@ class RolloutWorker:
         """vLLM's ``pause_generation`` ends with a fixed 20 ms sleep, so that the outputs of requests in
         flight are processed before it returns. With none in flight and none admitted (``_admit``
         cleared) there is nothing to wait for: the same pause of the scheduler, without the sleep."""
-        if self._inflight or self._admit.is_set():
+        core, renderer = getattr(self.engine, "engine_core", None), getattr(self.engine, "renderer", None)
+        # vLLM internals (AsyncLLM of vLLM 0.32): a vLLM without them takes the public pause.
+        internal = hasattr(core, "pause_scheduler_async") and hasattr(renderer, "clear_mm_cache_async")
+        if self._inflight or self._admit.is_set() or not internal:
             await self.engine.pause_generation(mode=mode, clear_cache=True)
             return
-        await self.engine.renderer.clear_mm_cache_async()
-        await self.engine.engine_core.pause_scheduler_async(mode=mode, clear_cache=True)
+        await renderer.clear_mm_cache_async()
+        await core.pause_scheduler_async(mode=mode, clear_cache=True)
 
     async def _drained(self, version: int) -> None:
         """rollout.weight_update: drain: wait (within rollout.weight_sync_timeout_s) until the requests
