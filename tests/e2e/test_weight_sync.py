@@ -4,7 +4,8 @@ After a training step and a sync, vLLM's logprobs of a fixed completion match th
 tolerance, and differ from what vLLM gave before the sync. The check after every sync (issue 24) runs
 on the real worker: a reload that leaves a layer stale (injected with FLEETRL_WEIGHT_FAULT) is caught,
 sent again and then verifies; the prefix cache is reset after each load; a fault that outlasts
-rollout.verify_weights_retries stops the sync with WeightVerifyError. While these services are up, no process of
+rollout.verify_weights_retries stops the sync with WeightVerifyError; a reload that breaks halfway
+takes the worker out of the fleet. While these services are up, no process of
 the run (Ray, the learner rank and its gloo groups, the vLLM engine and its engine-core process) listens
 on a non-loopback address (issue 11, "closed by default").
 """
@@ -53,7 +54,8 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
     fleet = RolloutFleet(
         RolloutConfig(num_workers=1, max_model_len=256, enforce_eager=True, cpu_kvcache_space_gb=1,
                       dtype="float32", env_vars={"VLLM_LOGGING_LEVEL": "WARNING",
-                                                  "FLEETRL_WEIGHT_FAULT": "stale_layer@1,miss_update@2"}),
+                                                  "FLEETRL_WEIGHT_FAULT":
+                                                      "stale_layer@1,miss_update@2,interrupt_reload@3"}),
         model, name_prefix="wsync/",
     )
     learner = LearnerGroup(LearnerConfig(zero_stage=3, lr=5e-2, micro_batch_size=2, reference=False,
@@ -99,6 +101,13 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
         with pytest.raises(WeightVerifyError, match="weight version 2: after 1 send.*rollout worker 0"):
             sync.push(version=2)
         assert sync.verify_failed == 2
+
+        # A reload that breaks halfway (the weights stop arriving while vLLM loads them as they come)
+        # leaves no version whole: the worker takes itself out of service and the sync drops it.
+        learner.train(batch, mini_batch_size=2)
+        assert ray.get(worker.ping.remote())["worker_index"] == 0
+        sync.push(version=3)
+        assert sync.workers_dropped == 1 and fleet.num_workers == 0
 
         # The session's Ray was started by this process: everything of the run is below it.
         sockets = listening_sockets(os.getpid())

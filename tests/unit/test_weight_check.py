@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fleetrl.core.weight_check import (
+    CHECKSUM_FAULTS,
     FAULTS,
     apply_fault,
     checksums,
@@ -89,7 +90,7 @@ def test_unfuse_names_the_hugging_face_tensors_a_fused_parameter_holds():
     assert unfuse_name("model.norm.weight", PACKED) == ["model.norm.weight"]
 
 
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("fault", CHECKSUM_FAULTS)
 def test_every_injected_fault_is_caught_by_the_checksums(fault):
     old, new = hf_weights(0), hf_weights(1)
     held = dict(old)  # the worker's weights before the sync; a reload updates the tensors it gets
@@ -124,3 +125,13 @@ def test_verification_is_on_by_default_with_one_resend():
     assert cfg.verify_weights is True and cfg.verify_weights_retries == 1
     with pytest.raises(ValueError, match="verify_weights_retries"):
         RolloutConfig(verify_weights_retries=-1)
+
+
+def test_an_interrupted_reload_stops_halfway_with_an_error():
+    new = list(hf_weights(1).items())
+    taken = []
+    with pytest.raises(RuntimeError, match="interrupt_reload: the weights stopped arriving halfway"):
+        for named in apply_fault("interrupt_reload", new):
+            taken.append(named)
+    assert 0 < len(taken) < len(new)
+    assert "interrupt_reload" in FAULTS

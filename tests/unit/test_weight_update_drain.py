@@ -140,3 +140,33 @@ def test_the_prefix_cache_is_reset_after_every_weight_version_is_loaded():
     assert engine.resets == [1, 2, 2]  # after each load, while the engine was still paused
     assert engine.quick_pauses == 3  # an idle worker pauses without vLLM's wait for outputs in flight
     assert worker.prefix_cache_resets == {1: 1, 2: 2}
+
+
+class HalfwayEngine(LaggingEngine):
+    """Its weight reload breaks after it began (vLLM's rpc error carries the worker's message)."""
+
+    async def collective_rpc(self, name, args):
+        from fleetrl.rollout.weight_receiver import PARTIAL_RELOAD
+
+        raise RuntimeError(f"Worker failed: {PARTIAL_RELOAD} at weight version {args[0]['version']}: "
+                           "RuntimeError: the broadcast broke")
+
+
+def test_a_reload_that_breaks_halfway_takes_the_worker_out_of_service():
+    from fleetrl.rollout.fleet import EngineDead
+
+    async def scenario():
+        engine = HalfwayEngine()
+        worker = _worker(engine, weight_update="in_flight")
+        with pytest.raises(EngineDead) as first:
+            await worker.receive_weights({"version": 1})
+        # The engine stays paused (neither version is whole in it), and every later call is refused.
+        assert engine.paused
+        with pytest.raises(EngineDead) as later:
+            await worker.generate([[1, 2]], 1, {}, ["r"])
+        return str(first.value), str(later.value)
+
+    first, later = asyncio.run(scenario())
+    assert "rollout worker 0: its weight reload of version 1 failed halfway" in first
+    assert "the fleet replaces this worker" in first
+    assert "failed halfway" in later

@@ -14,9 +14,12 @@ from fleetrl.core.weight_check import tensor_checksum
 from fleetrl.core.weight_wire import (
     BucketSender,
     FlatBuffers,
+    contiguous_view,
+    memory_runs,
     pack_bucket,
     plan_buckets,
     receive_buckets,
+    stream_buckets,
     unpack_bucket,
 )
 
@@ -93,3 +96,90 @@ def test_buffers_grow_for_a_bigger_bucket_and_packing_refuses_a_wrong_buffer():
         pack_bucket(big, {"b": torch.ones(6)}, out=torch.empty(4))
     with pytest.raises(ValueError, match="depth=0"):
         BucketSender(None, "cpu", depth=0)
+
+
+def flat_groups(seed: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """``weights(seed)`` laid out as ZeRO-1/2 lay out parameter groups: views of one flat buffer per
+    group (matrices; then the 1-D tensors), each group in the model's order."""
+    w = weights(seed)
+    groups = [[n for n, t in w.items() if t.dim() > 1], [n for n, t in w.items() if t.dim() == 1]]
+    views, flats = {}, []
+    for names in groups:
+        flat = torch.cat([w[n].reshape(-1) for n in names])
+        flats.append(flat)
+        off = 0
+        for n in names:
+            views[n] = flat[off:off + w[n].numel()].view(w[n].shape)
+            off += w[n].numel()
+    return views, flats
+
+
+def test_buckets_that_follow_a_flat_buffer_go_on_the_wire_unpacked():
+    views, flats = flat_groups(0)
+    runs = memory_runs(list(views.items()))
+    assert sorted(map(sorted, runs)) == [["embed", "head", "mlp", "q"], ["norm"]]
+    assert [n for run in runs for n in run if n != "norm"] == ["embed", "q", "mlp", "head"]  # memory order
+    # A plan in memory order with a break between the runs: every bucket is one view, no copy.
+    order = [n for run in sorted(runs, key=len) for n in run]
+    plan = plan_buckets([(n, tuple(views[n].shape), torch.float32) for n in order], 1, bucket_bytes=700 * 4,
+                        breaks={sorted(runs, key=len)[1][0]})
+    for b in plan.buckets:
+        flat = contiguous_view(b, views)
+        assert flat is not None and flat.numel() == b.numel
+        assert any(flat.data_ptr() >= f.data_ptr() and flat.data_ptr() < f.data_ptr() + f.nbytes for f in flats)
+        assert dict((n, t) for n, t in unpack_bucket(b, flat)).keys() == {s.name for s in b.specs}
+        for name, t in unpack_bucket(b, flat):
+            assert torch.equal(t, views[name])
+    # Not the bucket's layout (the model's order crosses the two buffers), or a copy: packed instead.
+    model_order = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in views.items()], 1, bucket_bytes=10**6)
+    assert contiguous_view(model_order.buckets[0], views) is None
+    several = next(b for b in plan.buckets if len(b.specs) > 1)
+    assert contiguous_view(several, {n: t.clone() for n, t in views.items()}) is None  # separate copies
+
+    sender_group, receiver_group = gloo_pair()
+    sender = BucketSender(sender_group, "cpu")
+    received = FlatBuffers("cpu")
+    for seed, in_place in ((0, True), (1, False)):
+        sent = flat_groups(seed)[0]
+        before = sender.unpacked
+
+        def send(sent=sent, in_place=in_place):
+            for b in plan.buckets:
+                sender.send(b, sent, in_place=in_place)
+            sender.finish()
+
+        t = threading.Thread(target=send)
+        t.start()
+        got = dict(receive_buckets(receiver_group, plan, received))
+        t.join()
+        assert sender.unpacked - before == (len(plan.buckets) if in_place else 0)
+        assert all(torch.equal(got[n], sent[n]) for n in sent)
+
+
+def test_a_streamed_receive_hands_on_each_bucket_before_the_next_is_sent():
+    sender_group, receiver_group = gloo_pair()
+    sent = weights(0)
+    plan = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in sent.items()], 1, bucket_bytes=400 * 4)
+    first_taken = threading.Event()
+    order = []
+    sender = BucketSender(sender_group, "cpu")
+
+    def send():
+        sender.send(plan.buckets[0], sent)
+        assert first_taken.wait(30), "bucket 0 never reached the consumer"
+        order.append("rest sent")
+        for b in plan.buckets[1:]:
+            sender.send(b, sent)
+        sender.finish()
+
+    t = threading.Thread(target=send)
+    t.start()
+    got = {}
+    for name, tensor in stream_buckets(receiver_group, plan, FlatBuffers("cpu")):
+        if name == plan.buckets[0].specs[-1].name:
+            order.append("bucket 0 taken")
+            first_taken.set()
+        got[name] = tensor.clone()
+    t.join()
+    assert order == ["bucket 0 taken", "rest sent"]
+    assert all(torch.equal(got[n], sent[n]) for n in sent)

@@ -24,7 +24,10 @@ import torch
 
 Checksum = tuple[float, float, float]  # (sum, sum |x|, sum x**2), float64
 
-FAULTS = ("corrupt_bucket", "skip_tensor", "stale_layer", "miss_update")
+# What the checksums after a reload must catch; interrupt_reload instead breaks the reload halfway
+# (the worker must then take itself out of service: rollout/worker.py, PARTIAL_RELOAD).
+CHECKSUM_FAULTS = ("corrupt_bucket", "skip_tensor", "stale_layer", "miss_update")
+FAULTS = (*CHECKSUM_FAULTS, "interrupt_reload")
 FAULT_ENV = "FLEETRL_WEIGHT_FAULT"
 
 # Relative tolerance per dtype: bit-identical values differ only by float64 summation order;
@@ -113,13 +116,15 @@ def parse_fault(spec: str | None) -> list[tuple[str, int | None]]:
     return out
 
 
-def apply_fault(kind: str, weights: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def apply_fault(kind: str, weights: list[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
     """Tests only: what a faulty sync would hand vLLM's reload instead of ``weights``.
 
     corrupt_bucket: a received value is damaged (the first tensor's first element shifted by 1);
     skip_tensor: one tensor (the middle one) is left out of the reload; stale_layer: every tensor of
     the first transformer layer is left out (the reload leaves that layer on its old weights);
     miss_update: nothing is reloaded. Tensors left out keep the worker's previous values.
+    interrupt_reload: half of the tensors arrive, then the stream breaks (as a broadcast that fails
+    while the reload is taking its tensors).
     """
     if kind == "corrupt_bucket":
         name, t = weights[0]
@@ -136,4 +141,11 @@ def apply_fault(kind: str, weights: list[tuple[str, torch.Tensor]]) -> list[tupl
         return [(n, t) for n, t in weights if layer is None or prefix not in n]
     if kind == "miss_update":
         return []
+    if kind == "interrupt_reload":
+        return _broken_halfway(weights)
     raise ValueError(f"unknown weight fault {kind!r}: one of {', '.join(FAULTS)}")
+
+
+def _broken_halfway(weights: list[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+    yield from weights[: len(weights) // 2]
+    raise RuntimeError("injected fault interrupt_reload: the weights stopped arriving halfway")

@@ -11,8 +11,9 @@ one layer's weights arrive over two reloads; see ENVIRONMENT.md).
 Both ends keep their flat buffers from one sync to the next (``FlatBuffers``: a fresh 256 MiB
 buffer costs several times a reused one) and post their broadcasts asynchronously: the sender
 (``BucketSender``) packs bucket k+1 while bucket k is on the wire, the receivers
-(``receive_buckets``) post every bucket's receive at once. The same code runs over gloo (CPU)
-and NCCL (GPU): only the group's backend and the buffers' device differ.
+(``receive_buckets``, ``stream_buckets``) post every bucket's receive at once and can hand each
+bucket on as soon as it is in. The same code runs over gloo (CPU) and NCCL (GPU): only the group's
+backend and the buffers' device differ.
 
 Only torch here: no Ray, no vLLM at import time, no fleetrl imports.
 """
@@ -20,7 +21,7 @@ Only torch here: no Ray, no vLLM at import time, no fleetrl imports.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +74,12 @@ def plan_buckets(
     version: int,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     lora_scale: float | None = None,
+    breaks: Collection[str] = (),
 ) -> WeightPlan:
     """Group (name, shape, dtype) in order into buckets of at most ``bucket_bytes``.
 
-    A parameter bigger than ``bucket_bytes`` gets a bucket of its own. Order is kept, so
-    parameters of one layer stay next to each other.
+    A parameter bigger than ``bucket_bytes`` gets a bucket of its own, and one named in ``breaks``
+    starts a new bucket. Order is kept, so parameters of one layer stay next to each other.
     """
     buckets: list[Bucket] = []
     cur: list[TensorSpec] = []
@@ -95,7 +97,7 @@ def plan_buckets(
         numel = 1
         for d in shape:
             numel *= d
-        if cur and (dtype != cur_dtype or (cur_numel + numel) * dtype.itemsize > bucket_bytes):
+        if cur and (dtype != cur_dtype or (cur_numel + numel) * dtype.itemsize > bucket_bytes or name in breaks):
             close()
         cur_dtype = dtype
         cur.append(TensorSpec(name, shape, cur_numel))
@@ -120,6 +122,37 @@ def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.
             raise ValueError(f"weight {spec.name}: shape {tuple(t.shape)} does not match the plan's {spec.shape}")
         flat[spec.offset : spec.offset + spec.numel].copy_(t.detach().reshape(-1))
     return flat
+
+
+def memory_runs(named: Sequence[tuple[str, torch.Tensor]]) -> list[list[str]]:
+    """The names in memory order, grouped into runs of tensors that lie back to back in one storage
+    with one dtype (DeepSpeed's ZeRO-1/2 keep each parameter group in one flat buffer this way)."""
+    items = sorted(named, key=lambda nt: (nt[1].untyped_storage().data_ptr(), nt[1].storage_offset()))
+    runs: list[list[str]] = []
+    end = None  # (storage, dtype, element offset) where the current run would continue
+    for name, t in items:
+        here = (t.untyped_storage().data_ptr(), t.dtype, t.storage_offset())
+        if runs and t.is_contiguous() and here == end:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+        end = here[:2] + (here[2] + t.numel(),) if t.is_contiguous() else None
+    return runs
+
+
+def contiguous_view(bucket: Bucket, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The bucket as one flat view of memory its tensors already fill back to back, in the bucket's
+    layout (nothing to pack: it can go on the wire as it is); None when they do not."""
+    first = tensors[bucket.specs[0].name]
+    storage, base = first.untyped_storage(), first.storage_offset() - bucket.specs[0].offset
+    for spec in bucket.specs:
+        t = tensors[spec.name]
+        if (t.dtype != bucket.torch_dtype or not t.is_contiguous() or tuple(t.shape) != spec.shape
+                or t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != base + spec.offset):
+            return None
+    if base < 0 or (base + bucket.numel) * first.element_size() > storage.nbytes():
+        return None
+    return first.detach().new_empty(0).set_(storage, base, (bucket.numel,))
 
 
 def unpack_bucket(bucket: Bucket, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -175,18 +208,29 @@ class BucketSender:
         self.buffers = FlatBuffers(device)
         self._pending: dict[int, list] = {}
         self._count = 0
+        self.unpacked = 0  # buckets sent straight from the tensors' own memory (contiguous_view)
 
     def _drain(self, slot: int) -> None:
         for h in self._pending.pop(slot, ()):
             _wait(h)
 
-    def send(self, bucket: Bucket, tensors: dict[str, torch.Tensor], reader=None) -> torch.Tensor:
+    def send(self, bucket: Bucket, tensors: dict[str, torch.Tensor], reader=None,
+             in_place: bool = False) -> torch.Tensor:
         """Pack and start broadcasting one bucket; ``reader(flat)`` may return a Future that reads the
-        packed bucket alongside the broadcast (e.g. checksums): the slot is reused only after it."""
+        packed bucket alongside the broadcast (e.g. checksums): the slot is reused only after it.
+
+        ``in_place``: the tensors stay where they are until ``finish`` (not a temporary gather): a
+        bucket they already fill back to back in memory goes on the wire from there, unpacked."""
         slot = self._count % self.depth
         self._count += 1
         self._drain(slot)
-        flat = pack_bucket(bucket, tensors, out=self.buffers.get(slot, bucket))
+        # Only from memory on the wire's own device (gloo sends host memory: a GPU learner packs).
+        on_wire = tensors[bucket.specs[0].name].device == self.buffers.device
+        flat = contiguous_view(bucket, tensors) if in_place and on_wire else None
+        if flat is None:
+            flat = pack_bucket(bucket, tensors, out=self.buffers.get(slot, bucket))
+        else:
+            self.unpacked += 1
         handles = [self.group.broadcast(flat, 0)]
         if reader is not None:
             job = reader(flat)
@@ -219,11 +263,23 @@ def receive_buckets(group, plan: WeightPlan, buffers: FlatBuffers) -> list[tuple
     """A receiver's end of a sync: every bucket's receive posted at once into ``buffers`` (bucket i
     into key i, reused from the last sync), then waited for. Returns the named views, in plan order;
     they stay valid until the next call with the same ``buffers``."""
+    return list(stream_buckets(group, plan, buffers))
+
+
+def stream_buckets(group, plan: WeightPlan, buffers: FlatBuffers) -> Iterator[tuple[str, torch.Tensor]]:
+    """``receive_buckets`` as it arrives: every receive is posted now, and the named views of bucket k
+    are yielded as soon as bucket k is in, while the later ones are still on the wire. A consumer
+    that loads as it iterates (vLLM's layerwise reload processes a layer once all its weights are
+    in) overlaps the load with the receive."""
     flats = [buffers.get(i, b) for i, b in enumerate(plan.buckets)]
     works = [group.broadcast(flat, 0) for flat in flats]
-    for w in works:
-        w.wait()
-    return [named for b, flat in zip(plan.buckets, flats) for named in unpack_bucket(b, flat)]
+
+    def arrivals() -> Iterator[tuple[str, torch.Tensor]]:
+        for b, flat, work in zip(plan.buckets, flats, works):
+            work.wait()
+            yield from unpack_bucket(b, flat)
+
+    return arrivals()
 
 
 def merge_lora(base: dict[str, torch.Tensor], adapter: Iterable[tuple[str, torch.Tensor]],

@@ -24,7 +24,14 @@ import torch
 
 from fleetrl.core.nodes import this_node
 from fleetrl.core.weight_check import tensor_checksum
-from fleetrl.core.weight_wire import BucketSender, WeightPlan, init_side_group, plan_buckets, unpack_bucket
+from fleetrl.core.weight_wire import (
+    BucketSender,
+    WeightPlan,
+    init_side_group,
+    memory_runs,
+    plan_buckets,
+    unpack_bucket,
+)
 from fleetrl.learner.config import (
     LearnerConfig,
     micro_steps_per_mini_batch,
@@ -43,6 +50,9 @@ from fleetrl.learner.deepspeed_utils import (
 from fleetrl.learner.lora import AdapterDisabled, adapter_tensors, apply_lora
 
 _CLIENT_KEY = "fleetrl_client_state"
+# At most this many runs of back-to-back parameters: a plan follows memory order (one flat buffer per
+# ZeRO-1/2 parameter group); more (e.g. no ZeRO: a storage per parameter) and it keeps the model's order.
+_MAX_RUNS = 8
 
 
 def _shape(p: torch.nn.Parameter) -> tuple[int, ...]:
@@ -397,9 +407,21 @@ class Engine:
         `dtype` (e.g. "bfloat16") casts on send; default: the training dtype.
         """
         cast = getattr(torch, dtype) if dtype else None
-        specs = [(name, _shape(p), cast or p.dtype) for name, p in self._sync_params().items()]
+        params = self._sync_params()
+        order, breaks = list(params), set()
+        if cast is None and not self.zero3 and self.lora is None:
+            # ZeRO-1/2 keep each parameter group in one flat buffer: buckets that follow it go on the
+            # wire from there, unpacked (BucketSender.send, in_place). The small runs (the no-decay
+            # group: norms, biases) go first, so that on arrival of its big weights a layer is whole
+            # and vLLM's layerwise reload processes it while the rest is still on the wire.
+            runs = memory_runs([(name, p.data) for name, p in params.items()])
+            if len(runs) <= _MAX_RUNS:
+                runs.sort(key=lambda run: sum(params[n].numel() for n in run))
+                order = [n for run in runs for n in run]
+                breaks = {run[0] for run in runs[1:]}
+        specs = [(name, _shape(params[name]), cast or params[name].dtype) for name in order]
         return plan_buckets(specs, version, bucket_bytes=self.cfg.weight_sync_bucket_mb * 2**20,
-                            lora_scale=None if self.lora is None else self.lora.scale)
+                            lora_scale=None if self.lora is None else self.lora.scale, breaks=breaks)
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Rank 0 joins the side group as its rank 0 (blocks until every receiver joins)."""
@@ -426,6 +448,8 @@ class Engine:
         dtypes: dict[str, str] = {}
         compute_s: list[float] = []
         check = checksums and self.rank == 0
+        first_sent = 0.0  # when the first bucket's broadcast started
+        unpacked = self._sender.unpacked if self.rank == 0 else 0
         if check and self._checksum_pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -441,13 +465,19 @@ class Engine:
                     if self.rank == 0:
                         read = None if not check else (lambda flat, b=bucket: self._checksum_pool.submit(
                             _bucket_checksums, b, flat, sums, dtypes, compute_s))
-                        self._sender.send(bucket, {s.name: params[s.name].data for s in bucket.specs}, read)
+                        self._sender.send(bucket, {s.name: params[s.name].data for s in bucket.specs}, read,
+                                          in_place=not self.zero3)  # ZeRO-3's gathered copies are freed at once
+                        first_sent = first_sent or time.perf_counter()
             waited = self._sender.finish() if self.rank == 0 else 0.0
         except BaseException:
             if self.rank == 0 and self._sender is not None:
                 self._sender.abandon()
             raise
-        out: dict[str, Any] = {"num_bytes": float(plan.num_bytes), "seconds": time.perf_counter() - t0}
+        t1 = time.perf_counter()
+        # t_start/t_end: CLOCK_MONOTONIC, the same clock in every process of a node (the bench's timeline).
+        out: dict[str, Any] = {"num_bytes": float(plan.num_bytes), "seconds": t1 - t0, "t_start": t0, "t_end": t1,
+                               "t_first_sent": first_sent,
+                               "buckets_in_place": (self._sender.unpacked - unpacked) if self.rank == 0 else 0}
         if checksums and self.rank == 0:
             out.update(checksums=sums, dtypes=dtypes, checksum_s=sum(compute_s),
                        checksum_wait_s=waited)

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,13 @@ from fleetrl.core.weight_wire import (
     WeightPlan,
     init_side_group,
     merge_lora,
-    receive_buckets,
+    stream_buckets,
+    unpack_bucket,
 )
+
+# The start of the message of a reload that failed after it began: the model may hold a mix of two
+# versions, so the worker must not serve again (RolloutWorker turns it into EngineDead: replaced).
+PARTIAL_RELOAD = "fleetrl: weight reload interrupted"
 
 
 def load_base_weights(model_dir: str) -> dict[str, torch.Tensor]:
@@ -158,7 +163,8 @@ class WeightReceiver:
         self._fleetrl_weight_group = init_side_group(host, int(port), rank, int(world_size), backend)
         return rank
 
-    def _receive_buckets(self, plan: WeightPlan) -> list[tuple[str, torch.Tensor]]:
+    def _receive_buckets(self, plan: WeightPlan) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every bucket's receive posted now; the named views come as their buckets arrive."""
         group = getattr(self, "_fleetrl_weight_group", None)
         if group is None:
             raise RuntimeError(
@@ -170,7 +176,8 @@ class WeightReceiver:
         buffers = self.__dict__.get("_fleetrl_weight_buffers")
         if buffers is None or buffers.device != torch.device(self.model_runner.device):
             buffers = self._fleetrl_weight_buffers = FlatBuffers(self.model_runner.device)
-        return receive_buckets(group, plan, buffers)
+        self._fleetrl_last_plan = plan
+        return stream_buckets(group, plan, buffers)
 
     def _release_buffers_off_cpu(self) -> None:
         # Kept between syncs only in host memory: on an accelerator a whole extra copy of the weights
@@ -187,7 +194,7 @@ class WeightReceiver:
         if plan.lora_scale is None:
             raise ValueError("receive_adapter got a full-weight plan: rollout.lora_sync: adapter needs learner.lora")
         t0 = time.perf_counter()
-        weights = self._receive_buckets(plan)
+        weights = list(self._receive_buckets(plan))
         t1 = time.perf_counter()
         if int(self.rank) == 0:
             write_peft_adapter(out_dir, weights, plan.lora_scale)
@@ -219,42 +226,84 @@ class WeightReceiver:
         return None
 
     def receive_weights(self, plan_data: dict[str, Any], verify: bool = False) -> dict[str, Any]:
-        """Receive every bucket of one version, then load them in ONE reload.
+        """Receive every bucket of one version and load them in ONE reload, as they arrive.
 
         One reload for the whole model because the vLLM CPU backend mis-generates when one
-        layer's weights come over two reloads (ENVIRONMENT.md); the price is holding one
-        extra copy of the weights while they arrive.
+        layer's weights come over two reloads (ENVIRONMENT.md). Within it, vLLM's layerwise
+        reload processes each layer as soon as all its weights are in, so the weights go to
+        it as their buckets arrive: the load of bucket k overlaps the receive of bucket k+1.
+        The price is one extra copy of the weights (the receive buffers).
         """
         plan = plan_from_plain(plan_data)
         device = self.model_runner.device
         t0 = time.perf_counter()
-        weights = self._receive_buckets(plan)
-        t1 = time.perf_counter()
+        fault = self._fault(plan.version)
+        arrivals = _Arrivals(self._receive_buckets(plan))
+        weights: Iterable[tuple[str, torch.Tensor]] = arrivals
         if plan.lora_scale is not None:
             # Adapter only on the wire: merge it into the BASE weights (kept from the checkpoint, never
             # the merged ones, so each version replaces the last) and reload the whole model at once.
+            adapter = list(arrivals)
             base = getattr(self, "_fleetrl_base_weights", None)
             if base is None:
                 base = self._fleetrl_base_weights = load_base_weights(self.vllm_config.model_config.model)
-            merged = merge_lora(base, weights, plan.lora_scale)
+            merged = merge_lora(base, adapter, plan.lora_scale)
             weights = [(name, merged.get(name, t)) for name, t in base.items()]
-        fault = self._fault(plan.version)
         if fault is not None:
-            weights = apply_fault(fault, weights)
-        # The worker's reload_weights wraps model_runner.reload_weights in the engine's
-        # config context (vLLM's in-place reload: checkpoint-format names, i.e. Hugging Face
-        # names, re-run through the model's load_weights and post-load processing such as
-        # the CPU backend's weight repacking). GPU and CPU runners share this method.
-        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-        refresh_tied_layers(self.model_runner.get_model(), self.vllm_config)
+            weights = apply_fault(fault, list(weights))
+        try:
+            self._reload(weights)
+        except Exception as e:
+            if arrivals.began:  # some layers hold the new version, others the old (or none)
+                raise RuntimeError(f"{PARTIAL_RELOAD} at weight version {plan.version}: {type(e).__name__}: "
+                                   f"{e}") from e
+            raise
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self._release_buffers_off_cpu()
         t2 = time.perf_counter()
-        out: dict[str, Any] = {"receive_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(plan.num_bytes)}
+        t1 = arrivals.last or t2
+        # receive_s: until the last bucket was in; reload_s: the rest of the reload after it (the
+        # part that did not overlap the receive).
+        out: dict[str, Any] = {"receive_s": t1 - t0, "reload_s": t2 - t1, "bytes": float(plan.num_bytes),
+                               "t_receive_start": t0, "t_reload_end": t2}
         if fault is not None:
             out["fault"] = fault
         if verify:
             out["loaded"] = self.loaded_checksums()
             out["verify_s"] = time.perf_counter() - t2
         return out
+
+    def _reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # The worker's reload_weights wraps model_runner.reload_weights in the engine's
+        # config context (vLLM's in-place reload: checkpoint-format names, i.e. Hugging Face
+        # names, re-run through the model's load_weights and post-load processing such as
+        # the CPU backend's weight repacking). GPU and CPU runners share this method.
+        self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        refresh_tied_layers(self.model_runner.get_model(), self.vllm_config)
+
+    def time_reload(self) -> float:
+        """Benches: one more reload of the last version received, from the kept receive buffers (host
+        memory), all of it already there; its seconds (the reload alone, nothing to overlap)."""
+        plan = self.__dict__.get("_fleetrl_last_plan")
+        buffers = self.__dict__.get("_fleetrl_weight_buffers")
+        if plan is None or buffers is None or plan.lora_scale is not None:
+            raise RuntimeError("time_reload needs a full-weight sync first (and buffers kept in host memory)")
+        views = [named for i, b in enumerate(plan.buckets) for named in unpack_bucket(b, buffers.get(i, b))]
+        t0 = time.perf_counter()
+        self._reload(views)
+        return time.perf_counter() - t0
+
+
+class _Arrivals:
+    """Wraps the arriving named tensors: whether the consumer began taking them, when the last came."""
+
+    def __init__(self, named: Iterator[tuple[str, torch.Tensor]]):
+        self._named = named
+        self.began = False
+        self.last: float | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self.began = True
+        yield from self._named
+        self.last = time.perf_counter()

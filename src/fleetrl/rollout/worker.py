@@ -25,7 +25,7 @@ from fleetrl.core.weight_wire import WeightPlan
 from fleetrl.env import ChatDelta, EnvError, TurnOutput, load_environment, run_episode
 from fleetrl.rollout.config import MAX_LORAS, RolloutConfig, resolve_device, vllm_lora_rank, worker_env
 from fleetrl.rollout.fleet import EngineDead
-from fleetrl.rollout.weight_receiver import plan_to_plain
+from fleetrl.rollout.weight_receiver import PARTIAL_RELOAD, plan_to_plain
 
 # vLLM returns, per sampled token, the logprob under the distribution it sampled from
 # only in "processed_logprobs" mode: log_softmax of the logits after temperature, top-k
@@ -207,6 +207,9 @@ class RolloutWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._warm: asyncio.Task | None = None
+        # Set when a weight reload failed after it began: the model may hold two versions at once,
+        # so this worker never serves again (EngineDead: the fleet replaces it).
+        self._broken: str | None = None
         self._env: asyncio.Future | None = None  # -> (environment class, chat delta), built on first use
 
     async def _warm_up(self) -> None:
@@ -268,6 +271,8 @@ class RolloutWorker:
         if self.engine.errored:
             raise EngineDead(f"rollout worker {self.worker_index}: its vLLM engine is dead "
                              f"({self.engine.dead_error}); the fleet replaces this worker")
+        if self._broken:
+            raise EngineDead(f"rollout worker {self.worker_index}: {self._broken}; the fleet replaces this worker")
         try:
             yield
         except EngineDeadError as e:
@@ -432,7 +437,17 @@ class RolloutWorker:
                 try:
                     # Checked only for full weights: a merged LoRA plan carries the adapter, not what loads.
                     verify = self.cfg.verify_weights and plain.get("lora_scale") is None
-                    stats = await self.engine.collective_rpc("receive_weights", args=(plain, verify))
+                    try:
+                        stats = await self.engine.collective_rpc("receive_weights", args=(plain, verify))
+                    except Exception as e:
+                        if PARTIAL_RELOAD not in str(e):
+                            raise
+                        # Neither version is whole in this engine: it stays paused (requests in flight
+                        # go nowhere) and every call from now on raises EngineDead.
+                        self._broken = (f"its weight reload of version {plain['version']} failed halfway "
+                                        f"({str(e).splitlines()[0][:300]})")
+                        raise EngineDead(f"rollout worker {self.worker_index}: {self._broken}; the fleet "
+                                         "replaces this worker") from e
                     marks.append(time.perf_counter())
                     self.weight_version = int(plain["version"])
                     # The pause dropped the KV and prefix caches before the load; drop them again
@@ -444,7 +459,8 @@ class RolloutWorker:
                         self.prefix_cache_resets.get(self.weight_version, 0) + 1)
                     marks.append(time.perf_counter())
                 finally:
-                    await self.engine.resume_generation()
+                    if not self._broken:
+                        await self.engine.resume_generation()
                 marks.append(time.perf_counter())
             finally:
                 self._admit.set()
@@ -452,6 +468,12 @@ class RolloutWorker:
         report = self._sync_report(t0, inflight, stats)
         report["phases_s"] = {name: b - a for name, a, b in zip(("pause", "load", "reset", "resume"), marks, marks[1:])}
         return report
+
+    async def time_reload(self) -> float:
+        """Benches: the seconds of one reload of the last weights received, already all in memory
+        (``WeightReceiver.time_reload``; the slowest rank)."""
+        async with self._engine_alive():
+            return max(await self.engine.collective_rpc("time_reload"))
 
     async def _pause(self, mode: str) -> None:
         """vLLM's ``pause_generation`` ends with a fixed 20 ms sleep, so that the outputs of requests in
@@ -479,10 +501,12 @@ class RolloutWorker:
 
     def _sync_report(self, t0: float, inflight: int, stats: Any) -> dict[str, Any]:
         """What a weight sync returns to the fleet (both sync modes)."""
+        t1 = time.perf_counter()
         return {
             "worker_index": self.worker_index,
             "weight_version": self.weight_version,
-            "seconds": time.perf_counter() - t0,
+            "seconds": t1 - t0,
+            "t_start": t0, "t_end": t1,  # CLOCK_MONOTONIC: comparable with the learner's on one node
             "requests_in_flight": inflight,
             "ranks": stats,
         }
