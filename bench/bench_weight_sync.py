@@ -3,8 +3,8 @@
 Spine: a ``LearnerGroup`` (1 DeepSpeed rank, a Ray actor) sends the policy with ``send_weights``
 while a ``RolloutFleet`` (1, then 2 vLLM workers, Ray actors) takes it with ``receive_weights``:
 bucket packing on the learner, a broadcast per bucket over the side group, then ONE vLLM
-``reload_weights`` per worker. The plan is re-bucketed in the driver (``plan_buckets``, the
-function the learner uses) so that one learner serves every bucket size.
+``reload_weights`` per worker. The learner makes the plan for each bucket size
+(``weight_plan(bucket_mb=...)``), so one learner serves every bucket size.
 
 Baseline ("raw"): plain Ray actors (the same kind of process: one sender, one receiver per vLLM
 worker) joined by ``fleetrl.core.weight_wire.init_side_group`` over the same backend, broadcasting
@@ -224,7 +224,6 @@ def main(argv=None) -> None:
     init_local_ray()
     import ray
 
-    from fleetrl.core.weight_wire import plan_buckets
     from fleetrl.learner.config import LearnerConfig
     from fleetrl.learner.group import LearnerGroup
     from fleetrl.rollout.config import RolloutConfig
@@ -244,8 +243,7 @@ def main(argv=None) -> None:
         fleet.wait_ready()
         print(f"learner and fleet ready in {time.perf_counter() - t0:.1f}s", flush=True)
         base = learner.weight_plan(0)
-        specs = [(s.name, s.shape, b.torch_dtype) for b in base.buckets for s in b.specs]
-        plans = {mb: plan_buckets(specs, 0, bucket_bytes=mb * 2**20) for mb in args.bucket_mb}
+        plans = {mb: learner.weight_plan(0, bucket_mb=mb) for mb in args.bucket_mb}
         total_bytes = base.num_bytes
         mib = total_bytes / 2**20
         dtype = base.buckets[0].dtype

@@ -401,10 +401,12 @@ class Engine:
 
     # ------------------------------------------------------------------ weight sync
 
-    def weight_plan(self, version: int, dtype: str | None = None) -> WeightPlan:
-        """Bucket layout of the policy's weights, in the model's own (layer by layer) order.
+    def weight_plan(self, version: int, dtype: str | None = None, bucket_mb: int | None = None) -> WeightPlan:
+        """Bucket layout of the policy's weights, in the model's own (layer by layer) order, or in
+        memory order under ZeRO-1/2 (below).
 
-        `dtype` (e.g. "bfloat16") casts on send; default: the training dtype.
+        `dtype` (e.g. "bfloat16") casts on send; default: the training dtype. `bucket_mb`: default
+        learner.weight_sync_bucket_mb (benches try others).
         """
         cast = getattr(torch, dtype) if dtype else None
         params = self._sync_params()
@@ -420,7 +422,7 @@ class Engine:
                 order = [n for run in runs for n in run]
                 breaks = {run[0] for run in runs[1:]}
         specs = [(name, _shape(params[name]), cast or params[name].dtype) for name in order]
-        return plan_buckets(specs, version, bucket_bytes=self.cfg.weight_sync_bucket_mb * 2**20,
+        return plan_buckets(specs, version, bucket_bytes=(bucket_mb or self.cfg.weight_sync_bucket_mb) * 2**20,
                             lora_scale=None if self.lora is None else self.lora.scale, breaks=breaks)
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:

@@ -265,8 +265,8 @@ class LearnerGroup:
         refs = [a.compute_logprobs.remote(s, which, temperature) for a, s in zip(self.actors, shards)]
         return torch.cat(self._gather(refs))[:n]
 
-    def weight_plan(self, version: int, dtype: str | None = None) -> WeightPlan:
-        return self._gather([self.actors[0].weight_plan.remote(version, dtype)])[0]
+    def weight_plan(self, version: int, dtype: str | None = None, bucket_mb: int | None = None) -> WeightPlan:
+        return self._gather([self.actors[0].weight_plan.remote(version, dtype, bucket_mb)])[0]
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> list:
         """ObjectRefs (rank 0 joins the side group; it returns once every receiver joined too)."""

@@ -220,8 +220,8 @@ class Learner:
 
     # ------------------------------------------------------------------ weights and saving (the engine's)
 
-    def weight_plan(self, version: int, dtype: str | None = None) -> WeightPlan:
-        return self.engine.weight_plan(version, dtype)
+    def weight_plan(self, version: int, dtype: str | None = None, bucket_mb: int | None = None) -> WeightPlan:
+        return self.engine.weight_plan(version, dtype, bucket_mb)
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
         self.engine.init_weight_sync(host, port, world_size, backend)
