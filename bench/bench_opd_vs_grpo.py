@@ -140,8 +140,9 @@ def report_sums(args, runs: dict[int, dict[str, tuple[Path, float]]], load: str)
 
     per_run, targets, curves = [], [], []
     for seed, r in runs.items():
-        rows = {k: [m for m in read_metrics_all(d) if m.get("step", 0) > 0] for k, (d, _) in r.items()}
-        evals = {k: eval_curve(read_metrics_all(d)) for k, (d, _) in r.items()}
+        every = {k: read_metrics_all(d) for k, (d, _) in r.items()}
+        rows = {k: [m for m in ms if m.get("step", 0) > 0] for k, ms in every.items()}
+        evals = {k: eval_curve(ms) for k, ms in every.items()}
         if any(len(c) < 2 for c in evals.values()):
             raise ValueError(f"seed {seed}: each run needs held-out evaluations (rl.eval_every, data.eval_path)")
         teacher = evals["grpo"][-1][1]
