@@ -7,13 +7,17 @@ import torch
 from fleetrl.core.weight_check import (
     CHECKSUM_FAULTS,
     FAULTS,
+    PROBE_FAULTS,
     apply_fault,
     checksums,
     compare_checksums,
     parse_fault,
+    probe_diff,
+    probe_tolerance,
     tensor_checksum,
     unfuse_name,
 )
+from fleetrl.online.weights import probe_token_ids
 from fleetrl.rollout.config import RolloutConfig
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -135,3 +139,67 @@ def test_an_interrupted_reload_stops_halfway_with_an_error():
             taken.append(named)
     assert 0 < len(taken) < len(new)
     assert "interrupt_reload" in FAULTS
+
+
+def tiny_lm(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def logprobs_of(model, ids: list[int]) -> list[float]:
+    """What the probe compares: log p(ids[t] | ids[:t]) for t >= 1."""
+    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_permuted_rows_pass_the_checksums_but_not_the_log_prob_probe():
+    # A matrix whose rows were moved keeps its checksums: only the probe can see this fault.
+    learner = tiny_lm()
+    sent = dict(learner.state_dict())
+    held = dict(apply_fault("permute_rows", list(sent.items())))
+    assert any(not torch.equal(held[n], sent[n]) for n in sent)
+    assert check(sent, held) == ([], [], [])
+
+    fleet = tiny_lm(seed=1)
+    fleet.load_state_dict(held)
+    ids = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3]
+    want = logprobs_of(learner, ids)
+    mean, worst = probe_diff(want, logprobs_of(fleet, ids))
+    assert mean > probe_tolerance("float32") and worst >= mean
+    fleet.load_state_dict(sent)  # the clean load: the same log-probs
+    assert probe_diff(want, logprobs_of(fleet, ids))[0] < 1e-6
+    assert "permute_rows" in PROBE_FAULTS and "permute_rows" not in CHECKSUM_FAULTS
+
+
+def test_probe_tolerance_is_set_by_the_coarser_dtype_and_a_nan_always_fails():
+    assert probe_tolerance("float32") == 0.01
+    assert probe_tolerance("float32", "bfloat16") == probe_tolerance("bfloat16") == 0.1
+    assert probe_tolerance("torch.float16", "float32") == 0.05
+    assert probe_tolerance("float8_e4m3fn") == 0.1  # unknown: bf16's
+    assert probe_diff([-1.0, -2.0], [-1.5, -2.0]) == (0.25, 0.5)
+    assert probe_diff([-1.0, -2.0], [float("nan"), -2.0]) == (float("inf"), float("inf"))
+    with pytest.raises(ValueError, match="same non-empty token list"):
+        probe_diff([-1.0], [-1.0, -2.0])
+
+
+def test_the_probe_is_on_by_default_and_takes_the_first_prompts_tokens():
+    cfg = RolloutConfig()
+    assert cfg.verify_probe_tokens == 32 and cfg.verify_probe_every == 1 and cfg.verify_probe_tolerance is None
+    with pytest.raises(ValueError, match="verify_probe_every"):
+        RolloutConfig(verify_probe_every=0)
+    with pytest.raises(ValueError, match="verify_probe_tolerance"):
+        RolloutConfig(verify_probe_tolerance=0)
+
+    class Chars:  # a tokenizer without a chat template: one id per character
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    assert probe_token_ids(["abc", "defgh", "ij"], Chars(), 6) == [97, 98, 99, 100, 101, 102]
+    assert probe_token_ids(["abc"], Chars(), 6) == [97, 98, 99]  # fewer tokens than asked: all there are
+    assert probe_token_ids(["a"], Chars(), 6) == []  # one token has nothing to score
+    assert probe_token_ids(["abc"], Chars(), 0) == []

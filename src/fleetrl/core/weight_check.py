@@ -11,7 +11,10 @@ every group against the learner's checksums within a tolerance set by the two dt
 
 A reduction over elements cannot see two elements swapped inside one tensor; it catches a
 corrupted value, a tensor or layer left out of the reload and a missed update (the faults the
-tests inject, ``apply_fault``).
+tests inject, ``apply_fault``). What it cannot see (elements moved inside a tensor, parameters the
+engine cannot read back, an adapter that loads differently from what was sent) the *log-prob
+probe* covers: a few fixed tokens scored by the learner and by every worker, whose mean absolute
+log-prob difference must stay within a tolerance set by the two dtypes (``probe_tolerance``).
 
 Only torch here: no Ray, no vLLM, no fleetrl imports.
 """
@@ -27,13 +30,21 @@ Checksum = tuple[float, float, float]  # (sum, sum |x|, sum x**2), float64
 # What the checksums after a reload must catch; interrupt_reload instead breaks the reload halfway
 # (the worker must then take itself out of service: rollout/worker.py, PARTIAL_RELOAD).
 CHECKSUM_FAULTS = ("corrupt_bucket", "skip_tensor", "stale_layer", "miss_update")
-FAULTS = (*CHECKSUM_FAULTS, "interrupt_reload")
+# What only the log-prob probe can catch: the checksums of a tensor whose rows were permuted are its own.
+PROBE_FAULTS = ("permute_rows",)
+FAULTS = (*CHECKSUM_FAULTS, *PROBE_FAULTS, "interrupt_reload")
 FAULT_ENV = "FLEETRL_WEIGHT_FAULT"
 
 # Relative tolerance per dtype: bit-identical values differ only by float64 summation order;
 # a cast on the way (fp32 sent, bf16 loaded) rounds every element by up to its dtype's epsilon.
 _CAST_RTOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 _SAME_RTOL = 1e-9
+
+# Mean |log p_fleet - log p_learner| over the probe's tokens allowed per dtype (the coarser of the
+# two sides'). Measured: ~6e-6 for fp32 on the CPU (vLLM vs the learner, SmolLM2); bf16 serving
+# differs by ~0.01-0.02 in healthy runs and by 0.2 with weights never synced (TRL #5312). A fault
+# the probe is there for (a layer scrambled, a weight lost) moves it by ~1 or gives NaN.
+_PROBE_TOL = {"float32": 0.01, "float16": 0.05, "bfloat16": 0.1}
 
 
 @torch.no_grad()
@@ -57,6 +68,24 @@ def checksum_rtol(sent_dtype: str, loaded_dtype: str) -> float:
     if sent_dtype == loaded_dtype:
         return _SAME_RTOL
     return max(_CAST_RTOL.get(sent_dtype, 1e-2), _CAST_RTOL.get(loaded_dtype, 1e-2))
+
+
+def probe_tolerance(*dtypes: str) -> float:
+    """The probe's allowed mean absolute log-prob difference for these dtypes (unknown: bf16's)."""
+    return max(_PROBE_TOL.get(str(d).removeprefix("torch."), _PROBE_TOL["bfloat16"]) for d in dtypes)
+
+
+def probe_diff(learner: Sequence[float], fleet: Sequence[float]) -> tuple[float, float]:
+    """(mean, max) of |learner - fleet| over the probe's tokens; inf when either side is not finite."""
+    a = torch.as_tensor(learner, dtype=torch.float64)
+    b = torch.as_tensor(fleet, dtype=torch.float64)
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(f"probe log-probs of {a.numel()} and {b.numel()} tokens: both sides must score the "
+                         "same non-empty token list")
+    d = (a - b).abs()
+    if not torch.isfinite(d).all():
+        return float("inf"), float("inf")
+    return float(d.mean()), float(d.max())
 
 
 def unfuse_name(name: str, packed: Mapping[str, Sequence[str]]) -> list[str]:
@@ -123,6 +152,8 @@ def apply_fault(kind: str, weights: list[tuple[str, torch.Tensor]]) -> Iterable[
     skip_tensor: one tensor (the middle one) is left out of the reload; stale_layer: every tensor of
     the first transformer layer is left out (the reload leaves that layer on its old weights);
     miss_update: nothing is reloaded. Tensors left out keep the worker's previous values.
+    permute_rows: the rows of every matrix of the first transformer layer are reversed (the values
+    and so the checksums are the same; what the layer computes is not).
     interrupt_reload: half of the tensors arrive, then the stream breaks (as a broadcast that fails
     while the reload is taking its tensors).
     """
@@ -136,14 +167,21 @@ def apply_fault(kind: str, weights: list[tuple[str, torch.Tensor]]) -> Iterable[
         mid = len(weights) // 2
         return weights[:mid] + weights[mid + 1:]
     if kind == "stale_layer":
-        layer = next((n.split(".layers.")[1].split(".")[0] for n, _ in weights if ".layers." in n), None)
-        prefix = f".layers.{layer}."
-        return [(n, t) for n, t in weights if layer is None or prefix not in n]
+        layer = _first_layer(weights)
+        return [(n, t) for n, t in weights if layer is None or layer not in n]
     if kind == "miss_update":
         return []
+    if kind == "permute_rows":
+        layer = _first_layer(weights)
+        return [(n, t.flip(0) if t.dim() == 2 and layer is not None and layer in n else t) for n, t in weights]
     if kind == "interrupt_reload":
         return _broken_halfway(weights)
     raise ValueError(f"unknown weight fault {kind!r}: one of {', '.join(FAULTS)}")
+
+
+def _first_layer(weights: list[tuple[str, torch.Tensor]]) -> str | None:
+    """``.layers.<i>.`` of the first transformer layer among the names (None: no layers)."""
+    return next((f".layers.{n.split('.layers.')[1].split('.')[0]}." for n, _ in weights if ".layers." in n), None)
 
 
 def _broken_halfway(weights: list[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:

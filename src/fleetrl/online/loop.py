@@ -34,7 +34,7 @@ from fleetrl.online.off_policy import OffPolicyCorrection
 from fleetrl.online.pairs import pair_batch
 from fleetrl.online.recovery import exact_resume_state, recovery_metrics, restore_exact_state
 from fleetrl.online.services import Services, check_critic_tokenizer, local_path, process_age_s, start_services
-from fleetrl.online.weights import WeightSync, resize_fleet
+from fleetrl.online.weights import WeightSync, probe_token_ids, resize_fleet
 from fleetrl.reward.actor import restart_reward_actor
 from fleetrl.run.config import ConfigError, RunConfig
 from fleetrl.run.runtime import RunDir, connect_ray, load_tokenizer, pick_backend, resolve_model
@@ -81,6 +81,8 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
            backend: str, t0: float, eval_rows=(), restarts: int = 0) -> Path | str:
     fleet, learner, critic, control = services.fleet, services.learner, services.critic, services.control
     sync = WeightSync(learner, fleet, backend)
+    if cfg.rollout.verify_weights:
+        sync.probe_ids = probe_token_ids(stream.rows, tokenizer, cfg.rollout.verify_probe_tokens)
     collector = GroupCollector(cfg, fleet, services.reward_actors, stream, tokenizer,
                                fleet_version=lambda: sync.version)
     collector.restore_fleet = lambda: resize_fleet(fleet, sync, collector, max(1, cfg.rollout.num_workers))
@@ -253,6 +255,9 @@ def _rollout_metrics(fleet, sync: WeightSync, collector: GroupCollector, rstats:
         "weight_version": sync.version,
         "weight_sync/verify_failed": sync.verify_failed,
         "weight_sync/verify_s": sync.verify_s,
+        "weight_sync/probe_abs_diff": sync.probe_abs_diff,
+        "weight_sync/probe_max_abs_diff": sync.probe_max_abs_diff,
+        "weight_sync/probe_s": sync.probe_s,
         "rollout/num_workers": fleet.num_workers,
         "prompts_in_flight": rstats.max_prompts_in_flight,
         "queue_depth/reward": rstats.max_reward_queue,

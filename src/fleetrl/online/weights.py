@@ -8,9 +8,11 @@ import logging
 import time
 
 import ray
+import torch
 
 from fleetrl.core.nodes import placement
-from fleetrl.core.weight_check import compare_checksums
+from fleetrl.core.weight_check import compare_checksums, probe_diff, probe_tolerance
+from fleetrl.data.rows import render_prompt
 from fleetrl.learner.group import LearnerGroup
 from fleetrl.online.collect import GroupCollector
 from fleetrl.rollout.fleet import EngineDead, RolloutFleet
@@ -37,6 +39,12 @@ class WeightSync:
         # ... of which: held by no loaded parameter / by one the engine cannot read back (CPU oneDNN).
         self.unchecked_names: list[str] = []
         self.unreadable_names: list[str] = []
+        # The log-prob probe after the checksums (rollout.verify_probe_tokens): fixed token ids set by
+        # the driver (probe_token_ids); empty = no probe. Last probe's worst worker and its seconds.
+        self.probe_ids: list[int] = []
+        self.probe_abs_diff = 0.0  # mean |log p_fleet - log p_learner| over the probe's tokens
+        self.probe_max_abs_diff = 0.0
+        self.probe_s = 0.0
         self._plan = None
         self.connect()
 
@@ -88,8 +96,9 @@ class WeightSync:
         again without it and the weights sent again to the others.
 
         rollout.verify_weights: then each worker's parameters as loaded are checked against the
-        learner's checksums; on a mismatch the version is sent again, and after
-        rollout.verify_weights_retries resends a WeightVerifyError ends the run."""
+        learner's checksums, and (every rollout.verify_probe_every versions) the log-prob probe's
+        tokens are scored by every worker and the learner; on a mismatch the version is sent again,
+        and after rollout.verify_weights_retries resends a WeightVerifyError ends the run."""
         start = time.perf_counter()
         verify = self.fleet.cfg.verify_weights
         retries = self.fleet.cfg.verify_weights_retries
@@ -99,6 +108,8 @@ class WeightSync:
             if not verify:
                 break
             bad = self._check(version, learner_refs, fleet_refs)
+            if not bad and self._probe_due(version):
+                bad = self._probe(version)
             if not bad:
                 break
             self.verify_failed += len(bad)
@@ -162,6 +173,51 @@ class WeightSync:
         # (they are computed meanwhile), the worker's read-back after its reload, and this comparison.
         self.verify_s = sent.get("checksum_wait_s", 0.0) + worker_s + (time.perf_counter() - t0)
         return bad
+
+    def _probe_due(self, version: int) -> bool:
+        every = self.fleet.cfg.verify_probe_every
+        return bool(self.probe_ids) and self.fleet.num_workers > 0 and version % every == 0
+
+    def _probe(self, version: int) -> dict[int, str]:
+        """Score the probe's tokens in every worker and in the learner at once; {worker: why} for each
+        worker whose mean absolute log-prob difference is over the tolerance (or not finite)."""
+        t0 = time.perf_counter()
+        ids = self.probe_ids
+        indices = self.fleet.indices()
+        refs = [self.fleet.book.handle(i).probe.remote(ids) for i in indices]
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        learner_lp = self.learner.compute_logprobs(batch)[0, 1:].tolist()
+        timeout = self.fleet.cfg.weight_sync_timeout_s
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if late:
+            raise TimeoutError(
+                f"weight version {version}: the log-prob probe did not come back within "
+                f"rollout.weight_sync_timeout_s={timeout:.0f}s from rollout worker(s) "
+                f"{[i for i, r in zip(indices, refs) if r in late]}")
+        sent_dtypes = {b.dtype for b in self._plan.buckets}
+        bad: dict[int, str] = {}
+        self.probe_abs_diff = self.probe_max_abs_diff = 0.0
+        for index, got in zip(indices, ray.get(refs)):
+            mean, worst = probe_diff(learner_lp, got["logprobs"])
+            tol = self.fleet.cfg.verify_probe_tolerance or probe_tolerance(got["dtype"], *sent_dtypes)
+            self.probe_abs_diff = max(self.probe_abs_diff, mean)
+            self.probe_max_abs_diff = max(self.probe_max_abs_diff, worst)
+            if not mean <= tol:
+                bad[index] = (f"the log-prob probe ({len(ids) - 1} tokens) differs from the learner's by "
+                              f"{mean:.4g} on average (max {worst:.4g}; tolerance {tol:g} for {got['dtype']})")
+        self.probe_s = time.perf_counter() - t0
+        return bad
+
+
+def probe_token_ids(rows, tokenizer, num_tokens: int) -> list[int]:
+    """The probe's fixed tokens: the first training prompts as the fleet sees them (rendered and
+    tokenized like the collector's), joined until ``num_tokens``; [] when ``num_tokens`` is 0."""
+    ids: list[int] = []
+    for row in rows:
+        if len(ids) >= num_tokens:
+            break
+        ids += tokenizer(render_prompt(row, tokenizer), add_special_tokens=False)["input_ids"]
+    return ids[:num_tokens] if len(ids) >= 2 else []
 
 
 def _died(ref) -> bool:

@@ -74,8 +74,17 @@ class RolloutConfig(StrictModel):
     # After every weight sync each worker reads its model's parameters back and their checksums are
     # compared with the learner's (fleetrl.core.weight_check). A mismatch sends the version again, up
     # to verify_weights_retries times (each counted in weight_sync/verify_failed); then the run fails.
+    # Then (every verify_probe_every versions) the log-prob probe: the first verify_probe_tokens
+    # tokens of the training prompts are scored by every worker and by the learner; a mean absolute
+    # log-prob difference over verify_probe_tolerance (None: set by the dtypes, 0.01 for fp32, 0.05
+    # fp16, 0.1 bf16) fails the check like a checksum mismatch. It sees what checksums cannot:
+    # weights the engine cannot read back (CPU oneDNN-packed linears), values moved inside a tensor,
+    # LoRA adapters. 0 tokens: no probe.
     verify_weights: bool = True
     verify_weights_retries: int = Field(1, ge=0)
+    verify_probe_tokens: int = Field(32, ge=0)
+    verify_probe_every: int = Field(1, ge=1)
+    verify_probe_tolerance: float | None = Field(None, gt=0)
     # Worker i's engine uses seed + i, so workers given the same prompt sample differently.
     seed: int = 0
     # Exact resume: each request samples from its own seed (derived from seed and the prompt's

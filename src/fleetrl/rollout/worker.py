@@ -395,6 +395,12 @@ class RolloutWorker:
         start = len(prompt_ids)
         return [float(plp[start + i][tok].logprob) for i, tok in enumerate(completion_ids)]
 
+    async def probe(self, ids: Sequence[int]) -> dict[str, Any]:
+        """The weight check's log-prob probe (``fleetrl.online.weights``): the log-prob of each of
+        ``ids[1:]`` after the ones before it, under the weights loaded now, and the model's dtype."""
+        logprobs = await self.score(ids[:1], ids[1:])
+        return {"logprobs": logprobs, "dtype": str(self.engine.model_config.dtype).removeprefix("torch.")}
+
     # -- weights --------------------------------------------------------------------
 
     async def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
