@@ -100,53 +100,61 @@ class RawPeer:
         return time.perf_counter() - t0
 
 
+_TIMELINE = ("learner call", "first bucket on the wire", "learner done", "worker call", "receive starts",
+             "reload done", "worker done")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def measure(learner, fleet, raw_actors, plan, rounds: int, version: int):
+def measure(learner, fleet, sync, raw_actors, plan, rounds: int, version: int):
     """Alternate spine syncs and raw broadcasts of ``plan``'s buckets; Samples per kind and field."""
     import ray
 
     from _util import Samples
-    from fleetrl.core.weight_check import compare_checksums
-    from fleetrl.core.weight_wire import WeightPlan
 
     verify = fleet.cfg.verify_weights
 
     def spine() -> dict[str, float]:
         nonlocal version
         version += 1
-        p = WeightPlan(version=version, buckets=plan.buckets)
+        sync._plan = plan  # this row's bucket layout (fleetrl's own sync takes the learner's default)
+        failed = sync.verify_failed
         start = time.perf_counter()
-        got = ray.get(learner.send_weights(p, verify) + fleet.receive_weights(p))
+        sync.push(version)  # what fleetrl's loop runs: send, receive + reload, checksums, log-prob probe
+        wall = time.perf_counter() - start
+        if sync.verify_failed != failed:
+            raise RuntimeError(f"the bench's sync of version {version} did not verify at once")
+        learner_refs, fleet_refs = sync.last_refs
+        got = ray.get(learner_refs + fleet_refs)  # finished already
         reports = got[learner.num_ranks:]
         ranks = [r for w in reports for r in w["ranks"]]
         slowest = max(reports, key=lambda w: w["seconds"])
-        check = 0.0
-        if verify:  # as WeightSync._check: learner checksums + worker read-back + the driver's comparison
-            t0 = time.perf_counter()
-            for r in ranks:
-                loaded = {n: (None if cs is None else tuple(cs), dt, hf) for n, (cs, dt, hf) in r["loaded"].items()}
-                bad, _, _ = compare_checksums(got[0]["checksums"], got[0]["dtypes"], loaded)
-                if bad:
-                    raise RuntimeError(f"the bench's sync did not verify: {bad[:3]}")
-            # On the critical path, as WeightSync.verify_s: the learner's wait for its checksums after
-            # its last broadcast (they are computed during it), the read-back, the comparison.
-            check = got[0]["checksum_wait_s"] + max(r["verify_s"] for r in ranks) + time.perf_counter() - t0
-        wall = time.perf_counter() - start
+        rank = max(slowest["ranks"], key=lambda r: r["t_reload_end"])
         # The floor's reload: one more reload of the same weights, all in memory already (nothing to
         # overlap), timed inside each worker; the spine's own reload runs while buckets arrive.
         full = max(ray.get([fleet.book.handle(i).time_reload.remote() for i in fleet.indices()]))
-        return {"wall": wall, "full_reload": full, "send": got[0]["seconds"],
+        sent = got[0]
+        # Timeline (CLOCK_MONOTONIC is one clock for every process of this node): ms after push().
+        timeline = {"learner call": sent["t_start"], "first bucket on the wire": sent["t_first_sent"],
+                    "learner done": sent["t_end"], "worker call": slowest["t_start"],
+                    "receive starts": rank["t_receive_start"], "reload done": rank["t_reload_end"],
+                    "worker done": slowest["t_end"]}
+        return {"wall": wall, "full_reload": full, "send": sent["seconds"],
                 "recv": max(r["receive_s"] for r in ranks),
-                "reload": max(r["reload_s"] for r in ranks), "verify": check,
-                "checksum": got[0].get("checksum_s", 0.0), "worker": slowest["seconds"],
+                "reload": max(r["reload_s"] for r in ranks),
+                # On the critical path (WeightSync.verify_s): the learner's wait for its checksums after
+                # its last broadcast (computed during it), the workers' read-back, the comparison.
+                "verify": sync.verify_s if verify else 0.0,
+                "probe": sync.probe_s if verify and sync.probe_ids else 0.0,
+                "checksum": sent.get("checksum_s", 0.0), "worker": slowest["seconds"],
                 **{f"phase_{k}": v for k, v in slowest["phases_s"].items()},
                 "rpc_rest": slowest["phases_s"]["load"] - max(r["receive_s"] + r["reload_s"] + r.get("verify_s", 0.0)
-                                                              for r in ranks)}
+                                                              for r in ranks),
+                **{f"at {k}": t - start for k, t in timeline.items()}}
 
     def raw(fresh: bool) -> dict[str, float]:
         start = time.perf_counter()
@@ -226,6 +234,7 @@ def main(argv=None) -> None:
 
     from fleetrl.learner.config import LearnerConfig
     from fleetrl.learner.group import LearnerGroup
+    from fleetrl.online.weights import WeightSync
     from fleetrl.rollout.config import RolloutConfig
     from fleetrl.rollout.fleet import RolloutFleet
 
@@ -250,9 +259,10 @@ def main(argv=None) -> None:
         if any(b.dtype != dtype for b in base.buckets):
             raise RuntimeError("the policy mixes dtypes; this bench's raw baseline assumes one dtype")
 
-        probe_rows = alloc_probe(sum(b.numel for b in base.buckets), args.bucket_mb, args.rounds)
-        bw_rows, ms_rows, floor_rows, phase_rows = [], [], [], []
+        alloc_rows = alloc_probe(sum(b.numel for b in base.buckets), args.bucket_mb, args.rounds)
+        bw_rows, ms_rows, floor_rows, phase_rows, timeline_rows = [], [], [], [], []
         version = 0
+        sync = None
         raw_cls = ray.remote(num_cpus=1)(RawPeer)
         for workers in range(1, args.max_workers + 1):
             while fleet.num_workers < workers:
@@ -260,11 +270,13 @@ def main(argv=None) -> None:
                     fleet.cfg = pinned(rcfg, fleet.num_workers)
                 fleet.add_worker()
             fleet.wait_ready()
-            # The spine's side group, built as fleetrl.online.weights.WeightSync builds it.
-            host, port = learner.side_group_address()
+            # fleetrl's own sync (its side group rebuilt for this fleet), probing a fixed token list.
+            if sync is None:
+                sync = WeightSync(learner, fleet, args.backend)
+                sync.probe_ids = list(range(1, rcfg.verify_probe_tokens + 1))
+            else:
+                sync.connect()
             world = fleet.weight_group_world_size()
-            ray.get(learner.init_weight_sync(host, port, world, args.backend)
-                    + fleet.init_weight_group(host, port, args.backend))
             for mb in args.bucket_mb:
                 plan = plans[mb]
                 nb = len(plan.buckets)
@@ -275,14 +287,17 @@ def main(argv=None) -> None:
                 rport = free_port()
                 ray.get([a.join.remote("127.0.0.1", rport, world, args.backend) for a in raw_actors])
 
-                got, version = measure(learner, fleet, raw_actors, plan, args.rounds, version)
+                got, version = measure(learner, fleet, sync, raw_actors, plan, args.rounds, version)
                 sp, rw, fr = got["spine"], got["raw"], got["fresh"]
                 # The least a sync must do, measured in this run: the raw broadcast of the same buckets
                 # plus one vLLM reload of them (time_reload: a whole reload from memory, slowest worker).
                 floor = rw["wall"].median + sp["full_reload"].median
                 floor_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(rw["wall"]), _ms(sp["full_reload"]),
                                    f"{1e3 * floor:.0f}", f"{floor / sp['wall'].median:.2f}",
-                                   f"{sp['verify'].median / sp['wall'].median:.1%}"])
+                                   f"{sp['verify'].median / sp['wall'].median:.1%}",
+                                f"{sp['probe'].median / sp['wall'].median:.1%}"])
+                timeline_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"])]
+                                     + [f"{1e3 * sp[k].median:.0f}" for k in sp if k.startswith("at ")])
                 phase_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]),
                                    f"{1e3 * (sp['wall'].median - sp['worker'].median):.0f}", _ms(sp["worker"]),
                                    _ms(sp["phase_pause"]), _ms(sp["recv"]), _ms(sp["reload"]), _ms(sp["rpc_rest"]),
@@ -295,7 +310,7 @@ def main(argv=None) -> None:
                                 _bw(fr["recv"], mib).fmt(0), _ratio(sp["recv"], fr["recv"])])
                 ms_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(sp["send"]), _ms(sp["recv"]),
                                 _ms(sp["reload"]), f"{sp['reload'].median / sp['wall'].median:.0%}",
-                                _ms(rw["wall"]), _ms(fr["wall"]), _ms(sp["verify"]),
+                                _ms(rw["wall"]), _ms(fr["wall"]), _ms(sp["verify"]), _ms(sp["probe"]),
                                 f"{sp['verify'].median / sp['wall'].median:.1%}", _ms(sp["checksum"])])
                 print(f"  {workers} worker(s), {mb} MiB buckets done", flush=True)
     finally:
@@ -312,7 +327,7 @@ def main(argv=None) -> None:
              f"end {after['loadavg_1_5_15']}")
     print_table(
         ["workers", "bucket MiB", "spine e2e ms", "raw broadcast ms", "vLLM whole reload ms", "raw + reload ms",
-         "ratio (raw + reload) / spine", "verify share"],
+         "ratio (raw + reload) / spine", "checksum check share", "log-prob probe share"],
         floor_rows, title=f"Weight sync vs the least it must do (raw broadcast + one reload, same run): {setup}")
     print_table(
         ["workers", "bucket MiB", "spine e2e ms", "outside the worker ms (Ray calls, driver)", "worker actor ms",
@@ -320,6 +335,9 @@ def main(argv=None) -> None:
          "prefix-cache reset ms",
          "resume ms"],
         phase_rows, title="Where a sync's time goes (slowest worker, medians; e2e - worker = outside the worker)")
+    print_table(["workers", "bucket MiB", "spine e2e ms"] + [f"{k} ms" for k in _TIMELINE], timeline_rows,
+                title="Timeline of a sync: ms after the driver's push() (medians; slowest worker; one clock "
+                      "for every process of this node)")
     print_table(
         ["workers", "bucket MiB", "buckets", "spine e2e MiB/s", "raw e2e MiB/s", "e2e ratio",
          "spine transfer MiB/s", "raw transfer MiB/s", "transfer ratio", "raw fresh-buffer transfer MiB/s",
@@ -327,10 +345,11 @@ def main(argv=None) -> None:
         bw_rows, title=f"Weight sync bandwidth: {setup}")
     print_table(
         ["workers", "bucket MiB", "spine e2e ms", "learner send ms", "vLLM receive ms", "vLLM reload ms",
-         "reload share", "raw e2e ms", "raw fresh-buffer e2e ms", "verify ms", "verify share",
+         "reload share", "raw e2e ms", "raw fresh-buffer e2e ms", "checksum check ms", "log-prob probe ms",
+         "checksum check share",
          "learner checksums ms (in a thread, during the broadcast)"],
         ms_rows, title="Weight sync time per sync (same run)")
-    print_table(["bucket MiB", "fresh buffers + copy ms", "reused buffer copy ms", "ratio"], probe_rows,
+    print_table(["bucket MiB", "fresh buffers + copy ms", "reused buffer copy ms", "ratio"], alloc_rows,
                 title=f"Allocation probe in the driver: copying {mib:.1f} MiB into fresh buffers of each "
                       "bucket size (as both ends of the spine do per sync) vs into one reused buffer")
 

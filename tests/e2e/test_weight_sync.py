@@ -104,7 +104,8 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
         with caplog.at_level("WARNING", logger="fleetrl"):
             sync.push(version=2)
         assert sync.verify_failed == 2
-        assert "weight version 2: the check after the reload failed (rollout worker 0: the log-prob probe" in caplog.text
+        assert ("weight version 2: the check after the reload failed (rollout worker 0: the log-prob probe"
+                in caplog.text)
         assert sync.probe_abs_diff < 1e-3  # the probe after the resend
         after_vllm = torch.tensor(ray.get(worker.score.remote(prompt, completion)))
         assert torch.allclose(after_vllm, learner.compute_logprobs(batch)[0, p:p + len(completion)], atol=1e-3)

@@ -46,6 +46,7 @@ class WeightSync:
         self.probe_max_abs_diff = 0.0
         self.probe_s = 0.0
         self._plan = None
+        self.last_refs: tuple[list, list] = ([], [])  # the last send's (learner, fleet) refs, for benches
         self.connect()
 
     def connect(self) -> None:
@@ -104,7 +105,7 @@ class WeightSync:
         retries = self.fleet.cfg.verify_weights_retries
         attempt = 0
         while True:
-            learner_refs, fleet_refs = self._send(version, verify)
+            learner_refs, fleet_refs = self.last_refs = self._send(version, verify)
             if not verify:
                 break
             bad = self._check(version, learner_refs, fleet_refs)
