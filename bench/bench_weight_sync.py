@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="experiment: bind vLLM worker i's compute threads to core i "
                         "(VLLM_CPU_OMP_THREADS_BIND, with VLLM_ENABLE_V1_MULTIPROCESSING=1, which vLLM's "
                         "binding needs); by default a worker's model runs in its engine core, unbound")
+    p.add_argument("--probe-wait", action="store_true",
+                   help="rollout.verify_probe_wait: the sync waits for the workers' log-prob probe (by default "
+                        "it is checked at the next sync)")
     p.add_argument("--no-verify", action="store_true",
                    help="sync without the check after the reload (rollout.verify_weights: false); by default "
                         "the spine verifies, as fleetrl does, and the verify columns give its cost")
@@ -130,6 +133,9 @@ def measure(learner, fleet, sync, raw_actors, plan, rounds: int, version: int):
             raise RuntimeError(f"the bench's sync of version {version} did not verify at once")
         learner_refs, fleet_refs = sync.last_refs
         got = ray.get(learner_refs + fleet_refs)  # finished already
+        pending = sync._pending_probe  # the workers' probe, checked at the next push: let it end here,
+        if pending is not None:        # outside the timing, so that it does not overlap the next round
+            ray.wait(pending.refs, num_returns=len(pending.refs))
         reports = got[learner.num_ranks:]
         ranks = [r for w in reports for r in w["ranks"]]
         slowest = max(reports, key=lambda w: w["seconds"])
@@ -149,7 +155,11 @@ def measure(learner, fleet, sync, raw_actors, plan, rounds: int, version: int):
                 # On the critical path (WeightSync.verify_s): the learner's wait for its checksums after
                 # its last broadcast (computed during it), the workers' read-back, the comparison.
                 "verify": sync.verify_s if verify else 0.0,
+                # The probe's time on the critical path: the comparison of the last version's probe and
+                # the start of this one's (the learner scores it after its send, the workers after
+                # the sync), or all of it with rollout.verify_probe_wait.
                 "probe": sync.probe_s if verify and sync.probe_ids else 0.0,
+                "learner probe": sent.get("probe_s", 0.0),
                 "checksum": sent.get("checksum_s", 0.0), "worker": slowest["seconds"],
                 **{f"phase_{k}": v for k, v in slowest["phases_s"].items()},
                 "rpc_rest": slowest["phases_s"]["load"] - max(r["receive_s"] + r["reload_s"] + r.get("verify_s", 0.0)
@@ -241,7 +251,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     rcfg = RolloutConfig(num_workers=1, device="cpu", max_model_len=256, dtype="float32", enforce_eager=True,
                          cpu_kvcache_space_gb=args.kv_cache_gb, env_vars={"VLLM_LOGGING_LEVEL": "WARNING"},
-                         verify_weights=not args.no_verify)
+                         verify_weights=not args.no_verify, verify_probe_wait=args.probe_wait)
     fleet = RolloutFleet(pinned(rcfg, 0) if args.pin_workers else rcfg, model, name_prefix="bench-wsync/")
     learner = None
     raw_actors: list = []
@@ -311,6 +321,7 @@ def main(argv=None) -> None:
                 ms_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(sp["send"]), _ms(sp["recv"]),
                                 _ms(sp["reload"]), f"{sp['reload'].median / sp['wall'].median:.0%}",
                                 _ms(rw["wall"]), _ms(fr["wall"]), _ms(sp["verify"]), _ms(sp["probe"]),
+                                _ms(sp["learner probe"]),
                                 f"{sp['verify'].median / sp['wall'].median:.1%}", _ms(sp["checksum"])])
                 print(f"  {workers} worker(s), {mb} MiB buckets done", flush=True)
     finally:
@@ -346,7 +357,7 @@ def main(argv=None) -> None:
     print_table(
         ["workers", "bucket MiB", "spine e2e ms", "learner send ms", "vLLM receive ms", "vLLM reload ms",
          "reload share", "raw e2e ms", "raw fresh-buffer e2e ms", "checksum check ms", "log-prob probe ms",
-         "checksum check share",
+         "learner's probe ms (after its send)", "checksum check share",
          "learner checksums ms (in a thread, during the broadcast)"],
         ms_rows, title="Weight sync time per sync (same run)")
     print_table(["bucket MiB", "fresh buffers + copy ms", "reused buffer copy ms", "ratio"], alloc_rows,

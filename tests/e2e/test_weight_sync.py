@@ -4,11 +4,11 @@ After a training step and a sync, vLLM's logprobs of a fixed completion match th
 tolerance, and differ from what vLLM gave before the sync. The check after every sync (issue 24) runs
 on the real worker: a reload that leaves a layer stale (injected with FLEETRL_WEIGHT_FAULT) is caught,
 sent again and then verifies; layer matrices loaded with their rows moved (which the checksums cannot
-see) are caught by the log-prob probe and sent again; the prefix cache is reset after each load; a fault that outlasts
-rollout.verify_weights_retries stops the sync with WeightVerifyError; a reload that breaks halfway
-takes the worker out of the fleet. While these services are up, no process of
-the run (Ray, the learner rank and its gloo groups, the vLLM engine and its engine-core process) listens
-on a non-loopback address (issue 11, "closed by default").
+see) are caught by the log-prob probe at the next sync, whose probe is then waited for; the prefix
+cache is reset after each load; a fault that outlasts rollout.verify_weights_retries stops the sync
+with WeightVerifyError; a reload that breaks halfway takes the worker out of the fleet. While these
+services are up, no process of the run (Ray, the learner rank and its gloo groups, the vLLM engine and
+its engine-core process) listens on a non-loopback address (issue 11, "closed by default").
 """
 
 import ipaddress
@@ -56,12 +56,12 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
         RolloutConfig(num_workers=1, max_model_len=256, enforce_eager=True, cpu_kvcache_space_gb=1,
                       dtype="float32", env_vars={"VLLM_LOGGING_LEVEL": "WARNING",
                                                   "FLEETRL_WEIGHT_FAULT":
-                                                      "stale_layer@1,permute_rows@2,miss_update@3,interrupt_reload@4"}),
+                                                      "stale_layer@1,permute_rows@2,miss_update@4,interrupt_reload@5"}),
         model, name_prefix="wsync/",
     )
     learner = LearnerGroup(LearnerConfig(zero_stage=3, lr=5e-2, micro_batch_size=2, reference=False,
                                          weight_sync_bucket_mb=1, loss={"kl_coef": 0.0}),
-                           model, total_steps=4, mini_batch_size=2, name_prefix="wsync/")
+                           model, total_steps=5, mini_batch_size=2, name_prefix="wsync/")
     try:
         fleet.wait_ready()
         sync = WeightSync(learner, fleet, backend="gloo")
@@ -96,32 +96,36 @@ def test_sync_after_training_makes_vllm_match_the_learner(ray_local, tiny_policy
         assert (after_vllm - before_vllm).abs().max() > 0.05  # the sync changed vLLM's model
         assert after_vllm.sum() > before_vllm.sum()  # in the direction of the update
         assert torch.allclose(after_vllm, after_learner, atol=1e-3), (after_vllm, after_learner)
-        assert 0 < sync.probe_abs_diff < 1e-3 and sync.probe_s > 0  # the probe ran, and passed
 
         # Layer 0's matrices loaded with their rows reversed: the checksums cannot see it (and on the
-        # CPU cannot read those weights back at all); the log-prob probe does, and the resend mends it.
+        # CPU cannot read those weights back at all). The log-prob probe runs while the fleet
+        # generates and is checked at the next sync, whose own probe is then waited for.
+        learner.train(batch, mini_batch_size=2)
+        sync.push(version=2)  # settles version 1's probe (passed), starts version 2's
+        assert 0 < sync.probe_abs_diff < 1e-3 and sync.probe_s > 0
+        assert sync.verify_failed == 1
         learner.train(batch, mini_batch_size=2)
         with caplog.at_level("WARNING", logger="fleetrl"):
-            sync.push(version=2)
+            sync.push(version=3)
         assert sync.verify_failed == 2
-        assert ("weight version 2: the check after the reload failed (rollout worker 0: the log-prob probe"
-                in caplog.text)
-        assert sync.probe_abs_diff < 1e-3  # the probe after the resend
+        assert ("weight version 2 failed the log-prob probe while the fleet generated with it (rollout worker 0: "
+                "the log-prob probe" in caplog.text)
+        assert sync.probe_abs_diff < 1e-3 and sync._pending_probe is None  # version 3's, waited for: passed
         after_vllm = torch.tensor(ray.get(worker.score.remote(prompt, completion)))
         assert torch.allclose(after_vllm, learner.compute_logprobs(batch)[0, p:p + len(completion)], atol=1e-3)
 
         # A fault that outlasts the retries (none here) stops the run loudly instead of serving it.
         fleet.cfg.verify_weights_retries = 0
         learner.train(batch, mini_batch_size=2)  # new weights, which this worker then misses
-        with pytest.raises(WeightVerifyError, match="weight version 3: after 1 send.*rollout worker 0"):
-            sync.push(version=3)
+        with pytest.raises(WeightVerifyError, match="weight version 4: after 1 send.*rollout worker 0"):
+            sync.push(version=4)
         assert sync.verify_failed == 3
 
         # A reload that breaks halfway (the weights stop arriving while vLLM loads them as they come)
         # leaves no version whole: the worker takes itself out of service and the sync drops it.
         learner.train(batch, mini_batch_size=2)
         assert ray.get(worker.ping.remote())["worker_index"] == 0
-        sync.push(version=4)
+        sync.push(version=5)
         assert sync.workers_dropped == 1 and fleet.num_workers == 0
 
         # The session's Ray was started by this process: everything of the run is below it.

@@ -190,6 +190,7 @@ def test_probe_tolerance_is_set_by_the_coarser_dtype_and_a_nan_always_fails():
 def test_the_probe_is_on_by_default_and_takes_the_first_prompts_tokens():
     cfg = RolloutConfig()
     assert cfg.verify_probe_tokens == 32 and cfg.verify_probe_every == 1 and cfg.verify_probe_tolerance is None
+    assert cfg.verify_probe_wait is False  # checked at the next sync, off the critical path
     with pytest.raises(ValueError, match="verify_probe_every"):
         RolloutConfig(verify_probe_every=0)
     with pytest.raises(ValueError, match="verify_probe_tolerance"):

@@ -272,10 +272,11 @@ class LearnerGroup:
         """ObjectRefs (rank 0 joins the side group; it returns once every receiver joined too)."""
         return self._call_all("init_weight_sync", host, port, world_size, backend)
 
-    def send_weights(self, plan: WeightPlan, checksums: bool = False) -> list:
+    def send_weights(self, plan: WeightPlan, checksums: bool = False, probe_ids: list[int] | None = None) -> list:
         """ObjectRefs of every rank's send (ZeRO-3 ranks help gather); wait on them with the receivers'.
-        ``checksums``: rank 0's result holds each sent tensor's checksum."""
-        return self._call_all("send_weights", plan, checksums)
+        ``checksums``: rank 0's result holds each sent tensor's checksum. ``probe_ids``: then it holds
+        ``probe_logprobs`` too, the policy's log-probs of ``probe_ids[1:]`` (the weight check's probe)."""
+        return self._call_all("send_weights", plan, checksums, probe_ids)
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         return self._gather(self._call_all("gathered_state_dict"))[0]

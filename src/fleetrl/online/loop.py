@@ -170,6 +170,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, services: Services, tokenizer, strea
             save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, advantages.kl_ctl,
                             extra=exact_resume_state(services))
         run_dir.sync()
+    sync.settle_probe()  # the last version's log-prob probe (it ran while the fleet was idle)
     if run_dir.latest_checkpoint() != run_dir.checkpoint_dir(steps_done):
         save_checkpoint(learner, run_dir, steps_done, sync.version, collector, critic, advantages.kl_ctl,
                         extra=exact_resume_state(services))

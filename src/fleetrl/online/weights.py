@@ -8,7 +8,6 @@ import logging
 import time
 
 import ray
-import torch
 
 from fleetrl.core.nodes import placement
 from fleetrl.core.weight_check import compare_checksums, probe_diff, probe_tolerance
@@ -22,6 +21,17 @@ log = logging.getLogger("fleetrl")
 
 class WeightVerifyError(RuntimeError):
     """A worker still did not hold the learner's weights after rollout.verify_weights_retries resends."""
+
+
+@dataclasses.dataclass
+class _Probe:
+    """One version's log-prob probe: the learner's log-probs and the workers' calls scoring the same tokens."""
+
+    version: int
+    learner_logprobs: list[float]
+    indices: list[int]
+    refs: list
+    sent_dtypes: set[str]
 
 
 class WeightSync:
@@ -44,7 +54,9 @@ class WeightSync:
         self.probe_ids: list[int] = []
         self.probe_abs_diff = 0.0  # mean |log p_fleet - log p_learner| over the probe's tokens
         self.probe_max_abs_diff = 0.0
-        self.probe_s = 0.0
+        self.probe_s = 0.0  # the probe's time on the last sync's critical path
+        self._pending_probe: _Probe | None = None  # a version's probe running while the fleet generates
+        self._probe_now = False  # a probe failed: the next one is checked before its sync returns
         self._plan = None
         self.last_refs: tuple[list, list] = ([], [])  # the last send's (learner, fleet) refs, for benches
         self.connect()
@@ -97,20 +109,33 @@ class WeightSync:
         again without it and the weights sent again to the others.
 
         rollout.verify_weights: then each worker's parameters as loaded are checked against the
-        learner's checksums, and (every rollout.verify_probe_every versions) the log-prob probe's
-        tokens are scored by every worker and the learner; on a mismatch the version is sent again,
-        and after rollout.verify_weights_retries resends a WeightVerifyError ends the run."""
+        learner's checksums; on a mismatch the version is sent again, and after
+        rollout.verify_weights_retries resends a WeightVerifyError ends the run. Every
+        rollout.verify_probe_every versions the log-prob probe follows (``_probe_start``): with
+        rollout.verify_probe_wait, or after a probe failed, before this returns (a failure then
+        resends like a checksum mismatch); otherwise it runs while the fleet generates and is
+        checked at the next push (``settle_probe``)."""
         start = time.perf_counter()
         verify = self.fleet.cfg.verify_weights
         retries = self.fleet.cfg.verify_weights_retries
+        probe = verify and self._probe_due(version)
+        self.probe_s = 0.0
+        self.settle_probe()  # the last version's probe, if it ran while the fleet generated
+        wait_probe = probe and (self.fleet.cfg.verify_probe_wait or self._probe_now)
         attempt = 0
         while True:
-            learner_refs, fleet_refs = self.last_refs = self._send(version, verify)
+            learner_refs, fleet_refs = self.last_refs = self._send(version, verify, probe)
             if not verify:
                 break
             bad = self._check(version, learner_refs, fleet_refs)
-            if not bad and self._probe_due(version):
-                bad = self._probe(version)
+            if not bad and probe:
+                t0 = time.perf_counter()
+                pending = self._probe_start(version, learner_refs[0])
+                if wait_probe:
+                    bad = self._probe_compare(pending)
+                else:
+                    self._pending_probe = pending
+                self.probe_s += time.perf_counter() - t0
             if not bad:
                 break
             self.verify_failed += len(bad)
@@ -124,10 +149,66 @@ class WeightSync:
             attempt += 1
             log.warning("weight version %d: the check after the reload failed (%s); sending it again "
                         "(%d of rollout.verify_weights_retries=%d)", version, detail, attempt, retries)
+        if wait_probe:
+            self._probe_now = False  # the fleet passed a probe again: back to probing off the critical path
         self.version = version
         return time.perf_counter() - start
 
-    def _send(self, version: int, checksums: bool) -> tuple[list, list]:
+    def settle_probe(self) -> None:
+        """Check the last version's probe, which ran while the fleet generated (finished long since,
+        as a rule). A failure is counted in weight_sync/verify_failed, and the next sync's probe is
+        then checked before that sync returns (resent, then WeightVerifyError, if it fails too)."""
+        pending, self._pending_probe = self._pending_probe, None
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        bad = self._probe_compare(pending)
+        self.probe_s += time.perf_counter() - t0
+        if bad:
+            self.verify_failed += len(bad)
+            self._probe_now = True
+            log.warning("weight version %d failed the log-prob probe while the fleet generated with it (%s); "
+                        "the next version's probe is checked before its sync returns", pending.version,
+                        "; ".join(f"rollout worker {i}: {why}" for i, why in bad.items()))
+
+    def _probe_due(self, version: int) -> bool:
+        every = self.fleet.cfg.verify_probe_every
+        return bool(self.probe_ids) and version % every == 0
+
+    def _probe_start(self, version: int, learner_ref) -> _Probe:
+        """Every worker starts scoring the probe's tokens; the learner scored them after its send."""
+        sent = ray.get(learner_ref, timeout=self.fleet.cfg.weight_sync_timeout_s)  # finished already
+        indices = self.fleet.indices()
+        refs = [self.fleet.book.handle(i).probe.remote(self.probe_ids) for i in indices]
+        return _Probe(version, sent["probe_logprobs"], indices, refs, {b.dtype for b in self._plan.buckets})
+
+    def _probe_compare(self, probe: _Probe) -> dict[int, str]:
+        """{worker: why} for each worker whose mean absolute log-prob difference from the learner's
+        is over the tolerance (or not finite). A worker that died since is left to the collector."""
+        timeout = self.fleet.cfg.weight_sync_timeout_s
+        _, late = ray.wait(probe.refs, num_returns=len(probe.refs), timeout=timeout)
+        if late:
+            raise TimeoutError(
+                f"weight version {probe.version}: the log-prob probe did not come back within "
+                f"rollout.weight_sync_timeout_s={timeout:.0f}s from rollout worker(s) "
+                f"{[i for i, r in zip(probe.indices, probe.refs) if r in late]}")
+        bad: dict[int, str] = {}
+        self.probe_abs_diff = self.probe_max_abs_diff = 0.0
+        for index, ref in zip(probe.indices, probe.refs):
+            try:
+                got = ray.get(ref)
+            except (ray.exceptions.RayActorError, EngineDead):
+                continue
+            mean, worst = probe_diff(probe.learner_logprobs, got["logprobs"])
+            tol = self.fleet.cfg.verify_probe_tolerance or probe_tolerance(got["dtype"], *probe.sent_dtypes)
+            self.probe_abs_diff = max(self.probe_abs_diff, mean)
+            self.probe_max_abs_diff = max(self.probe_max_abs_diff, worst)
+            if not mean <= tol:
+                bad[index] = (f"the log-prob probe ({len(probe.learner_logprobs)} tokens) differs from the learner's "
+                              f"by {mean:.4g} on average (max {worst:.4g}; tolerance {tol:g} for {got['dtype']})")
+        return bad
+
+    def _send(self, version: int, checksums: bool, probe: bool = False) -> tuple[list, list]:
         """One sync of ``version`` (again without any worker lost on the way); the refs of the last try."""
         while True:
             if tuple(self.fleet.indices()) != self._members:  # a worker died during the step
@@ -135,7 +216,7 @@ class WeightSync:
             if self._plan is None:
                 self._plan = self.learner.weight_plan(version)
             plan = dataclasses.replace(self._plan, version=version)  # keeps every field of the plan
-            learner_refs = self.learner.send_weights(plan, checksums)
+            learner_refs = self.learner.send_weights(plan, checksums, self.probe_ids if probe else None)
             fleet_refs = self.fleet.receive_weights(plan)
             dropped = self._wait(f"version {version}", learner_refs, fleet_refs, drop_lost=True)
             if not dropped:
@@ -173,40 +254,6 @@ class WeightSync:
         # What the check adds to a sync: the learner's wait for its checksums after the last broadcast
         # (they are computed meanwhile), the worker's read-back after its reload, and this comparison.
         self.verify_s = sent.get("checksum_wait_s", 0.0) + worker_s + (time.perf_counter() - t0)
-        return bad
-
-    def _probe_due(self, version: int) -> bool:
-        every = self.fleet.cfg.verify_probe_every
-        return bool(self.probe_ids) and self.fleet.num_workers > 0 and version % every == 0
-
-    def _probe(self, version: int) -> dict[int, str]:
-        """Score the probe's tokens in every worker and in the learner at once; {worker: why} for each
-        worker whose mean absolute log-prob difference is over the tolerance (or not finite)."""
-        t0 = time.perf_counter()
-        ids = self.probe_ids
-        indices = self.fleet.indices()
-        refs = [self.fleet.book.handle(i).probe.remote(ids) for i in indices]
-        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-        learner_lp = self.learner.compute_logprobs(batch)[0, 1:].tolist()
-        timeout = self.fleet.cfg.weight_sync_timeout_s
-        _, late = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if late:
-            raise TimeoutError(
-                f"weight version {version}: the log-prob probe did not come back within "
-                f"rollout.weight_sync_timeout_s={timeout:.0f}s from rollout worker(s) "
-                f"{[i for i, r in zip(indices, refs) if r in late]}")
-        sent_dtypes = {b.dtype for b in self._plan.buckets}
-        bad: dict[int, str] = {}
-        self.probe_abs_diff = self.probe_max_abs_diff = 0.0
-        for index, got in zip(indices, ray.get(refs)):
-            mean, worst = probe_diff(learner_lp, got["logprobs"])
-            tol = self.fleet.cfg.verify_probe_tolerance or probe_tolerance(got["dtype"], *sent_dtypes)
-            self.probe_abs_diff = max(self.probe_abs_diff, mean)
-            self.probe_max_abs_diff = max(self.probe_max_abs_diff, worst)
-            if not mean <= tol:
-                bad[index] = (f"the log-prob probe ({len(ids) - 1} tokens) differs from the learner's by "
-                              f"{mean:.4g} on average (max {worst:.4g}; tolerance {tol:g} for {got['dtype']})")
-        self.probe_s = time.perf_counter() - t0
         return bad
 
 

@@ -79,12 +79,16 @@ class RolloutConfig(StrictModel):
     # log-prob difference over verify_probe_tolerance (None: set by the dtypes, 0.01 for fp32, 0.05
     # fp16, 0.1 bf16) fails the check like a checksum mismatch. It sees what checksums cannot:
     # weights the engine cannot read back (CPU oneDNN-packed linears), values moved inside a tensor,
-    # LoRA adapters. 0 tokens: no probe.
+    # LoRA adapters. 0 tokens: no probe. The learner scores the probe after its send, while the
+    # workers finish their reload; the workers score it once they resume, and by default the sync
+    # does not wait for them: their answer is checked at the next sync (a failure is counted and the
+    # next version's probe is then waited for). verify_probe_wait: always wait (on the critical path).
     verify_weights: bool = True
     verify_weights_retries: int = Field(1, ge=0)
     verify_probe_tokens: int = Field(32, ge=0)
     verify_probe_every: int = Field(1, ge=1)
     verify_probe_tolerance: float | None = Field(None, gt=0)
+    verify_probe_wait: bool = False
     # Worker i's engine uses seed + i, so workers given the same prompt sample differently.
     seed: int = 0
     # Exact resume: each request samples from its own seed (derived from seed and the prompt's
