@@ -55,6 +55,11 @@ def test_grpo_tiny_learns_writes_a_run_and_resumes(tmp_path, ray_local):
     # learner agree, so what the importance weights correct is the lag.
     mismatch = [r["mismatch/abs_logp_diff"] for r in rows if "mismatch/abs_logp_diff" in r]
     assert mismatch and max(mismatch) < 1e-3, mismatch
+    # The check after every sync: checksums and the log-prob probe (the first prompts' tokens,
+    # scored by the fleet and the learner) passed every time, on every version from step 2 on.
+    assert all(r["weight_sync/verify_failed"] == 0 for r in rows)
+    probe = [(r["weight_sync/probe_abs_diff"], r["weight_sync/probe_s"]) for r in rows[1:]]
+    assert all(d < 1e-3 and s > 0 for d, s in probe), probe
 
     # Asynchronous runs vary with timing: compare the first 3 steps with the last 8 (more signal).
     first = sum(r["reward/mean"] for r in rows[:3]) / 3

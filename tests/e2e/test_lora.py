@@ -43,6 +43,10 @@ def test_grpo_lora_adapter_sync_matches_the_learner(ray_local, tiny_policy, tmp_
         worker = fleet.book.handle(fleet.book.indices()[0])
 
         prompt, completion = [5, 17, 42, 99], [7, 7, 7, 120, 3]
+        # The checksums skip adapter plans (what loads is not what was sent): the log-prob probe,
+        # waited for here, is the check of a LoRA sync.
+        sync.probe_ids = prompt + completion
+        fleet.cfg.verify_probe_wait = adapter_fleet.cfg.verify_probe_wait = True
         rows = [Sample(0, "", prompt, completion, [0.0] * len(completion), "stop", 0),
                 Sample(0, "", prompt, [8, 9], [0.0, 0.0], "stop", 0)]
         batch = pad_samples(rows, pad_id=0)
@@ -64,6 +68,7 @@ def test_grpo_lora_adapter_sync_matches_the_learner(ray_local, tiny_policy, tmp_
             batch["advantages"] = torch.tensor([1.0, -1.0])  # push the first completion up
             learner.train(batch, mini_batch_size=2)
             sync.push(version=version)
+            assert sync.probe_s > 0 and sync.probe_abs_diff < 1e-3 and sync.verify_failed == 0, sync.probe_abs_diff
 
             vllm = torch.tensor(ray.get(worker.score.remote(prompt, completion)))
             policy = learner.compute_logprobs(batch)[0, p:p + n]
@@ -110,7 +115,9 @@ def test_grpo_lora_adapter_sync_matches_the_learner(ray_local, tiny_policy, tmp_
         worker = adapter_fleet.book.handle(adapter_fleet.book.indices()[0])
         assert torch.allclose(torch.tensor(ray.get(worker.score.remote(prompt, completion))), base_learner, atol=1e-3)
         sync = WeightSync(learner, adapter_fleet, backend="gloo")
+        sync.probe_ids = prompt + completion
         sync.push(version=2)
+        assert sync.probe_s > 0 and sync.probe_abs_diff < 1e-3 and sync.verify_failed == 0, sync.probe_abs_diff
         policy = learner.compute_logprobs(batch)[0, p:p + n]
         vllm = torch.tensor(ray.get(worker.score.remote(prompt, completion)))
         assert torch.allclose(vllm, policy, atol=1e-3), (vllm, policy)
