@@ -135,7 +135,7 @@ def measure(learner, fleet, sync, raw_actors, plan, rounds: int, version: int):
         got = ray.get(learner_refs + fleet_refs)  # finished already
         pending = sync._pending_probe  # the workers' probe, checked at the next push: let it end here,
         if pending is not None:        # outside the timing, so that it does not overlap the next round
-            ray.wait(pending.refs, num_returns=len(pending.refs))
+            ray.wait(pending.refs + pending.learner_refs, num_returns=len(pending.refs) + len(pending.learner_refs))
         reports = got[learner.num_ranks:]
         ranks = [r for w in reports for r in w["ranks"]]
         slowest = max(reports, key=lambda w: w["seconds"])
@@ -156,10 +156,9 @@ def measure(learner, fleet, sync, raw_actors, plan, rounds: int, version: int):
                 # its last broadcast (computed during it), the workers' read-back, the comparison.
                 "verify": sync.verify_s if verify else 0.0,
                 # The probe's time on the critical path: the comparison of the last version's probe and
-                # the start of this one's (the learner scores it after its send, the workers after
-                # the sync), or all of it with rollout.verify_probe_wait.
+                # the start of this one's (the learner and the workers score it after the sync), or
+                # all of it with rollout.verify_probe_wait.
                 "probe": sync.probe_s if verify and sync.probe_ids else 0.0,
-                "learner probe": sent.get("probe_s", 0.0),
                 "checksum": sent.get("checksum_s", 0.0), "worker": slowest["seconds"],
                 **{f"phase_{k}": v for k, v in slowest["phases_s"].items()},
                 "rpc_rest": slowest["phases_s"]["load"] - max(r["receive_s"] + r["reload_s"] + r.get("verify_s", 0.0)
@@ -321,7 +320,6 @@ def main(argv=None) -> None:
                 ms_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(sp["send"]), _ms(sp["recv"]),
                                 _ms(sp["reload"]), f"{sp['reload'].median / sp['wall'].median:.0%}",
                                 _ms(rw["wall"]), _ms(fr["wall"]), _ms(sp["verify"]), _ms(sp["probe"]),
-                                _ms(sp["learner probe"]),
                                 f"{sp['verify'].median / sp['wall'].median:.1%}", _ms(sp["checksum"])])
                 print(f"  {workers} worker(s), {mb} MiB buckets done", flush=True)
     finally:
@@ -357,7 +355,7 @@ def main(argv=None) -> None:
     print_table(
         ["workers", "bucket MiB", "spine e2e ms", "learner send ms", "vLLM receive ms", "vLLM reload ms",
          "reload share", "raw e2e ms", "raw fresh-buffer e2e ms", "checksum check ms", "log-prob probe ms",
-         "learner's probe ms (after its send)", "checksum check share",
+         "checksum check share",
          "learner checksums ms (in a thread, during the broadcast)"],
         ms_rows, title="Weight sync time per sync (same run)")
     print_table(["bucket MiB", "fresh buffers + copy ms", "reused buffer copy ms", "ratio"], alloc_rows,

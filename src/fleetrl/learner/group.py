@@ -261,9 +261,18 @@ class LearnerGroup:
         n = batch["input_ids"].shape[0]
         if n == 0:
             return torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        return self.finish_logprobs(self.start_compute_logprobs(batch, which, temperature), n)
+
+    def start_compute_logprobs(self, batch: dict[str, torch.Tensor], which: str = "policy",
+                               temperature: float = 1.0) -> list:
+        """compute_logprobs without waiting: each rank's ref; ``torch.cat`` of their results, cut to
+        the batch's rows, is the answer. Calls queued behind it see the weights it scored."""
         shards = self._padded_shards(batch, ("input_ids", "attention_mask"))
-        refs = [a.compute_logprobs.remote(s, which, temperature) for a, s in zip(self.actors, shards)]
-        return torch.cat(self._gather(refs))[:n]
+        return [a.compute_logprobs.remote(s, which, temperature) for a, s in zip(self.actors, shards)]
+
+    def finish_logprobs(self, refs: list, rows: int, timeout_s: float | None = None) -> torch.Tensor:
+        """The [rows, T] log-probs of a ``start_compute_logprobs``."""
+        return torch.cat(self._gather(refs, timeout_s))[:rows]
 
     def weight_plan(self, version: int, dtype: str | None = None, bucket_mb: int | None = None) -> WeightPlan:
         return self._gather([self.actors[0].weight_plan.remote(version, dtype, bucket_mb)])[0]
@@ -272,11 +281,10 @@ class LearnerGroup:
         """ObjectRefs (rank 0 joins the side group; it returns once every receiver joined too)."""
         return self._call_all("init_weight_sync", host, port, world_size, backend)
 
-    def send_weights(self, plan: WeightPlan, checksums: bool = False, probe_ids: list[int] | None = None) -> list:
+    def send_weights(self, plan: WeightPlan, checksums: bool = False) -> list:
         """ObjectRefs of every rank's send (ZeRO-3 ranks help gather); wait on them with the receivers'.
-        ``checksums``: rank 0's result holds each sent tensor's checksum. ``probe_ids``: then it holds
-        ``probe_logprobs`` too, the policy's log-probs of ``probe_ids[1:]`` (the weight check's probe)."""
-        return self._call_all("send_weights", plan, checksums, probe_ids)
+        ``checksums``: rank 0's result holds each sent tensor's checksum."""
+        return self._call_all("send_weights", plan, checksums)
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         return self._gather(self._call_all("gathered_state_dict"))[0]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -227,19 +226,8 @@ class Learner:
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> None:
         self.engine.init_weight_sync(host, port, world_size, backend)
 
-    def send_weights(self, plan: WeightPlan, checksums: bool = False,
-                     probe_ids: list[int] | None = None) -> dict[str, Any]:
-        """The engine's send; then, with ``probe_ids``, the policy's log-probs of ``probe_ids[1:]``
-        (every rank runs the forward, as ZeRO-3 needs). They are computed while the workers finish
-        their reload, off the sync's critical path as long as the forward is the shorter."""
-        out = self.engine.send_weights(plan, checksums)
-        if probe_ids and (self.engine.rank == 0 or self.engine.zero3):
-            batch = {"input_ids": torch.tensor([probe_ids]), "attention_mask": torch.ones(1, len(probe_ids),
-                                                                                          dtype=torch.long)}
-            t0 = time.perf_counter()
-            out["probe_logprobs"] = self.compute_logprobs(batch)[0, 1:].tolist()
-            out["probe_s"] = time.perf_counter() - t0
-        return out
+    def send_weights(self, plan: WeightPlan, checksums: bool = False) -> dict[str, Any]:
+        return self.engine.send_weights(plan, checksums)
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.gathered_state_dict()

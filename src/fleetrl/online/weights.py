@@ -8,6 +8,7 @@ import logging
 import time
 
 import ray
+import torch
 
 from fleetrl.core.nodes import placement
 from fleetrl.core.weight_check import compare_checksums, probe_diff, probe_tolerance
@@ -25,10 +26,10 @@ class WeightVerifyError(RuntimeError):
 
 @dataclasses.dataclass
 class _Probe:
-    """One version's log-prob probe: the learner's log-probs and the workers' calls scoring the same tokens."""
+    """One version's log-prob probe: the learner's and the workers' calls scoring the same tokens."""
 
     version: int
-    learner_logprobs: list[float]
+    learner_refs: list
     indices: list[int]
     refs: list
     sent_dtypes: set[str]
@@ -124,13 +125,13 @@ class WeightSync:
         wait_probe = probe and (self.fleet.cfg.verify_probe_wait or self._probe_now)
         attempt = 0
         while True:
-            learner_refs, fleet_refs = self.last_refs = self._send(version, verify, probe)
+            learner_refs, fleet_refs = self.last_refs = self._send(version, verify)
             if not verify:
                 break
             bad = self._check(version, learner_refs, fleet_refs)
             if not bad and probe:
                 t0 = time.perf_counter()
-                pending = self._probe_start(version, learner_refs[0])
+                pending = self._probe_start(version)
                 if wait_probe:
                     bad = self._probe_compare(pending)
                 else:
@@ -175,17 +176,21 @@ class WeightSync:
         every = self.fleet.cfg.verify_probe_every
         return bool(self.probe_ids) and version % every == 0
 
-    def _probe_start(self, version: int, learner_ref) -> _Probe:
-        """Every worker starts scoring the probe's tokens; the learner scored them after its send."""
-        sent = ray.get(learner_ref, timeout=self.fleet.cfg.weight_sync_timeout_s)  # finished already
+    def _probe_start(self, version: int) -> _Probe:
+        """The learner and every worker start scoring the probe's tokens, with the weights just synced
+        (the learner's next calls queue behind its forward)."""
+        ids = self.probe_ids
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        learner_refs = self.learner.start_compute_logprobs(batch)
         indices = self.fleet.indices()
-        refs = [self.fleet.book.handle(i).probe.remote(self.probe_ids) for i in indices]
-        return _Probe(version, sent["probe_logprobs"], indices, refs, {b.dtype for b in self._plan.buckets})
+        refs = [self.fleet.book.handle(i).probe.remote(ids) for i in indices]
+        return _Probe(version, learner_refs, indices, refs, {b.dtype for b in self._plan.buckets})
 
     def _probe_compare(self, probe: _Probe) -> dict[int, str]:
         """{worker: why} for each worker whose mean absolute log-prob difference from the learner's
         is over the tolerance (or not finite). A worker that died since is left to the collector."""
         timeout = self.fleet.cfg.weight_sync_timeout_s
+        learner_lp = self.learner.finish_logprobs(probe.learner_refs, 1, timeout)[0, 1:].tolist()
         _, late = ray.wait(probe.refs, num_returns=len(probe.refs), timeout=timeout)
         if late:
             raise TimeoutError(
@@ -199,16 +204,16 @@ class WeightSync:
                 got = ray.get(ref)
             except (ray.exceptions.RayActorError, EngineDead):
                 continue
-            mean, worst = probe_diff(probe.learner_logprobs, got["logprobs"])
+            mean, worst = probe_diff(learner_lp, got["logprobs"])
             tol = self.fleet.cfg.verify_probe_tolerance or probe_tolerance(got["dtype"], *probe.sent_dtypes)
             self.probe_abs_diff = max(self.probe_abs_diff, mean)
             self.probe_max_abs_diff = max(self.probe_max_abs_diff, worst)
             if not mean <= tol:
-                bad[index] = (f"the log-prob probe ({len(probe.learner_logprobs)} tokens) differs from the learner's "
+                bad[index] = (f"the log-prob probe ({len(learner_lp)} tokens) differs from the learner's "
                               f"by {mean:.4g} on average (max {worst:.4g}; tolerance {tol:g} for {got['dtype']})")
         return bad
 
-    def _send(self, version: int, checksums: bool, probe: bool = False) -> tuple[list, list]:
+    def _send(self, version: int, checksums: bool) -> tuple[list, list]:
         """One sync of ``version`` (again without any worker lost on the way); the refs of the last try."""
         while True:
             if tuple(self.fleet.indices()) != self._members:  # a worker died during the step
@@ -216,7 +221,7 @@ class WeightSync:
             if self._plan is None:
                 self._plan = self.learner.weight_plan(version)
             plan = dataclasses.replace(self._plan, version=version)  # keeps every field of the plan
-            learner_refs = self.learner.send_weights(plan, checksums, self.probe_ids if probe else None)
+            learner_refs = self.learner.send_weights(plan, checksums)
             fleet_refs = self.fleet.receive_weights(plan)
             dropped = self._wait(f"version {version}", learner_refs, fleet_refs, drop_lost=True)
             if not dropped:

@@ -79,10 +79,10 @@ class RolloutConfig(StrictModel):
     # log-prob difference over verify_probe_tolerance (None: set by the dtypes, 0.01 for fp32, 0.05
     # fp16, 0.1 bf16) fails the check like a checksum mismatch. It sees what checksums cannot:
     # weights the engine cannot read back (CPU oneDNN-packed linears), values moved inside a tensor,
-    # LoRA adapters. 0 tokens: no probe. The learner scores the probe after its send, while the
-    # workers finish their reload; the workers score it once they resume, and by default the sync
-    # does not wait for them: their answer is checked at the next sync (a failure is counted and the
-    # next version's probe is then waited for). verify_probe_wait: always wait (on the critical path).
+    # LoRA adapters. 0 tokens: no probe. By default the sync does not wait for the probe (the learner
+    # and the workers score it while the next step begins): it is compared at the next sync, and a
+    # failure is counted and makes the next version's probe one the sync waits for.
+    # verify_probe_wait: always wait (the probe's time is then on the sync's critical path).
     verify_weights: bool = True
     verify_weights_retries: int = Field(1, ge=0)
     verify_probe_tokens: int = Field(32, ge=0)
