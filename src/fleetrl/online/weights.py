@@ -201,7 +201,7 @@ class WeightSync:
         self.probe_abs_diff = self.probe_max_abs_diff = 0.0
         for index, ref in zip(probe.indices, probe.refs):
             try:
-                got = ray.get(ref)
+                got = ray.get(ref, timeout=timeout)  # finished (ray.wait above)
             except (ray.exceptions.RayActorError, EngineDead):
                 continue
             mean, worst = probe_diff(learner_lp, got["logprobs"])
