@@ -304,7 +304,7 @@ def main(argv=None) -> None:
                 floor_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]), _ms(rw["wall"]), _ms(sp["full_reload"]),
                                    f"{1e3 * floor:.0f}", f"{floor / sp['wall'].median:.2f}",
                                    f"{sp['verify'].median / sp['wall'].median:.1%}",
-                                f"{sp['probe'].median / sp['wall'].median:.1%}"])
+                                   f"{sp['probe'].median / sp['wall'].median:.1%}"])
                 timeline_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"])]
                                      + [f"{1e3 * sp[k].median:.0f}" for k in sp if k.startswith("at ")])
                 phase_rows.append([f"{workers}", f"{mb}", _ms(sp["wall"]),

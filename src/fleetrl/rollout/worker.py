@@ -398,10 +398,8 @@ class RolloutWorker:
     async def probe(self, ids: Sequence[int]) -> dict[str, Any]:
         """The weight check's log-prob probe (``fleetrl.online.weights``): the log-prob of each of
         ``ids[1:]`` after the ones before it, under the weights loaded now, and the model's dtype."""
-        t0 = time.perf_counter()
         logprobs = await self.score(ids[:1], ids[1:])
-        return {"logprobs": logprobs, "dtype": str(self.engine.model_config.dtype).removeprefix("torch."),
-                "seconds": time.perf_counter() - t0}
+        return {"logprobs": logprobs, "dtype": str(self.engine.model_config.dtype).removeprefix("torch.")}
 
     # -- weights --------------------------------------------------------------------
 
