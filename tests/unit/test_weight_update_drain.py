@@ -170,3 +170,23 @@ def test_a_reload_that_breaks_halfway_takes_the_worker_out_of_service():
     assert "rollout worker 0: its weight reload of version 1 failed halfway" in first
     assert "the fleet replaces this worker" in first
     assert "failed halfway" in later
+
+
+class DyingEngine(LaggingEngine):
+    """Its engine process dies while a request runs (vLLM raises EngineDeadError to the caller)."""
+
+    async def generate(self, prompt, params, request_id, lora_request=None):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        raise EngineDeadError("the engine core process exited")
+        yield  # an async generator, as vLLM's
+
+
+def test_a_probe_on_a_dead_engine_reports_a_dead_worker_not_an_error():
+    # The weight check's log-prob probe runs while the fleet generates: an engine that dies meanwhile
+    # must read as a dead worker (replaced), not as an error that ends the run.
+    from fleetrl.rollout.fleet import EngineDead
+
+    worker = _worker(DyingEngine(), weight_update="in_flight")
+    with pytest.raises(EngineDead, match="rollout worker 0: its vLLM engine died .*the fleet replaces this worker"):
+        asyncio.run(worker.probe([1, 2, 3]))

@@ -385,10 +385,11 @@ class RolloutWorker:
         lora = self._lora
         self._hold_adapter(lora)
         try:
-            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
-                                                  request_id=f"w{self.worker_index}-score-{next(self._requests)}",
-                                                  lora_request=lora):
-                final = out
+            async with self._engine_alive():  # a dead engine is EngineDead, as for generate: the worker is replaced
+                async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                      request_id=f"w{self.worker_index}-score-{next(self._requests)}",
+                                                      lora_request=lora):
+                    final = out
         finally:
             await self._drop_adapter(lora)
         plp = final.prompt_logprobs
